@@ -1,0 +1,1 @@
+"""A JAX training framework: models are functions over explicit parameter pytrees."""

@@ -1,0 +1,209 @@
+"""Decoder-only transformer; the config makes it GPT-2 style or Llama style.
+
+GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings.
+Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, separate unembedding.
+Blocks carry a leading "layers" axis and run under `lax.scan` (or a Python loop over the same
+params when `scan_layers` is false), each under the remat policy named in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import pydantic
+
+from framework import nn, ops
+from framework.models.registry import Model, ModelConfig, register
+from framework.nn.errors import ShapeError, check_int, check_rank, scope
+from framework.parallel.logical import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerConfig(ModelConfig):
+    """Decoder-only language model; defaults are a small GPT-2 style byte-level model."""
+
+    name: Literal["transformer"] = "transformer"
+    vocab_size: int = pydantic.Field(256, gt=0, description="number of token ids")
+    d_model: int = pydantic.Field(256, gt=0, description="residual stream width")
+    n_layers: int = pydantic.Field(4, gt=0, description="number of transformer blocks")
+    n_heads: int = pydantic.Field(4, gt=0, description="query heads per block")
+    n_kv_heads: int | None = pydantic.Field(
+        None, gt=0, description="key/value heads (GQA; 1 = multi-query); default n_heads")
+    head_dim: int | None = pydantic.Field(None, gt=0, description="default d_model // n_heads")
+    d_ff: int = pydantic.Field(1024, gt=0, description="hidden width of the MLP")
+    max_seq_len: int = pydantic.Field(256, gt=0, description="longest sequence (learned pos.)")
+    position: Literal["learned", "rope"] = pydantic.Field("learned", description="positions")
+    rope_theta: float = pydantic.Field(10000.0, gt=0, description="RoPE base frequency")
+    norm: Literal["layernorm", "rmsnorm"] = pydantic.Field("layernorm", description="norm type")
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon inside the norms")
+    activation: Literal["gelu", "swiglu"] = pydantic.Field("gelu", description="MLP type")
+    bias: bool = pydantic.Field(True, description="biases in linear layers and norms")
+    tie_embeddings: bool = pydantic.Field(True, description="unembed with the embedding table")
+    dropout: float = pydantic.Field(0.0, ge=0, lt=1, description="residual dropout rate")
+    scan_layers: bool = pydantic.Field(True, description="lax.scan over blocks (else unroll)")
+    remat: Literal["none", "full", "save_dots", "save_dots_no_batch"] = pydantic.Field(
+        "none", description="activation checkpointing policy per block")
+    attention_impl: str = pydantic.Field("auto", description="xla | pallas | cudnn | auto")
+    norm_impl: str = pydantic.Field("auto", description="xla | pallas | auto")
+    loss_impl: str = pydantic.Field("auto", description="xla | pallas | auto")
+    z_loss: float = pydantic.Field(0.0, ge=0, description="weight of logsumexp**2 in the loss")
+
+    @pydantic.model_validator(mode="after")
+    def _check_heads(self):
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
+                             "unless head_dim is set")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads "
+                             f"({self.n_heads})")
+        return self
+
+
+def _norm_spec(cfg: TransformerConfig) -> dict:
+    if cfg.norm == "rmsnorm":
+        return nn.rms_norm_spec(cfg.d_model)
+    return nn.layer_norm_spec(cfg.d_model, bias=cfg.bias)
+
+
+def _norm(params: dict, x: jax.Array, cfg: TransformerConfig) -> jax.Array:
+    if cfg.norm == "rmsnorm":
+        return nn.rms_norm(params, x, eps=cfg.norm_eps, impl=cfg.norm_impl)
+    return nn.layer_norm(params, x, eps=cfg.norm_eps, impl=cfg.norm_impl)
+
+
+def block_spec(cfg: TransformerConfig) -> dict:
+    return {
+        "attn_norm": _norm_spec(cfg),
+        "attn": nn.attention_spec(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                  bias=cfg.bias),
+        "mlp_norm": _norm_spec(cfg),
+        "mlp": nn.mlp_spec(cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.bias),
+    }
+
+
+def spec(cfg: TransformerConfig) -> dict:
+    tree = {
+        "embed": nn.embedding_spec(cfg.vocab_size, cfg.d_model),
+        "blocks": nn.stack(block_spec(cfg), cfg.n_layers),
+        "final_norm": _norm_spec(cfg),
+    }
+    if cfg.position == "learned":
+        tree["pos_embed"] = nn.embedding_spec(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"),
+                                              std=0.01)
+    if not cfg.tie_embeddings:
+        tree["unembed"] = nn.linear_spec(cfg.d_model, cfg.vocab_size, ("embed", "vocab"),
+                                         bias=False)
+    return tree
+
+
+def block(params: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Array | None,
+          segment_ids: jax.Array | None, positions: jax.Array) -> jax.Array:
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+    with scope("attn"):
+        h = nn.attention(params["attn"], _norm(params["attn_norm"], x, cfg), causal=True,
+                         segment_ids=segment_ids, positions=positions,
+                         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+                         impl=cfg.attention_impl)
+    x = x + nn.dropout(h, cfg.dropout, k_attn)
+    with scope("mlp"):
+        h = nn.mlp(params["mlp"], _norm(params["mlp_norm"], x, cfg))
+    x = x + nn.dropout(h, cfg.dropout, k_mlp)
+    return constrain(x, ("batch", "seq", "embed"))
+
+
+def _run_blocks(blocks: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Array | None,
+                segment_ids: jax.Array | None, positions: jax.Array) -> jax.Array:
+    keys = None if key is None else jax.random.split(key, cfg.n_layers)
+    policy = REMAT_POLICIES[cfg.remat]
+
+    def one(p, h, k):
+        return block(p, h, cfg, k, segment_ids, positions)
+
+    if cfg.remat != "none":
+        one = jax.checkpoint(one, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    if cfg.scan_layers:
+        def body(h, layer):
+            p, k = layer
+            return one(p, h, k), None
+
+        with scope("blocks"):
+            x, _ = jax.lax.scan(body, x, (blocks, keys))
+        return x
+    for i in range(cfg.n_layers):
+        with scope(f"blocks/{i}"):
+            x = one(jax.tree.map(lambda a, i=i: a[i], blocks), x,
+                    None if keys is None else keys[i])
+    return x
+
+
+def apply(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
+          key: jax.Array | None = None, state: dict | None = None,
+          segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+    """tokens [batch, seq] int -> (logits [batch, seq, vocab] in the output dtype, state).
+
+    segment_ids [batch, seq] restricts attention to each packed document; positions default
+    to the position within each segment."""
+    with scope("transformer"):
+        check_int(tokens, "tokens")
+        check_rank(tokens, 2, "tokens", "batch, seq")
+        seq = tokens.shape[1]
+        if cfg.position == "learned" and seq > cfg.max_seq_len:
+            raise ShapeError(f"tokens have seq length {seq} > max_seq_len {cfg.max_seq_len}")
+        if positions is None:
+            positions = (nn.segment_positions(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(seq), tokens.shape))
+        p = cfg.policy.cast_to_compute(params)
+        k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
+        x = nn.embed(p["embed"], tokens)
+        if cfg.position == "learned":
+            x = x + nn.embed(p["pos_embed"], positions)
+        x = constrain(nn.dropout(x, cfg.dropout, k_embed), ("batch", "seq", "embed"))
+        x = _run_blocks(p["blocks"], x, cfg, k_blocks, segment_ids, positions)
+        x = _norm(p["final_norm"], x, cfg)
+        if cfg.tie_embeddings:
+            logits = nn.attend(p["embed"], x)
+        else:
+            logits = nn.linear(p["unembed"], x)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+    return cfg.policy.cast_to_output(logits), state if state is not None else {}
+
+
+def loss(params: dict, batch: dict, cfg: TransformerConfig, *, key: jax.Array | None = None,
+         state: dict | None = None):
+    """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set.
+
+    batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}."""
+    logits, state = apply(params, batch["inputs"], cfg, key=key, state=state,
+                          segment_ids=batch.get("segment_ids"))
+    per_token = ops.cross_entropy(logits, batch["targets"], z_loss=cfg.z_loss,
+                                  impl=cfg.loss_impl)
+    mask = batch.get("mask")
+    weights = jnp.ones_like(per_token) if mask is None else mask.astype(jnp.float32)
+    n_tokens = jnp.maximum(weights.sum(), 1.0)
+    mean = (per_token * weights).sum() / n_tokens
+    return mean, {"metrics": {"loss": mean, "tokens": weights.sum()}, "state": state}
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * non-embedding matmul params + 12 * layers * seq * width
+    for attention scores (forward 1x, backward 2x), as in the PaLM appendix."""
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    kv_heads = cfg.n_kv_heads or cfg.n_heads
+    attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
+    mlp = cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
+    unembed = cfg.d_model * cfg.vocab_size
+    matmul_params = cfg.n_layers * (attn + mlp) + unembed
+    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
+
+
+MODEL = register(Model("transformer", TransformerConfig, spec, apply, loss))

@@ -1,0 +1,29 @@
+"""Mask helpers: attention takes `causal=` and `segment_ids=` directly; these build the rest."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def padding_mask(valid: jax.Array) -> jax.Array:
+    """[batch, kv_len] bool (True = real token) -> [batch, 1, 1, kv_len] attention mask."""
+    return valid.astype(bool)[:, None, None, :]
+
+
+def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+    """[1, 1, q_len, kv_len] bool, queries aligned to the end of the keys."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    return (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment (restarts at 0 where the id changes)."""
+    seq = segment_ids.shape[-1]
+    idx = jnp.arange(seq)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - start_idx

@@ -1,0 +1,1 @@
+"""Pallas kernels (import jax only, nothing from framework/); each has an XLA reference."""
