@@ -1,0 +1,65 @@
+"""The one typed schema for a run: YAML files under configs/ are data for it.
+
+Each component owns its section's class (models, data, optimizer); this file composes them.
+The `model` section is a union of every registered model config, told apart by `name`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import pydantic
+
+from framework.data.config import DataConfig
+from framework.models import REGISTRY
+from framework.train.optimizer import OptimConfig
+
+_FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+ModelSection = Annotated[Union[tuple(m.config for m in REGISTRY.values())],  # noqa: UP007
+                         pydantic.Field(discriminator="name")]
+
+
+class RunConfig(pydantic.BaseModel):
+    """Where the run lives and how it is seeded."""
+
+    model_config = _FROZEN
+    name: str = pydantic.Field("run", min_length=1, description="run directory name")
+    dir: str = pydantic.Field("runs", description="parent folder of run directories")
+    seed: int = pydantic.Field(0, description="seed for params and dropout keys")
+
+
+class TrainConfig(pydantic.BaseModel):
+    """Training loop: length, accumulation, logging, evaluation, profiling, sampling."""
+
+    model_config = _FROZEN
+    steps: int = pydantic.Field(1000, gt=0, description="optimizer steps")
+    grad_accum: int = pydantic.Field(1, gt=0, description="micro-batches per step (scan)")
+    log_every: int = pydantic.Field(10, gt=0, description="steps between metric lines")
+    eval_every: int = pydantic.Field(200, gt=0, description="steps between evaluations")
+    eval_batches: int = pydantic.Field(8, gt=0, description="batches per evaluation")
+    progress: bool = pydantic.Field(True, description="progress bar (plain lines if no TTY)")
+    tensorboard: bool = pydantic.Field(True, description="write TensorBoard event files")
+    plot: bool = pydantic.Field(True, description="write PNG plots at the end")
+    profile_start: int | None = pydantic.Field(None, ge=1, description="first profiled step")
+    profile_steps: int = pydantic.Field(5, gt=0, description="steps in the profiler trace")
+    sample_tokens: int = pydantic.Field(0, ge=0, description="tokens sampled at the end (LM)")
+    sample_prompt: str = pydantic.Field("def ", description="prompt for the final sample")
+    sample_temperature: float = pydantic.Field(0.8, gt=0, description="sampling temperature")
+
+
+class Config(pydantic.BaseModel):
+    """A whole run: run, model, data, optim, train."""
+
+    model_config = _FROZEN
+    run: RunConfig = RunConfig()
+    model: ModelSection
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _check_batch(self):
+        if self.data.batch_size % self.train.grad_accum:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                             f"train.grad_accum ({self.train.grad_accum})")
+        return self
