@@ -44,6 +44,8 @@ class Model:
     apply: Callable[..., Any]
     loss: Callable[..., Any]
     state_spec: Callable[..., Any] = _no_state
+    # Training FLOPs per token given (cfg, seq_len), for MFU; None where not meaningful.
+    flops_per_token: Callable[..., float] | None = None
 
 
 REGISTRY: dict[str, Model] = {}

@@ -206,4 +206,5 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
 
 
-MODEL = register(Model("transformer", TransformerConfig, spec, apply, loss))
+MODEL = register(Model("transformer", TransformerConfig, spec, apply, loss,
+                       flops_per_token=flops_per_token))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from framework.nn.basic import fan_in_init, zeros
 from framework.nn.errors import check_float, check_last_dim, check_rank
@@ -70,7 +71,7 @@ def max_pool(x: jax.Array, window: Pair = 2, stride: Pair | None = None,
              padding: Padding = "VALID") -> jax.Array:
     """Spatial max over windows (stride defaults to the window); padding never wins the max."""
     dims, strides = _window(x, window, stride)
-    lowest = jnp.array(-jnp.inf, x.dtype)
+    lowest = np.array(-np.inf, x.dtype)  # a concrete identity selects max's VJP rule
     return jax.lax.reduce_window(x, lowest, jax.lax.max, dims, strides, _padding(padding))
 
 
@@ -79,7 +80,7 @@ def avg_pool(x: jax.Array, window: Pair = 2, stride: Pair | None = None,
     """Spatial mean over windows; with padding each output divides by its count of real inputs."""
     dims, strides = _window(x, window, stride)
     pad = _padding(padding)
-    zero = jnp.array(0, x.dtype)
+    zero = np.array(0, x.dtype)
     total = jax.lax.reduce_window(x, zero, jax.lax.add, dims, strides, pad)
     if isinstance(pad, str) and pad.upper() == "VALID":
         return total / (dims[1] * dims[2])
