@@ -20,7 +20,7 @@ def test_init_is_deterministic_and_key_dependent():
     spec = _spec(False)
     p1, p2 = nn.init(spec, jax.random.key(0)), nn.init(spec, jax.random.key(0))
     p3 = nn.init(spec, jax.random.key(1))
-    for x, y, z in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), jax.tree.leaves(p3)):
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(p1["a"]["kernel"], p3["a"]["kernel"])
 

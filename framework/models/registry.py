@@ -11,7 +11,8 @@ key=None means evaluation (no dropout, frozen statistics).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pydantic
 

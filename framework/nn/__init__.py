@@ -1,7 +1,7 @@
 """Pure-functional layers: each is a `*_spec(...)` declaring Params plus a pure apply function."""
 
 from framework.nn.attention import attention, attention_spec
-from framework.nn.basic import (attend, dropout, embed, embedding_spec, linear, linear_spec)
+from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
 from framework.nn.errors import ShapeError, scope
 from framework.nn.masks import causal_mask, padding_mask, segment_positions
 from framework.nn.mlp import mlp, mlp_spec

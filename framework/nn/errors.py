@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -20,7 +21,7 @@ class ShapeError(ValueError):
         where = "/".join(self.path) or "<root>"
         return f"{where}: {self.message}"
 
-    def with_prefix(self, name: str) -> "ShapeError":
+    def with_prefix(self, name: str) -> ShapeError:
         self.path.insert(0, name)
         self.args = (self._render(),)
         return self
