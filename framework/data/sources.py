@@ -1,0 +1,402 @@
+"""Where examples come from: text corpora, token files, synthetic tasks; all random access.
+
+A source here is anything with `len(source)` and `source.take(indices) -> batch dict`: the
+pipeline shuffles and shards *indices*, and a source turns a batch of indices into arrays in
+one vectorized read. Nothing in this module imports jax (grain worker processes import it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from framework.data.config import STDLIB
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_SYNTHETIC_SEED = 20240229  # the synthetic tasks are fixed data; shuffle_seed only orders them
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (missing path, corpus too small): one line, no trace."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus discovery and reading
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusFile:
+    """One corpus file: `key` is its path relative to the entry that found it (split hashing)."""
+
+    key: str
+    path: Path
+
+
+def stdlib_root() -> Path:
+    """The Python standard library's source folder (the default corpus)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _walk(root: Path, pattern: str) -> list[CorpusFile]:
+    """Files under `root` matching `pattern`, sorted by relative path; skips installed packages."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        for name in filenames:
+            if fnmatch.fnmatch(name, pattern):
+                path = Path(dirpath) / name
+                found.append(CorpusFile(path.relative_to(root).as_posix(), path))
+    return sorted(found, key=lambda f: f.key)
+
+
+def find_files(paths: Sequence[str], pattern: str = "*.py") -> list[CorpusFile]:
+    """Expand files, folders (recursive, `pattern`), globs and 'stdlib' into a sorted file list."""
+    out: list[CorpusFile] = []
+    for entry in paths:
+        if entry == STDLIB:
+            files = _walk(stdlib_root(), "*.py")
+        elif any(c in entry for c in "*?["):
+            matches = sorted(glob.glob(entry, recursive=True))
+            if not matches:
+                raise DataError(f"data path {entry!r}: the glob matches no file")
+            files = []
+            for m in matches:
+                p = Path(m)
+                files.extend(_walk(p, pattern) if p.is_dir() else [CorpusFile(p.as_posix(), p)])
+        else:
+            p = Path(entry)
+            if p.is_dir():
+                files = _walk(p, pattern)
+            elif p.is_file():
+                files = [CorpusFile(p.name, p)]
+            else:
+                raise DataError(f"data path {entry!r} does not exist")
+        if not files:
+            raise DataError(f"data path {entry!r} holds no file matching {pattern!r}")
+        out.extend(files)
+    seen: set[Path] = set()
+    unique = []
+    for f in out:
+        resolved = f.path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(f)
+    return unique
+
+
+def read_corpus(files: Sequence[CorpusFile], max_bytes: int | None) -> list[tuple[str, bytes]]:
+    """(key, raw bytes) of each file in order: the first `max_bytes` bytes of the concatenation."""
+    docs, total = [], 0
+    for f in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        budget = None if max_bytes is None else max_bytes - total
+        with open(f.path, "rb") as fh:
+            data = fh.read() if budget is None else fh.read(budget)
+        if data:
+            docs.append((f.key, data))
+            total += len(data)
+    return docs
+
+
+def split_by_file(keys: Sequence[str], val_fraction: float) -> list[bool]:
+    """Which files are held out: crc32(key) below the fraction; >= 1 per side if >= 2 files."""
+    if val_fraction <= 0 or len(keys) < 2:
+        return [False] * len(keys)
+    u = [zlib.crc32(k.encode()) / 2**32 for k in keys]
+    is_val = [x < val_fraction for x in u]
+    if not any(is_val):
+        is_val[int(np.argmin(u))] = True
+    if all(is_val):
+        is_val[int(np.argmax(u))] = False
+    return is_val
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer(Protocol):
+    """What the pipeline and samplers need from a tokenizer."""
+
+    vocab_size: int
+
+    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte is a token: no vocabulary file, no unknown tokens, 1 byte per token."""
+
+    vocab_size = 256
+
+    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray:
+        """One uint8 token stream for the concatenated documents."""
+        return np.frombuffer(b"".join(docs), dtype=np.uint8)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` JSON file (the package is optional, imported here only)."""
+
+    def __init__(self, path: str):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise DataError(f"tokenizer {path!r} needs the optional 'tokenizers' package "
+                            "(pip install tokenizers), or use tokenizer: byte") from e
+        if not Path(path).is_file():
+            raise DataError(f"tokenizer file {path!r} does not exist")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises its own exception type
+            raise DataError(f"tokenizer file {path!r} could not be loaded: {e}") from e
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray:
+        """One token stream for the documents, each encoded separately (in parallel)."""
+        texts = [d.decode("utf-8", errors="replace") for d in docs]
+        ids = [e.ids for e in self._tok.encode_batch(texts)] if texts else []
+        flat = np.fromiter((i for doc in ids for i in doc), dtype=np.int64)
+        return flat.astype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids."""
+        return self._tok.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """'byte' or a path to a HF tokenizers JSON file -> a tokenizer (DataError if unusable)."""
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token files
+
+
+class TokenArray:
+    """A 1-D token array in memory or memory-mapped from a .bin/.npy file.
+
+    File-backed arrays map lazily and travel to grain worker processes as (path, dtype),
+    never as their contents (an np.memmap would otherwise be copied whole)."""
+
+    def __init__(self, data: np.ndarray | None = None, *, path: str | None = None,
+                 dtype: str = "uint16"):
+        self.path, self.dtype = path, dtype
+        self._data = data
+        if data is None:
+            self._data = self._open()
+        self.length = int(self._data.shape[0])
+
+    def _open(self) -> np.ndarray:
+        path = self.path
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"token file {path!r} does not exist")
+        if p.suffix == ".npy":
+            try:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise DataError(f"token file {path!r} is not a readable .npy array: {e}") from e
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"token file {path!r} must hold a 1-D integer array, "
+                                f"got shape {arr.shape} dtype {arr.dtype}")
+            return arr
+        if p.suffix != ".bin":
+            raise DataError(f"token file {path!r}: expected a .bin or .npy file")
+        size, itemsize = p.stat().st_size, np.dtype(self.dtype).itemsize
+        if size == 0:
+            raise DataError(f"token file {path!r} is empty")
+        if size % itemsize:
+            raise DataError(f"token file {path!r} has {size} bytes, not a multiple of "
+                            f"{itemsize} ({self.dtype}); is data.token_dtype right?")
+        return np.memmap(p, dtype=self.dtype, mode="r")
+
+    @property
+    def data(self) -> np.ndarray:
+        """The tokens (maps the file on first use in this process)."""
+        if self._data is None:
+            self._data = self._open()
+        return self._data
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["_data"] = None
+        return state
+
+
+def sidecar_path(token_file: str) -> Path:
+    """Metadata JSON written beside a token file by scripts/prepare_data.py."""
+    return Path(str(token_file) + ".json")
+
+
+def read_sidecar(token_file: str) -> dict[str, Any]:
+    """The token file's metadata (vocab_size, bytes_per_token, ...) or {} if none was written."""
+    p = sidecar_path(token_file)
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"token metadata {str(p)!r} is not valid JSON: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-access sources
+
+
+class WindowSource:
+    """Non-overlapping LM windows: index i -> tokens[i*L : i*L + L + 1] of its segment.
+
+    Windows never cross a segment (file) boundary. `start`/`stop` select a range of the
+    window indices, which is how a single stream is split into train and held-out tails."""
+
+    def __init__(self, segments: Sequence[TokenArray], seq_len: int,
+                 start: int = 0, stop: int | None = None):
+        self.segments, self.seq_len = list(segments), seq_len
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.segments]
+        self._ends = np.cumsum(counts, dtype=np.int64)
+        total = int(self._ends[-1]) if counts else 0
+        self.start, self.stop = start, total if stop is None else stop
+        if not 0 <= self.start <= self.stop <= total:
+            raise ValueError(f"window range [{start}, {stop}) outside [0, {total}]")
+        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens covered by the windows (each window's last token is the next one's first)."""
+        return len(self) * self.seq_len + (1 if len(self) else 0)
+
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        """int32 [n, L+1] windows for window indices (one gather per segment touched)."""
+        idx = np.asarray(indices, dtype=np.int64) + self.start
+        out = np.empty((idx.shape[0], self.seq_len + 1), dtype=np.int32)
+        seg = np.searchsorted(self._ends, idx, side="right")
+        for s in np.unique(seg):
+            rows = np.nonzero(seg == s)[0]
+            local = idx[rows] - (self._ends[s - 1] if s > 0 else 0)
+            out[rows] = self.segments[s].data[local[:, None] * self.seq_len + self._offsets]
+        return out
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """{"inputs", "targets"}: int32 [n, L], targets are inputs shifted left by one."""
+        w = self.windows(indices)
+        return {"inputs": np.ascontiguousarray(w[:, :-1]),
+                "targets": np.ascontiguousarray(w[:, 1:])}
+
+
+class SequenceSource:
+    """Independent token sequences [N, L+1] (synthetic LM): index i -> row i."""
+
+    def __init__(self, sequences: np.ndarray):
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return int(self.sequences.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all sequences."""
+        return int(self.sequences.size)
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """{"inputs", "targets"}: int32 [n, L], targets are inputs shifted left by one."""
+        w = self.sequences[np.asarray(indices, dtype=np.int64)]
+        return {"inputs": np.ascontiguousarray(w[:, :-1], dtype=np.int32),
+                "targets": np.ascontiguousarray(w[:, 1:], dtype=np.int32)}
+
+
+class ExampleSource:
+    """Labelled examples (classification): index i -> (inputs[i], labels[i])."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    num_tokens = 0
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """{"inputs": float32 [n, *shape], "labels": int32 [n]}."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return {"inputs": self.inputs[idx], "labels": self.labels[idx]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic tasks
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([_SYNTHETIC_SEED, *keys]))
+
+
+def markov_chain(vocab_size: int, branching: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed sparse random Markov chain: each token has `branching` possible successors.
+
+    Returns (successors [V, k] int, cumulative probabilities [V, k]); its entropy rate is at
+    most log(k), far below log(V), so a model that learns it drives the loss well down."""
+    rng = _rng(0, vocab_size)
+    succ = rng.integers(vocab_size, size=(vocab_size, branching))  # repeats merge; still sparse
+    probs = rng.dirichlet(np.ones(branching), size=vocab_size)
+    return succ, np.cumsum(probs, axis=1)
+
+
+def synthetic_lm(vocab_size: int, num: int, length: int, split: int) -> np.ndarray:
+    """`num` sequences of `length` tokens walked on the fixed chain; `split` seeds the walk."""
+    succ, cdf = markov_chain(vocab_size)
+    rng = _rng(1, split, vocab_size)
+    out = np.empty((num, length), dtype=np.int32)
+    cur = rng.integers(vocab_size, size=num)
+    out[:, 0] = cur
+    k = succ.shape[1]
+    for t in range(1, length):
+        choice = np.minimum((rng.random(num)[:, None] > cdf[cur]).sum(axis=1), k - 1)
+        cur = succ[cur, choice]
+        out[:, t] = cur
+    return out
+
+
+def synthetic_classification(num_classes: int, shape: Sequence[int], num: int,
+                             split: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters around fixed random class means (unit noise), labels uniform."""
+    dim = int(np.prod(shape))
+    means = _rng(2, num_classes, dim).normal(size=(num_classes, dim))
+    rng = _rng(3, split, num_classes, dim)
+    labels = rng.integers(num_classes, size=num).astype(np.int32)
+    x = means[labels] + rng.normal(size=(num, dim))
+    return x.reshape(num, *shape).astype(np.float32), labels

@@ -1,0 +1,47 @@
+"""Train from a config: `python scripts/train.py CONFIG [key.sub=value ...]`.
+
+User mistakes (bad key, wrong type, missing file, incompatible data) print one line and exit
+with status 2; the run directory gets the resolved config, metrics, plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="KEY=VALUE", help="override (same as a positional key=value)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from framework.config import exit_on_config_error, load_config
+    from framework.config.loader import _die
+    from framework.config.schema import Config
+    from framework.data import DataError
+    from framework.train.loop import Trainer
+
+    with exit_on_config_error():
+        cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
+        try:
+            trainer = Trainer(cfg)
+        except DataError as e:
+            _die(f"data error: {e}")
+    summary = trainer.run()
+    if summary["eval"]:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()
+                          if isinstance(v, float))
+        print(f"final eval at step {summary['step']}: {shown}")
+    if "sample" in summary:
+        print("sample:\n" + summary["sample"])
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
