@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
 from framework.nn.precision import Policy
+
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 class ModelConfig(pydantic.BaseModel):
@@ -24,9 +26,9 @@ class ModelConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    param_dtype: str = pydantic.Field("float32", description="dtype parameters are stored in")
-    compute_dtype: str = pydantic.Field("float32", description="dtype of matmuls/activations")
-    output_dtype: str = pydantic.Field("float32", description="dtype of the model's outputs")
+    param_dtype: DType = pydantic.Field("float32", description="dtype parameters are stored in")
+    compute_dtype: DType = pydantic.Field("float32", description="dtype of matmuls/activations")
+    output_dtype: DType = pydantic.Field("float32", description="dtype of the model's outputs")
 
     @property
     def policy(self) -> Policy:

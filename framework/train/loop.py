@@ -1,0 +1,167 @@
+"""The training loop: config -> data -> state -> jit(step) -> metrics, evals, sample, plots.
+
+Per-step metrics stay on the device and are fetched once per log interval, so the loop never
+blocks the step; the interval's values are then checked for non-finite loss step by step."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from framework import models
+from framework.config.loader import ConfigError, dump_resolved
+from framework.config.schema import Config
+from framework.data import make_loaders
+from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
+from framework.train.optimizer import make_optimizer, schedule
+from framework.train.sample import sample_tokens
+from framework.train.step import init_state, make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the message names the step."""
+
+
+def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
+    """User mistakes that need the data's metadata to see: one line naming the key."""
+    vocab = meta.get("vocab_size")
+    if vocab is not None and getattr(cfg.model, "vocab_size", vocab) < vocab:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                          f"data's vocabulary ({vocab})")
+    n_classes = meta.get("num_classes")
+    if n_classes is not None and getattr(cfg.model, "num_classes", n_classes) < n_classes:
+        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the "
+                          f"data's {n_classes} classes")
+    if cfg.data.batch_size % jax.device_count():
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is not divisible by the "
+                          f"{jax.device_count()} devices")
+
+
+def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
+    keys = [k for k in per_step[0] if k != "finite"]
+    return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
+
+
+def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | None) -> dict:
+    """Average the model's metrics over `n_batches` held-out batches (same batches each time)."""
+    results = [eval_fn(state["params"], state["model_state"], b)
+               for b in eval_set.batches(n_batches)]
+    out = _mean_metrics(jax.device_get(results))
+    if bytes_per_token:
+        out["bits_per_byte"] = out["loss"] / math.log(2) / bytes_per_token
+    return out
+
+
+class Trainer:
+    """Holds what a run needs; `run()` trains to `train.steps` and returns the final metrics."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir) / cfg.run.name
+        self.is_main = jax.process_index() == 0
+        self.model = models.get(cfg.model.name)
+        self.train_data, self.eval_set, self.meta = make_loaders(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+        _check_compatible(cfg, self.meta)
+        self.lr = schedule(cfg.optim, cfg.train.steps)
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+        self.step_fn = jax.jit(make_train_step(self.model, cfg.model, self.tx, seed=cfg.run.seed,
+                                               grad_accum=cfg.train.grad_accum,
+                                               lr_schedule=self.lr), donate_argnums=0)
+        self.eval_fn = jax.jit(make_eval_step(self.model, cfg.model))
+        self.is_lm = self.meta.get("vocab_size") is not None
+        items = cfg.data.batch_size * (cfg.data.seq_len if self.is_lm else 1)
+        self.items_per_step = items
+        flops = self.model.flops_per_token
+        self.flops_per_token = flops(cfg.model, cfg.data.seq_len) if flops and self.is_lm else None
+        self.peak_flops, self.peak_source = peak_flops_per_device(
+            jax.devices()[0], cfg.model.compute_dtype)
+
+    def init_state(self):
+        key = jax.random.key(self.cfg.run.seed)
+        return jax.jit(lambda k: init_state(self.model, self.cfg.model, self.tx, k))(key)
+
+    def _throughput(self, n_steps: int, seconds: float) -> dict[str, float]:
+        rate = n_steps * self.items_per_step / seconds
+        out = {"step_time": seconds / n_steps,
+               ("tokens_per_s" if self.is_lm else "examples_per_s"): rate}
+        if self.flops_per_token:
+            out["mfu"] = mfu(rate, self.flops_per_token, jax.device_count(), self.peak_flops)
+        return out
+
+    def run(self, state=None) -> dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            dump_resolved(cfg, self.run_dir)
+        state = self.init_state() if state is None else state
+        start = int(state["step"])
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=tc.tensorboard)
+        progress = Progress(tc.steps, start_step=start, enabled=self.is_main and tc.progress)
+        pending: list[tuple[int, dict]] = []
+        last_eval: dict[str, float] = {}
+        t_last, steps_since = time.perf_counter(), 0
+        profiling = False
+        try:
+            for step in range(start, tc.steps):
+                if tc.profile_start is not None and step + 1 == tc.profile_start:
+                    jax.profiler.start_trace(str(self.run_dir / "profile"))
+                    profiling = True
+                state, metrics = self.step_fn(state, next(self.train_data))
+                pending.append((step + 1, metrics))
+                steps_since += 1
+                if profiling and step + 1 >= tc.profile_start + tc.profile_steps - 1:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                done = step + 1 == tc.steps
+                if (step + 1) % tc.log_every == 0 or done:
+                    host = jax.device_get([m for _, m in pending])
+                    for (s, _), m in zip(pending, host, strict=True):
+                        if not m["finite"]:
+                            raise NonFiniteError(f"non-finite loss or gradient at step {s} "
+                                                 f"(loss={m['loss']}, grad_norm={m['grad_norm']})")
+                    now = time.perf_counter()
+                    line = _mean_metrics(host) | self._throughput(steps_since, now - t_last)
+                    writer.write(step + 1, line, "train")
+                    progress.update(step + 1, line)
+                    pending, t_last, steps_since = [], now, 0
+                if (step + 1) % tc.eval_every == 0 or done:
+                    last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
+                                         self.meta.get("bytes_per_token"))
+                    writer.write(step + 1, last_eval, "eval")
+                    t_last = time.perf_counter()  # evaluation time is not step time
+        finally:
+            if profiling:
+                jax.profiler.stop_trace()
+            progress.close()
+            writer.close()
+        summary = {"step": int(state["step"]), "eval": last_eval, "run_dir": str(self.run_dir)}
+        if tc.sample_tokens and self.is_lm:
+            summary["sample"] = self.sample(state, tc.sample_prompt, tc.sample_tokens)
+        if tc.plot and self.is_main:
+            from framework.train.plots import plot_run
+            plot_run(self.run_dir)
+        self.state = state
+        return summary
+
+    def sample(self, state, prompt: str, n: int) -> str:
+        """Sample `n` tokens after `prompt` and decode them to text."""
+        tok = self.cfg.data.tokenizer
+        if tok == "byte":
+            encode, decode = (lambda s: list(s.encode())), (
+                lambda t: bytes(t).decode("utf-8", errors="replace"))
+        else:
+            from tokenizers import Tokenizer
+            hf = Tokenizer.from_file(tok)
+            encode, decode = (lambda s: hf.encode(s).ids), hf.decode
+        window = min(self.cfg.data.seq_len, getattr(self.cfg.model, "max_seq_len", 1 << 30))
+        tokens = sample_tokens(self.model, state["params"], self.cfg.model, encode(prompt), n,
+                               window=window, temperature=self.cfg.train.sample_temperature,
+                               key=jax.random.key(self.cfg.run.seed + 1))
+        return decode(tokens)
