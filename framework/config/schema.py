@@ -11,6 +11,7 @@ import pydantic
 
 from framework.data.config import DataConfig
 from framework.models import REGISTRY
+from framework.parallel.mesh import MeshConfig
 from framework.train.optimizer import OptimConfig
 
 _FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
@@ -48,7 +49,7 @@ class TrainConfig(pydantic.BaseModel):
 
 
 class Config(pydantic.BaseModel):
-    """A whole run: run, model, data, optim, train."""
+    """A whole run: run, model, data, optim, train, mesh."""
 
     model_config = _FROZEN
     run: RunConfig = RunConfig()
@@ -56,6 +57,7 @@ class Config(pydantic.BaseModel):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_batch(self):

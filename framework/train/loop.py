@@ -12,11 +12,15 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import models
 from framework.config.loader import ConfigError, dump_resolved
 from framework.config.schema import Config
 from framework.data import make_loaders
+from framework.parallel import logical
+from framework.parallel.mesh import make_mesh
+from framework.parallel.sharding import check_batch, put_batch, state_shardings
 from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
 from framework.train.optimizer import make_optimizer, schedule
 from framework.train.sample import sample_tokens
@@ -37,9 +41,6 @@ def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
     if n_classes is not None and getattr(cfg.model, "num_classes", n_classes) < n_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the "
                           f"data's {n_classes} classes")
-    if cfg.data.batch_size % jax.device_count():
-        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is not divisible by the "
-                          f"{jax.device_count()} devices")
 
 
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
@@ -47,9 +48,11 @@ def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
 
 
-def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | None) -> dict:
-    """Average the model's metrics over `n_batches` held-out batches (same batches each time)."""
-    results = [eval_fn(state["params"], state["model_state"], b)
+def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | None,
+             put=lambda b: b) -> dict:
+    """Average the model's metrics over `n_batches` held-out batches (same batches each time);
+    `put` places a process-local host batch on the devices."""
+    results = [eval_fn(state["params"], state["model_state"], put(b))
                for b in eval_set.batches(n_batches)]
     out = _mean_metrics(jax.device_get(results))
     if bytes_per_token:
@@ -60,7 +63,7 @@ def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | 
 class Trainer:
     """Holds what a run needs; `run()` trains to `train.steps` and returns the final metrics."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, devices: list | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir) / cfg.run.name
         self.is_main = jax.process_index() == 0
@@ -68,13 +71,28 @@ class Trainer:
         self.train_data, self.eval_set, self.meta = make_loaders(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
         _check_compatible(cfg, self.meta)
+        self.is_lm = self.meta.get("vocab_size") is not None
+        # Layout: the mesh, then every sharding; all layout errors surface here, before compile.
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.rules = dict(cfg.mesh.rules)
+        check_batch(self.mesh, self.rules, cfg.data.batch_size,
+                    cfg.data.seq_len if self.is_lm else None)
         self.lr = schedule(cfg.optim, cfg.train.steps)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        self.step_fn = jax.jit(make_train_step(self.model, cfg.model, self.tx, seed=cfg.run.seed,
-                                               grad_accum=cfg.train.grad_accum,
-                                               lr_schedule=self.lr), donate_argnums=0)
-        self.eval_fn = jax.jit(make_eval_step(self.model, cfg.model))
-        self.is_lm = self.meta.get("vocab_size") is not None
+        self._init = lambda k: init_state(self.model, cfg.model, self.tx, k)
+        self.state_sharding = state_shardings(self.model, cfg.model, self._init, self.mesh,
+                                              self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.step_fn = jax.jit(
+            self._traced(make_train_step(self.model, cfg.model, self.tx, seed=cfg.run.seed,
+                                         grad_accum=cfg.train.grad_accum, lr_schedule=self.lr)),
+            in_shardings=(self.state_sharding, None), out_shardings=(self.state_sharding,
+                                                                     replicated),
+            donate_argnums=0)
+        self.eval_fn = jax.jit(
+            self._traced(make_eval_step(self.model, cfg.model)),
+            in_shardings=(self.state_sharding["params"], self.state_sharding["model_state"],
+                          None), out_shardings=replicated)
         items = cfg.data.batch_size * (cfg.data.seq_len if self.is_lm else 1)
         self.items_per_step = items
         flops = self.model.flops_per_token
@@ -82,9 +100,27 @@ class Trainer:
         self.peak_flops, self.peak_source = peak_flops_per_device(
             jax.devices()[0], cfg.model.compute_dtype)
 
+    def _traced(self, fn):
+        """`fn` traced with this mesh's logical rules active, so activations get constrained."""
+
+        def wrapped(*args):
+            with logical.activate(self.mesh, self.rules):
+                return fn(*args)
+
+        return wrapped
+
+    def put(self, batch: dict) -> dict:
+        """This process's host batch -> global arrays sharded over the mesh."""
+        return put_batch(batch, self.mesh, self.rules, sequence=self.is_lm)
+
     def init_state(self):
+        """Fresh state created already sharded (never whole on one device)."""
         key = jax.random.key(self.cfg.run.seed)
-        return jax.jit(lambda k: init_state(self.model, self.cfg.model, self.tx, k))(key)
+        return jax.jit(self._init, out_shardings=self.state_sharding)(key)
+
+    def train_step(self, state, batch: dict):
+        """One optimizer step on a process-local host batch: (new state, device metrics)."""
+        return self.step_fn(state, self.put(batch))
 
     def _throughput(self, n_steps: int, seconds: float) -> dict[str, float]:
         rate = n_steps * self.items_per_step / seconds
@@ -112,7 +148,7 @@ class Trainer:
                 if tc.profile_start is not None and step + 1 == tc.profile_start:
                     jax.profiler.start_trace(str(self.run_dir / "profile"))
                     profiling = True
-                state, metrics = self.step_fn(state, next(self.train_data))
+                state, metrics = self.train_step(state, next(self.train_data))
                 pending.append((step + 1, metrics))
                 steps_since += 1
                 if profiling and step + 1 >= tc.profile_start + tc.profile_steps - 1:
@@ -133,7 +169,7 @@ class Trainer:
                     pending, t_last, steps_since = [], now, 0
                 if (step + 1) % tc.eval_every == 0 or done:
                     last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
-                                         self.meta.get("bytes_per_token"))
+                                         self.meta.get("bytes_per_token"), self.put)
                     writer.write(step + 1, last_eval, "eval")
                     t_last = time.perf_counter()  # evaluation time is not step time
         finally:
