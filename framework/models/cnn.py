@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import pydantic
 
-from framework import ops
+from framework.models.classifier import classifier_loss
 from framework.models.registry import Model, ModelConfig, register
 from framework.nn.basic import dropout, linear, linear_spec
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
 from framework.nn.conv import NHWC, conv2d, conv2d_spec, max_pool
-from framework.nn.errors import ShapeError, check_float, check_int, check_rank, scope
+from framework.nn.errors import ShapeError, check_float, check_rank, scope
 from framework.nn.param import is_param
 
 
@@ -107,15 +107,7 @@ def apply(params: dict, inputs: jax.Array, cfg: CNNConfig, *, key: jax.Array | N
     return policy.cast_to_output(logits), (new_state if cfg.batch_norm and training else state)
 
 
-def loss(params: dict, batch: dict, cfg: CNNConfig, *, key: jax.Array | None = None,
-         state: dict | None = None) -> tuple[jax.Array, dict]:
-    """Mean softmax cross-entropy over batch["inputs"] / batch["labels"] (int [batch])."""
-    labels = batch["labels"]
-    check_int(labels, "labels")
-    logits, state = apply(params, batch["inputs"], cfg, key=key, state=state)
-    mean_loss = jnp.mean(ops.cross_entropy(logits, labels))
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-    return mean_loss, {"metrics": {"loss": mean_loss, "accuracy": accuracy}, "state": state}
+loss = classifier_loss(apply)
 
 
 MODEL = register(Model(name="cnn", config=CNNConfig, spec=spec, apply=apply, loss=loss,

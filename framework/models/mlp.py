@@ -6,13 +6,12 @@ import dataclasses
 from typing import Annotated, Any, Literal
 
 import jax
-import jax.numpy as jnp
 import pydantic
 
-from framework import ops
+from framework.models.classifier import classifier_loss
 from framework.models.registry import Model, ModelConfig, register
 from framework.nn.basic import dropout, linear, linear_spec
-from framework.nn.errors import ShapeError, check_float, check_int, scope
+from framework.nn.errors import ShapeError, check_float, scope
 from framework.nn.param import is_param
 
 
@@ -67,15 +66,7 @@ def apply(params: dict, inputs: jax.Array, cfg: MLPConfig, *, key: jax.Array | N
     return policy.cast_to_output(x), state
 
 
-def loss(params: dict, batch: dict, cfg: MLPConfig, *, key: jax.Array | None = None,
-         state: Any = None) -> tuple[jax.Array, dict]:
-    """Mean softmax cross-entropy over batch["inputs"] / batch["labels"] (int [batch])."""
-    labels = batch["labels"]
-    check_int(labels, "labels")
-    logits, state = apply(params, batch["inputs"], cfg, key=key, state=state)
-    mean_loss = jnp.mean(ops.cross_entropy(logits, labels))
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
-    return mean_loss, {"metrics": {"loss": mean_loss, "accuracy": accuracy}, "state": state}
+loss = classifier_loss(apply)
 
 
 MODEL = register(Model(name="mlp", config=MLPConfig, spec=spec, apply=apply, loss=loss))
