@@ -110,3 +110,16 @@ def test_impossible_layout_exits_2_naming_the_axis(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "mesh.tensor=8" in lines[0], done.stderr
     assert "heads" in lines[0]
+
+
+def test_inspect_prints_specs_and_bytes_per_device():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/inspect.py"), str(TINY),
+                           "--devices", "8", "mesh.data=1", "mesh.fsdp=8"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "parameters: 20,224" in out and "FLOPs per token" in out
+    assert "embed/embedding         (64, 32) ('vocab', 'embed') -> P('tensor', 'fsdp')" in out
+    params = next(line for line in out.splitlines() if line.strip().startswith("params"))
+    # 1/8 of the 80,896 param bytes, plus the (replicated) q/k/v and MLP-hidden biases' 7/8
+    assert "11,232 B" in params and "80,896 B" in params

@@ -120,3 +120,11 @@ def bytes_per_device(tree: PyTree) -> dict[Any, int]:
         for shard in leaf.addressable_shards:
             out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out
+
+
+def shard_bytes(shapes: PyTree, shardings: PyTree) -> int:
+    """Bytes one device holds of a tree of shapes under `shardings`, without allocating."""
+    total = 0
+    for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        total += int(np.prod(sh.shard_shape(s.shape))) * np.dtype(s.dtype).itemsize
+    return total

@@ -1,0 +1,95 @@
+"""Inspect a config without training: `python scripts/inspect.py CONFIG [key=value ...]`.
+
+Prints the parameter count, training FLOPs per token, each parameter's partition spec under the
+configured mesh, and bytes per device for params and optimizer state. Nothing is allocated:
+shapes come from `jax.eval_shape`. `--devices N` simulates N CPU devices."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named like the stdlib `inspect`; drop its folder from the path before anything
+# imports `inspect`.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+
+import argparse  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="simulate this many CPU devices (sets XLA_FLAGS before jax loads)")
+    return parser.parse_intermixed_args(argv)
+
+
+def _mib(n: int) -> str:
+    return f"{n:,} B ({n / 2**20:,.2f} MiB)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={args.devices}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from framework import models, nn
+    from framework.config import exit_on_config_error, load_config
+    from framework.config.schema import Config
+    from framework.parallel.logical import partition_spec
+    from framework.parallel.mesh import make_mesh
+    from framework.parallel.sharding import check_batch, shard_bytes, state_shardings
+    from framework.train.optimizer import make_optimizer
+    from framework.train.step import init_state
+
+    with exit_on_config_error():
+        cfg = load_config(Config, args.config, args.overrides)
+        model = models.get(cfg.model.name)
+        mesh = make_mesh(cfg.mesh)
+        rules = dict(cfg.mesh.rules)
+        is_lm = model.flops_per_token is not None
+        check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+        def init(key):
+            return init_state(model, cfg.model, tx, key)
+
+        shardings = state_shardings(model, cfg.model, init, mesh, rules)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    spec = model.spec(cfg.model)
+    print(f"model: {cfg.model.name}   parameters: {nn.count(spec):,}")
+    if is_lm:
+        print(f"training FLOPs per token (seq_len {cfg.data.seq_len}): "
+              f"{model.flops_per_token(cfg.model, cfg.data.seq_len):,.0f}")
+    print("mesh: " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+          + f"  ({mesh.size} devices)")
+    rows = [("/".join(str(getattr(k, "key", k)) for k in path), p.shape, p.axes,
+             partition_spec(p.axes, rules))
+            for path, p in jax.tree_util.tree_flatten_with_path(spec, is_leaf=nn.param.is_param)[0]]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'parameter':<{width}}  shape / logical axes -> partition spec")
+    for name, shape, axes, pspec in rows:
+        print(f"{name:<{width}}  {shape} {axes} -> {pspec}")
+    print("\nbytes per device:")
+    for part in ("params", "opt_state", "model_state"):
+        total = shard_bytes(shapes[part], _replicated(shardings[part], mesh))
+        one = shard_bytes(shapes[part], shardings[part])
+        print(f"  {part:<12} {_mib(one):>28} of {_mib(total)} total")
+    return 0
+
+
+def _replicated(shardings, mesh):
+    """The same tree, every leaf fully replicated (gives the unsharded total)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), shardings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
