@@ -1,6 +1,7 @@
 """Mesh layouts from config: every layout trains exactly like one device, FSDP really shards
 params and optimizer state, and impossible layouts are one-line config errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_impossible_layout_exits_2_naming_the_axis(tmp_path):
 
 
 def test_inspect_prints_specs_and_bytes_per_device():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/inspect.py"), str(TINY),
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/inspect_model.py"), str(TINY),
                            "--devices", "8", "mesh.data=1", "mesh.fsdp=8"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -123,3 +124,60 @@ def test_inspect_prints_specs_and_bytes_per_device():
     params = next(line for line in out.splitlines() if line.strip().startswith("params"))
     # 1/8 of the 80,896 param bytes, plus the (replicated) q/k/v and MLP-hidden biases' 7/8
     assert "11,232 B" in params and "80,896 B" in params
+
+
+_WORKER = """
+import json, sys
+from framework.config import load_config
+from framework.config.schema import Config
+from framework.train.loop import Trainer
+cfg = load_config(Config, sys.argv[1], sys.argv[2:])
+trainer = Trainer(cfg)
+state = trainer.init_state()
+losses = []
+for _ in range(5):
+    state, metrics = trainer.train_step(state, next(trainer.train_data))
+    losses.append(float(metrics["loss"]))
+print(json.dumps({"devices": trainer.mesh.devices.size, "losses": losses}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_gloo_match_one_process(tmp_path):
+    overrides = [f"run.dir={tmp_path}", "train.steps=5", "mesh.data=2", "mesh.fsdp=4"]
+    trainer = _trainer(tmp_path, *overrides[1:])
+    state = trainer.init_state()
+    expected = []
+    for _ in range(5):
+        state, metrics = trainer.train_step(state, next(trainer.train_data))
+        expected.append(float(metrics["loss"]))
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(TINY), *DIMS, *overrides,
+         f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
+         "mesh.distributed.num_processes=2", f"mesh.distributed.process_id={i}",
+         "mesh.distributed.timeout_s=60"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    for out, _ in outs:
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["devices"] == 8
+        np.testing.assert_allclose(result["losses"], expected, rtol=1e-5, atol=1e-6)

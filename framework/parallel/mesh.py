@@ -16,6 +16,7 @@ import pydantic
 from jax.sharding import AxisType, Mesh
 
 from framework.config.loader import ConfigError
+from framework.parallel.distributed import DistributedConfig
 from framework.parallel.logical import partition_spec
 
 AXES = ("data", "fsdp", "tensor", "sequence")
@@ -49,6 +50,7 @@ class MeshConfig(pydantic.BaseModel):
         default_factory=lambda: dict(DEFAULT_RULES),
         description="logical axis name -> mesh axis, list of axes, or null (replicated); "
                     "entries given are merged over the defaults")
+    distributed: DistributedConfig = DistributedConfig()
 
     @pydantic.field_validator("rules", mode="before")
     @classmethod

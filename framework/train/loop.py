@@ -19,6 +19,7 @@ from framework.config.loader import ConfigError, dump_resolved
 from framework.config.schema import Config
 from framework.data import make_loaders
 from framework.parallel import logical
+from framework.parallel.distributed import initialize
 from framework.parallel.mesh import make_mesh
 from framework.parallel.sharding import check_batch, put_batch, state_shardings
 from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
@@ -65,6 +66,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, devices: list | None = None):
         self.cfg = cfg
+        initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
         self.run_dir = Path(cfg.run.dir) / cfg.run.name
         self.is_main = jax.process_index() == 0
         self.model = models.get(cfg.model.name)

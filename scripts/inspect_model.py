@@ -1,20 +1,17 @@
-"""Inspect a config without training: `python scripts/inspect.py CONFIG [key=value ...]`.
+"""Inspect a config without training: `python scripts/inspect_model.py CONFIG [key=value ...]`.
 
 Prints the parameter count, training FLOPs per token, each parameter's partition spec under the
 configured mesh, and bytes per device for params and optimizer state. Nothing is allocated:
-shapes come from `jax.eval_shape`. `--devices N` simulates N CPU devices."""
+shapes come from `jax.eval_shape`. `--devices N` simulates N CPU devices.
+
+Not named inspect.py: a script's folder comes first on sys.path, so that name would shadow the
+stdlib `inspect` for every other script in scripts/ (numpy and pydantic import it)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# This file is named like the stdlib `inspect`; drop its folder from the path before anything
-# imports `inspect`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-
-import argparse  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
