@@ -1,0 +1,641 @@
+"""Flash attention (FlashAttention-2) for the Pallas Triton backend: forward, backward, heuristics.
+
+Layout: q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], heads a
+multiple of kv_heads (GQA/MQA via index maps, K/V are never repeated). Sequences that are not a
+multiple of the block are zero-padded here and masked in the kernels (padded keys are never
+attended, padded query rows are dropped); head dims that are not a power of two >= 16 are
+zero-padded (exact: zero columns change neither q.k nor the output). Softmax runs in f32 in the
+base-2 domain (exp2 with log2(e) folded into the scale); dots accumulate in f32. f32 inputs use
+the dot's DEFAULT precision, which the Triton lowering maps to TF32 on GPU (IEEE in interpret
+mode on CPU).
+
+Kernels (grid order puts the block index first so neighbouring programs share K/V in L2):
+- forward: grid (q_blocks, batch, heads); loops over K/V blocks, writes out and log-sum-exp.
+- dq: grid (q_blocks, batch, heads); loops over K/V blocks.
+- dk/dv: grid (kv_blocks, batch, kv_heads); loops over the query heads of the group and their
+  query blocks, so the GQA sum over a group happens in registers.
+Causal runs skip K/V (or Q) blocks that are fully masked and split every loop into a masked part
+(diagonal, padding, segments) and an unmasked part that pays for no mask at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for masking
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KERNELS = ("fwd", "dq", "dkdv")
+
+# `CompilerParams` in current jax; `TritonCompilerParams` in older releases.
+_CompilerParams = next(p for p in (getattr(plt, "CompilerParams", None),
+                                    getattr(plt, "TritonCompilerParams", None),
+                                    getattr(pl, "TritonCompilerParams", None)) if p is not None)
+
+
+class KernelConfig(NamedTuple):
+    """Block sizes and Triton launch parameters for one kernel."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Per device family: rows (max head_dim, {kernel: (block_q, block_k, num_warps, num_stages)}).
+# For dq the query block stays resident and the loop walks K/V blocks; for dkdv the K/V block
+# stays resident and the loop walks query blocks (so dkdv prefers a small block_q). Chosen from
+# the FlashAttention-2 / Triton tutorial settings and shared-memory budgets; not tuned on a GPU.
+_Row = tuple[int, dict[str, tuple[int, int, int, int]]]
+HEURISTIC_TABLE: dict[str, tuple[_Row, ...]] = {
+    "hopper": (
+        (64, {"fwd": (128, 128, 4, 3), "dq": (128, 32, 4, 3), "dkdv": (32, 128, 4, 3)}),
+        (128, {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 2)}),
+        (256, {"fwd": (64, 32, 4, 2), "dq": (64, 32, 8, 1), "dkdv": (32, 64, 8, 1)}),
+    ),
+    "ampere": (
+        (64, {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}),
+        (128, {"fwd": (128, 64, 8, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}),
+        (256, {"fwd": (64, 32, 4, 1), "dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)}),
+    ),
+    "gpu": (
+        (64, {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}),
+        (128, {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}),
+        (256, {"fwd": (32, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}),
+    ),
+    # Interpret mode: bigger blocks mean fewer (slow) grid steps; warps/stages are ignored.
+    "cpu": (
+        (256, {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}),
+    ),
+}
+
+# A device_kind string that maps to each family (used by tests to lower every configuration).
+FAMILY_EXAMPLES = {"hopper": "NVIDIA H100 80GB HBM3", "ampere": "NVIDIA A100-SXM4-80GB",
+                   "gpu": "NVIDIA L4", "cpu": "cpu"}
+
+
+def _family(device_kind: str) -> str:
+    """Device family key of HEURISTIC_TABLE for a jax `device_kind` string."""
+    kind = device_kind.lower()
+    if kind == "cpu" or "cpu" in kind:
+        return "cpu"
+    if any(name in kind for name in ("h100", "h200", "h800", "h20", "gh200")):
+        return "hopper"
+    if any(name in kind for name in ("a100", "a800", "a30")):
+        return "ampere"
+    return "gpu"
+
+
+def _pow2_at_least(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    """Head dim the kernels run with: next power of two, at least MIN_BLOCK."""
+    return max(MIN_BLOCK, _pow2_at_least(head_dim))
+
+
+def heuristic_configs() -> list[dict[str, Any]]:
+    """Every (family, head_dim bound, kernel) entry the heuristics can pick, for lowering tests."""
+    rows = []
+    for family, table in HEURISTIC_TABLE.items():
+        for max_d, kernels in table:
+            for kernel, cfg in kernels.items():
+                rows.append(dict(family=family, device_kind=FAMILY_EXAMPLES[family],
+                                 head_dim=max_d, kernel=kernel, config=KernelConfig(*cfg)))
+    return rows
+
+
+HEURISTIC_CONFIGS = heuristic_configs()
+
+
+def choose_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.bfloat16,
+                  device_kind: str | None = None, kernel: str = "fwd") -> KernelConfig:
+    """(block_q, block_k, num_warps, num_stages) for `kernel` from the per-device table.
+
+    Blocks shrink (to a power of two >= 16) for sequences shorter than the table's block, and
+    halve for f32 at head_dim > 128 on GPUs (the table is sized for 2-byte dtypes)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"choose_blocks: kernel must be one of {KERNELS}, got {kernel!r}")
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    family = _family(device_kind)
+    table = HEURISTIC_TABLE[family]
+    d = _padded_head_dim(head_dim)
+    row = next((cfg for max_d, cfg in table if d <= max_d), table[-1][1])
+    block_q, block_k, num_warps, num_stages = row[kernel]
+    if family != "cpu" and jnp.dtype(dtype).itemsize >= 4 and d > 128:
+        # f32 tiles take twice the shared memory of the bf16 ones the table is sized for.
+        block_q, block_k = max(MIN_BLOCK, block_q // 2), max(MIN_BLOCK, block_k // 2)
+    block_q = min(block_q, max(MIN_BLOCK, _pow2_at_least(q_len)))
+    block_k = min(block_k, max(MIN_BLOCK, _pow2_at_least(kv_len)))
+    return KernelConfig(block_q, block_k, num_warps, num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                        segment_ids: jax.Array | None = None,
+                        kv_segment_ids: jax.Array | None = None,
+                        scale: float | None = None) -> jax.Array:
+    """Plain jnp attention with an f32 softmax (same semantics as the kernel), for tests."""
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, h // kh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST) * scale
+    allowed = jnp.ones((1, t, s), dtype=bool)
+    if causal:
+        allowed = allowed & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None]
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        allowed = allowed & (segment_ids[:, :, None] == kv_seg[:, None, :])
+    allowed = allowed[:, None, None]  # [b|1, 1, 1, t, s]
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(logits - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)  # fully masked rows -> 0
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Static (hashable) description of one call: lengths, masking, blocks, launch params."""
+
+    scale: float
+    causal: bool
+    q_len: int  # true (unpadded) lengths
+    kv_len: int
+    groups: int
+    has_segments: bool
+    fwd: KernelConfig
+    dq: KernelConfig
+    dkdv: KernelConfig
+    interpret: bool
+
+    @property
+    def offset(self) -> int:
+        """Causal diagonal offset: query row r sees keys <= r + offset (end-aligned)."""
+        return self.kv_len - self.q_len
+
+
+def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b.T with f32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a.T @ b with f32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b with f32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mask(st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg) -> jax.Array:
+    """[bq, bk] bool, True where attention is allowed (causal, key padding, segments)."""
+    rows = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
+    cols = k_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+    allowed = cols < st.kv_len  # padded keys (a no-op when kv_len is a multiple of bk)
+    if st.causal:
+        allowed = allowed & (cols <= rows + st.offset)
+    if q_seg is not None:
+        allowed = allowed & (q_seg[:, None] == kv_seg[None, :])
+    return allowed
+
+
+def _cdiv0(x, d: int):
+    """ceil(x / d) for a traced int, clamping negative x to 0."""
+    return lax.div(jnp.maximum(x, 0) + (d - 1), d)
+
+
+def _floordiv0(x, d: int):
+    """floor(x / d) for a traced int, clamping negative x to 0."""
+    return lax.div(jnp.maximum(x, 0), d)
+
+
+def _kv_range(st: _Static, q_start, bq: int, bk: int, nk: int):
+    """K/V block range [0, n_end) for a query block, and n_full: blocks [0, n_full) need no mask."""
+    kv_pad_free = st.kv_len // bk  # blocks without padded keys
+    if st.causal:
+        n_end = jnp.minimum(_cdiv0(q_start + bq + st.offset, bk), nk)
+        n_full = jnp.minimum(_floordiv0(q_start + st.offset + 1, bk), n_end)
+        n_full = jnp.minimum(n_full, kv_pad_free)
+    else:
+        n_end = nk
+        n_full = min(kv_pad_free, nk)
+    if st.has_segments:
+        n_full = 0
+    return n_full, n_end
+
+
+def _q_range(st: _Static, k_start, bq: int, bk: int, nq: int):
+    """Query block range [q_lo, nq) for a K/V block; blocks [q_lo, q_full) need the mask."""
+    if st.causal:
+        q_lo = jnp.minimum(_floordiv0(k_start - st.offset, bq), nq)
+        q_full = jnp.minimum(_cdiv0(k_start + bk - 1 - st.offset, bq), nq)
+        q_full = jnp.maximum(q_full, q_lo)
+    else:
+        q_lo = 0
+        q_full = jnp.int32(0)
+    if st.kv_len % bk:
+        q_full = jnp.where(k_start + bk > st.kv_len, nq, q_full)
+    if st.has_segments:
+        q_full = nq
+    return q_lo, q_full
+
+
+def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
+    """One query block: online softmax over K/V blocks; writes out and lse (natural log)."""
+    if st.has_segments:
+        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
+    bq, bk = st.fwd.block_q, st.fwd.block_k
+    # Causal: the last query blocks do the most work, so launch them first.
+    i = nq - 1 - pl.program_id(0) if st.causal else pl.program_id(0)
+    q_start = i * bq
+    q = q_ref[...]
+    q_seg = qs_ref[...] if qs_ref is not None else None
+    scale2 = st.scale * LOG2E
+
+    def body(j, carry, masked: bool):
+        acc, m, lsum = carry
+        k_start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s = _dot_nt(q, k) * scale2
+        if masked:
+            kv_seg = ks_ref[pl.ds(k_start, bk)] if ks_ref is not None else None
+            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))  # m starts finite, so exp2 below never NaNs
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        lsum = lsum * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, lsum
+
+    d = q.shape[-1]
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    acc, m, lsum = carry
+    empty = lsum == 0.0  # fully masked rows: output 0, lse -inf
+    out = acc / jnp.where(empty, 1.0, lsum)[:, None]
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, lsum))) * LN2)
+
+
+def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
+    """dq for one query block, looping over K/V blocks (lse in log2 units, +inf if empty)."""
+    if st.has_segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = \
+            refs, None, None
+    bq, bk = st.dq.block_q, st.dq.block_k
+    i = nq - 1 - pl.program_id(0) if st.causal else pl.program_id(0)
+    q_start = i * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_seg = qs_ref[...] if qs_ref is not None else None
+    scale2 = st.scale * LOG2E
+
+    def body(j, dq, masked: bool):
+        k_start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s = _dot_nt(q, k) * scale2
+        if masked:
+            kv_seg = ks_ref[pl.ds(k_start, bk)] if ks_ref is not None else None
+            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot_nt(do, v)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(*refs, st: _Static, nq: int, nk: int):
+    """dk, dv for one K/V block, summed over the group's query heads and their query blocks."""
+    if st.has_segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), qs_ref, ks_ref = \
+            refs, None, None
+    bq, bk = st.dkdv.block_q, st.dkdv.block_k
+    j = pl.program_id(0)
+    k_start = j * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    kv_seg = ks_ref[...] if ks_ref is not None else None
+    scale2 = st.scale * LOG2E
+
+    def body(i, carry, g, masked: bool):
+        dk, dv = carry
+        q_start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(q_start, bq), g, :]
+        do = do_ref[pl.ds(q_start, bq), g, :]
+        lse = lse_ref[g, pl.ds(q_start, bq)]
+        delta = delta_ref[g, pl.ds(q_start, bq)]
+        s = _dot_nt(q, k) * scale2
+        if masked:
+            q_seg = qs_ref[pl.ds(q_start, bq)] if qs_ref is not None else None
+            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        dp = _dot_nt(do, v)
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        return dk, dv
+
+    q_lo, q_full = _q_range(st, k_start, bq, bk, nq)
+
+    def group_body(g, carry):
+        carry = lax.fori_loop(q_lo, q_full, functools.partial(body, g=g, masked=True), carry)
+        return lax.fori_loop(q_full, nq, functools.partial(body, g=g, masked=False), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    if st.groups == 1:
+        dk, dv = group_body(0, (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _params(cfg: KernelConfig) -> Any:
+    """Triton compiler params for a kernel config."""
+    return _CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _forward(st: _Static, q, k, v, q_seg, kv_seg):
+    """pallas_call of the forward kernel on padded inputs: (out, lse [b, h, q_pad] f32)."""
+    b, tq, h, d = q.shape
+    tk, groups = k.shape[1], st.groups
+    bq, bk = st.fwd.block_q, st.fwd.block_k
+    nq, nk = tq // bq, tk // bk
+    qi = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
+    ]
+    args = [q, k, v]
+    if st.has_segments:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
+                     pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0))]
+        args += [q_seg, kv_seg]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
+        grid=(nq, b, h),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
+                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+        compiler_params=_params(st.fwd),
+        interpret=st.interpret,
+        name="flash_attention_fwd",
+    )(*args)
+
+
+def _backward(st: _Static, q, k, v, q_seg, kv_seg, out, lse, do):
+    """pallas_calls of the dq and dk/dv kernels on padded inputs: (dq, dk, dv)."""
+    b, tq, h, d = q.shape
+    tk, kh, groups = k.shape[1], k.shape[2], st.groups
+    # delta = rowsum(dO * O) in f32; lse to log2 units, +inf for empty rows so p = exp2(-inf) = 0.
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)
+
+    bq, bk = st.dq.block_q, st.dq.block_k
+    nq, nk = tq // bq, tk // bk
+    qi = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0))
+    kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i)))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse2, delta]
+    if st.has_segments:
+        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
+                     pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0))]
+        args += [q_seg, kv_seg]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
+        grid=(nq, b, h),
+        in_specs=in_specs,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(st.dq),
+        interpret=st.interpret,
+        name="flash_attention_dq",
+    )(*args)
+
+    bq, bk = st.dkdv.block_q, st.dkdv.block_k
+    nq, nk = tq // bq, tk // bk
+    q_spec = pl.BlockSpec((None, tq, groups, d), lambda j, bi, ki: (bi, 0, ki, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+    row_spec = pl.BlockSpec((None, groups, tq), lambda j, bi, ki: (bi, ki, 0))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse2, delta]
+    if st.has_segments:
+        in_specs += [pl.BlockSpec((None, tq), lambda j, bi, ki: (bi, 0)),
+                     pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j))]
+        args += [q_seg, kv_seg]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st, nq=nq, nk=nk),
+        grid=(nk, b, kh),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(st.dkdv),
+        interpret=st.interpret,
+        name="flash_attention_dkdv",
+    )(*args)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, q_seg, kv_seg):
+    """Differentiable attention on padded inputs (the custom_vjp boundary)."""
+    return _forward(st, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(st: _Static, q, k, v, q_seg, kv_seg):
+    """custom_vjp forward: the kernel's output plus residuals (inputs, out, lse)."""
+    out, lse = _forward(st, q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    """custom_vjp backward: dq, dk, dv from the Pallas kernels; no cotangent for segment ids."""
+    q, k, v, q_seg, kv_seg, out, lse = res
+    dq, dk, dv = _backward(st, q, k, v, q_seg, kv_seg, out, lse, do)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check(q, k, v, causal: bool, segment_ids, kv_segment_ids) -> str | None:
+    """Why the kernel cannot handle this call, or None if it can."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"expects rank-4 q/k/v [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, " \
+               f"{v.shape}"
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
+    if q.shape[2] % k.shape[2]:
+        return f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads"
+    if q.shape[3] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported"
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return "empty sequence"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        return f"q/k/v must share one dtype of float32/bfloat16/float16, got {q.dtype}, " \
+               f"{k.dtype}, {v.dtype}"
+    if segment_ids is None and kv_segment_ids is not None:
+        return "kv_segment_ids given without segment_ids"
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        if segment_ids.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
+            return f"segment ids must be [batch, q_len] / [batch, kv_len], got " \
+                   f"{segment_ids.shape}, {kv_seg.shape}"
+        if not (jnp.issubdtype(segment_ids.dtype, jnp.integer)
+                and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
+            return "segment ids must be integers"
+    return None
+
+
+def supports(q: Any, k: Any, v: Any, *, causal: bool = False, segment_ids: Any = None,
+             kv_segment_ids: Any = None, mask: Any = None, scale: Any = None,
+             **_: Any) -> bool:
+    """Whether `flash_attention` handles this call (for `auto` dispatch); never raises."""
+    if mask is not None:
+        return False
+    try:
+        if scale is not None:
+            float(scale)
+        return _check(q, k, v, causal, segment_ids, kv_segment_ids) is None
+    except Exception:  # noqa: BLE001 - anything odd (tracers as scale, bad objects): say no
+        return False
+
+
+def _prepare(q, k, v, causal, segment_ids, kv_segment_ids, scale, block_q, block_k, num_warps,
+             num_stages, interpret, device_kind):
+    """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg)."""
+    problem = _check(q, k, v, causal, segment_ids, kv_segment_ids)
+    if problem:
+        raise ValueError(f"flash_attention: {problem}")
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if blk is not None and (blk < MIN_BLOCK or blk & (blk - 1)):
+            raise ValueError(f"flash_attention: {name}={blk} must be a power of two >= "
+                             f"{MIN_BLOCK} (Triton block and dot-operand constraints)")
+    b, tq, h, d = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if device_kind is None:
+        device_kind = "cpu" if interpret else jax.devices()[0].device_kind
+
+    def cfg(kernel: str) -> KernelConfig:
+        c = choose_blocks(tq, tk, d, q.dtype, device_kind, kernel)
+        return KernelConfig(block_q or c.block_q, block_k or c.block_k, num_warps or c.num_warps,
+                            num_stages or c.num_stages)
+
+    fwd, dq, dkdv = cfg("fwd"), cfg("dq"), cfg("dkdv")
+    # Blocks are powers of two, so padding to the largest one makes every kernel's grid exact.
+    tq_pad = -(-tq // max(fwd.block_q, dq.block_q, dkdv.block_q)) * max(
+        fwd.block_q, dq.block_q, dkdv.block_q)
+    tk_pad = -(-tk // max(fwd.block_k, dq.block_k, dkdv.block_k)) * max(
+        fwd.block_k, dq.block_k, dkdv.block_k)
+    d_pad = _padded_head_dim(d)
+    q = jnp.pad(q, ((0, 0), (0, tq_pad - tq), (0, 0), (0, d_pad - d)))
+    k = jnp.pad(k, ((0, 0), (0, tk_pad - tk), (0, 0), (0, d_pad - d)))
+    v = jnp.pad(v, ((0, 0), (0, tk_pad - tk), (0, 0), (0, d_pad - d)))
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tq_pad - tq)))
+        kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, tk_pad - tk)))
+    st = _Static(scale=scale, causal=bool(causal), q_len=tq, kv_len=tk, groups=h // kh,
+                 has_segments=segment_ids is not None, fwd=fwd, dq=dq, dkdv=dkdv,
+                 interpret=bool(interpret))
+    return st, q, k, v, q_seg, kv_seg
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                    segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None, scale: float | None = None,
+                    block_q: int | None = None, block_k: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    interpret: bool | None = None, device_kind: str | None = None) -> jax.Array:
+    """Flash attention (differentiable via Pallas backward kernels); output in q's dtype.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]. causal aligns
+    queries to the end of the keys (a KV cache works); segment_ids [batch, q_len] restrict
+    attention to equal ids (kv_segment_ids [batch, kv_len] defaults to segment_ids); fully
+    masked rows give 0. scale defaults to head_dim**-0.5. block_q/block_k/num_warps/num_stages
+    override the heuristics (choose_blocks) for all three kernels; device_kind picks the
+    heuristics' device (default: the default device). interpret=None interprets on CPU.
+    """
+    st, qp, kp, vp, q_seg, kv_seg = _prepare(q, k, v, causal, segment_ids, kv_segment_ids,
+                                             scale, block_q, block_k, num_warps, num_stages,
+                                             interpret, device_kind)
+    out = _flash(st, qp, kp, vp, q_seg, kv_seg)
+    return out[:, :q.shape[1], :, :q.shape[3]]
+
+
+def flash_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
+                             ) -> tuple[jax.Array, jax.Array]:
+    """Forward only (not differentiable): (out, lse) with lse [batch, heads, q_len] f32.
+
+    Fully masked rows have lse = -inf. Takes flash_attention's keyword arguments."""
+    names = ("causal", "segment_ids", "kv_segment_ids", "scale", "block_q", "block_k",
+             "num_warps", "num_stages", "interpret", "device_kind")
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"flash_attention_with_lse: unexpected arguments {sorted(unknown)}")
+    st, qp, kp, vp, q_seg, kv_seg = _prepare(q, k, v, *(kwargs.get(n) for n in names))
+    out, lse = _forward(st, qp, kp, vp, q_seg, kv_seg)
+    return out[:, :q.shape[1], :, :q.shape[3]], lse[:, :, :q.shape[1]]
