@@ -95,6 +95,7 @@ def test_fsdp_shards_params_and_optimizer_state(tmp_path):
     (("mesh.data=2", "mesh.sequence=4", "data.seq_len=30", "model.max_seq_len=30"),
      "data.seq_len (30)"),
     (("mesh.data=-1", "mesh.fsdp=3"), "mesh.data=-1"),
+    (("mesh.across_nodes.data=2",), "mesh.across_nodes data=2"),
 ])
 def test_impossible_layout_is_a_config_error(overrides, needle, tmp_path):
     with pytest.raises(ConfigError) as err:
@@ -150,9 +151,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_gloo_match_one_process(tmp_path):
-    overrides = [f"run.dir={tmp_path}", "train.steps=5", "mesh.data=2", "mesh.fsdp=4"]
-    trainer = _trainer(tmp_path, *overrides[1:])
+@pytest.mark.parametrize("layout", [
+    ["mesh.data=2", "mesh.fsdp=4"],
+    # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
+    ["mesh.data=1", "mesh.fsdp=4", "mesh.across_nodes.data=2"],
+], ids=["flat", "across_nodes"])
+def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
+    overrides = [f"run.dir={tmp_path}", "train.steps=5", *layout]
+    trainer = _trainer(tmp_path, "train.steps=5", "mesh.data=2", "mesh.fsdp=4")
     state = trainer.init_state()
     expected = []
     for _ in range(5):

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import pydantic
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from framework.config.loader import ConfigError
@@ -38,6 +39,20 @@ DEFAULT_RULES: dict[str, str | list[str] | None] = {
 }
 
 
+class AcrossNodes(pydantic.BaseModel):
+    """How many nodes (processes) each mesh axis spans; the product must equal the process
+    count. The per-axis sizes in `mesh` are then the sizes within one node."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    data: int = pydantic.Field(1, ge=1, description="nodes along data (pure DP across nodes)")
+    fsdp: int = pydantic.Field(1, ge=1, description="nodes along fsdp")
+    tensor: int = pydantic.Field(1, ge=1, description="nodes along tensor (rarely > 1)")
+    sequence: int = pydantic.Field(1, ge=1, description="nodes along sequence")
+
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in AXES}
+
+
 class MeshConfig(pydantic.BaseModel):
     """Device mesh: one size per axis (-1 absorbs the remaining devices) and logical rules."""
 
@@ -50,6 +65,9 @@ class MeshConfig(pydantic.BaseModel):
         default_factory=lambda: dict(DEFAULT_RULES),
         description="logical axis name -> mesh axis, list of axes, or null (replicated); "
                     "entries given are merged over the defaults")
+    across_nodes: AcrossNodes = pydantic.Field(
+        default_factory=AcrossNodes,
+        description="node counts per axis; all 1 = sizes above span every device")
     distributed: DistributedConfig = DistributedConfig()
 
     @pydantic.field_validator("rules", mode="before")
@@ -95,11 +113,28 @@ def resolve_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh over `devices` (default all) with Auto axes, ordered by jax's topology logic."""
+    """A mesh over `devices` (default all) with Auto axes, ordered by jax's topology logic.
+
+    With `across_nodes` set, each axis is (within-node size) x (node count), laid out so the
+    within-node part stays on one host's fast interconnect (NVLink) and only the across-node
+    part crosses the network."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_sizes(cfg, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(AXES)
+    across = cfg.across_nodes.sizes()
+    n_nodes = math.prod(across.values())
+    if n_nodes == 1:
+        sizes = resolve_sizes(cfg, len(devices))
+        return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=auto,
+                             devices=devices)
+    n_procs = len({d.process_index for d in devices})
+    if n_nodes != n_procs:
+        shown = " x ".join(f"{a}={s}" for a, s in across.items())
+        raise ConfigError(f"mesh.across_nodes {shown} multiply to {n_nodes}, but the run has "
+                          f"{n_procs} processes")
+    within = resolve_sizes(cfg, len(devices) // n_nodes)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [within[a] for a in AXES], [across[a] for a in AXES], devices, process_is_granule=True)
+    return Mesh(grid, AXES, axis_types=auto)
 
 
 def axis_size(mesh: Mesh, target: Any) -> int:
