@@ -233,6 +233,9 @@ def test_errors_name_the_constraint():
 # ---------------------------------------------------------------------------------------------
 # GPU lowering on CPU: the real Pallas -> Triton lowering through jax.export for CUDA.
 
+# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
+TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+
 
 def _export_fwd_bwd(b: int, tq: int, tk: int, h: int, kh: int, d: int, dtype, *, causal: bool,
                     segments: bool = False, **kw):
@@ -247,11 +250,23 @@ def _export_fwd_bwd(b: int, tq: int, tk: int, h: int, kh: int, d: int, dtype, *,
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(do)
 
-    exported = export.export(
-        jax.jit(f), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, kv, kv, q, seg)
+    try:
+        exported = export.export(
+            jax.jit(f), platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS],
+        )(q, kv, kv, q, seg)
+    except RuntimeError as e:
+        # jaxlib > 0.10.2 compiles the Triton module to PTX inside the lowering, through a
+        # handler that only the CUDA plugin registers; jaxlib 0.10.2 embeds the Triton IR.
+        if "Triton compilation handler" in str(e):
+            pytest.skip(f"this jaxlib lowers Pallas/Triton only with the CUDA plugin: {e}")
+        raise
     return exported.mlir_module()
+
+
+def _triton_calls(text: str) -> int:
+    """Number of Triton kernel custom calls in exported StableHLO."""
+    return sum(text.count(t) for t in TRITON_TARGETS)
 
 
 _LOWER_CASES = [(fam, kind, d, causal) for fam, kind in sorted(fa.FAMILY_EXAMPLES.items())
@@ -264,7 +279,7 @@ def test_lowers_for_cuda_every_heuristic_config(family: str, device_kind: str, h
     """Every table entry (fwd, dq, dkdv kernels), as the heuristics pick it at seq 1024."""
     text = _export_fwd_bwd(1, 1024, 1024, 4, 4, head_dim, jnp.bfloat16, causal=causal,
                            device_kind=device_kind)
-    assert text.count("__gpu$xla.gpu.triton") == 3  # fwd, dq, dkdv
+    assert _triton_calls(text) == 3  # fwd, dq, dkdv
 
 
 def test_heuristic_cases_cover_every_config():
@@ -288,7 +303,7 @@ def test_lowers_for_cuda_variants(kw):
     for t in (1000, 37):
         text = _export_fwd_bwd(2, t, t, kw["h"], kw["kh"], kw["d"], dtype, causal=kw["causal"],
                                segments=kw["segments"], device_kind=fa.FAMILY_EXAMPLES["hopper"])
-        assert text.count("__gpu$xla.gpu.triton") == 3
+        assert _triton_calls(text) == 3
 
 
 def test_non_power_of_two_block_fails_lowering(monkeypatch):
