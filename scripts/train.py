@@ -1,7 +1,10 @@
 """Train from a config: `python scripts/train.py CONFIG [key.sub=value ...]`.
 
-User mistakes (bad key, wrong type, missing file, incompatible data) print one line and exit
-with status 2; the run directory gets the resolved config, metrics, plots."""
+User mistakes (bad key, wrong type, missing file, incompatible data, `checkpoint.resume=never`
+over existing checkpoints) print one line and exit with status 2; checkpoints that exist but
+cannot be read print one line and exit with status 1. SIGTERM/SIGINT save a checkpoint and exit
+0; rerunning the same command resumes. The run directory gets the resolved config, metrics,
+plots and checkpoints/."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from framework.config.loader import _die
     from framework.config.schema import Config
     from framework.data import DataError
-    from framework.train.loop import Trainer
+    from framework.train.checkpoint import CheckpointError
+    from framework.train.loop import NonFiniteError, Trainer
 
     with exit_on_config_error():
         cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
@@ -32,7 +36,16 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg)
         except DataError as e:
             _die(f"data error: {e}")
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except (CheckpointError, NonFiniteError) as e:
+        kind = "checkpoint error" if isinstance(e, CheckpointError) else "non-finite"
+        sys.stderr.write(f"{kind}: {e}\n")
+        return 1
+    if summary["stopped"]:
+        print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "
+              f"in {summary['run_dir']}/checkpoints; rerun the same command to resume")
+        return 0
     if summary["eval"]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()
                           if isinstance(v, float))

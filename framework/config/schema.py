@@ -5,13 +5,14 @@ The `model` section is a union of every registered model config, told apart by `
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import pydantic
 
 from framework.data.config import DataConfig
 from framework.models import REGISTRY
 from framework.parallel.mesh import MeshConfig
+from framework.train.checkpoint import CheckpointConfig
 from framework.train.optimizer import OptimConfig
 
 _FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
@@ -46,10 +47,16 @@ class TrainConfig(pydantic.BaseModel):
     sample_tokens: int = pydantic.Field(0, ge=0, description="tokens sampled at the end (LM)")
     sample_prompt: str = pydantic.Field("def ", description="prompt for the final sample")
     sample_temperature: float = pydantic.Field(0.8, gt=0, description="sampling temperature")
+    nonfinite: Literal["stop", "skip"] = pydantic.Field(
+        "stop", description="non-finite loss/gradient/param: stop (name the first bad leaf, "
+                            "keep the last good checkpoint) or skip the update (counted)")
+    stop_at: int | None = pydantic.Field(
+        None, gt=0, description="stop after this step with a checkpoint, as a preemption "
+                                "would (the schedule still spans train.steps)")
 
 
 class Config(pydantic.BaseModel):
-    """A whole run: run, model, data, optim, train, mesh."""
+    """A whole run: run, model, data, optim, train, mesh, checkpoint."""
 
     model_config = _FROZEN
     run: RunConfig = RunConfig()
@@ -58,6 +65,7 @@ class Config(pydantic.BaseModel):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_batch(self):

@@ -1,11 +1,17 @@
 """The training loop: config -> data -> state -> jit(step) -> metrics, evals, sample, plots.
 
-Per-step metrics stay on the device and are fetched once per log interval, so the loop never
-blocks the step; the interval's values are then checked for non-finite loss step by step."""
+Per-step metrics stay on the device and are fetched once per log interval (and before each
+checkpoint, so a non-finite state is never saved), so the loop never blocks the step; the
+fetched values are checked for non-finite loss, gradients and params step by step.
+Checkpoints are written asynchronously by orbax; SIGTERM/SIGINT finish the current step, save
+and return with `summary["stopped"]` set."""
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +28,18 @@ from framework.parallel import logical
 from framework.parallel.distributed import initialize
 from framework.parallel.mesh import make_mesh
 from framework.parallel.sharding import check_batch, put_batch, state_shardings
+from framework.train import checkpoint as ckpt
 from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
 from framework.train.optimizer import make_optimizer, schedule
 from framework.train.sample import sample_tokens
 from framework.train.step import init_state, make_eval_step, make_train_step
 
+log = logging.getLogger(__name__)
+_NOT_AVERAGED = ("finite", "bad_grad", "bad_param", "skipped")
+
 
 class NonFiniteError(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the message names the step."""
+    """Loss, a gradient or a parameter became NaN/inf; the message names the step and leaf."""
 
 
 def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
@@ -45,7 +55,7 @@ def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
 
 
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
-    keys = [k for k in per_step[0] if k != "finite"]
+    keys = [k for k in per_step[0] if k not in _NOT_AVERAGED]
     return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
 
 
@@ -87,7 +97,8 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.step_fn = jax.jit(
             self._traced(make_train_step(self.model, cfg.model, self.tx, seed=cfg.run.seed,
-                                         grad_accum=cfg.train.grad_accum, lr_schedule=self.lr)),
+                                         grad_accum=cfg.train.grad_accum, lr_schedule=self.lr,
+                                         nonfinite=cfg.train.nonfinite)),
             in_shardings=(self.state_sharding, None), out_shardings=(self.state_sharding,
                                                                      replicated),
             donate_argnums=0)
@@ -101,6 +112,36 @@ class Trainer:
         self.flops_per_token = flops(cfg.model, cfg.data.seq_len) if flops and self.is_lm else None
         self.peak_flops, self.peak_source = peak_flops_per_device(
             jax.devices()[0], cfg.model.compute_dtype)
+        self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
+        self._resume_source = self._plan_resume()
+        self.checkpointer: ckpt.Checkpointer | None = None
+        self.skipped_steps = 0
+        self._stop_signal: int | None = None
+
+    def _plan_resume(self) -> Path | None:
+        """Apply `checkpoint.resume` to what the run directory holds, before any compile: the
+        checkpoint folder to restore from (None: start fresh); ConfigError for `never`."""
+        cc = self.cfg.checkpoint
+        existing = ckpt.step_dirs(self.ckpt_dir)
+        if cc.resume == "never" and existing:
+            raise ConfigError(
+                f"checkpoint.resume=never, but the run directory {self.run_dir} already has "
+                f"checkpoints (steps {existing}); use checkpoint.resume=auto to continue it, "
+                "checkpoint.resume=fresh to delete them and start over, or another run.name")
+        if cc.resume == "fresh":
+            if existing and self.is_main:
+                log.warning("checkpoint.resume=fresh: deleting %s", self.ckpt_dir)
+                ckpt.remove_checkpoints(self.run_dir)
+            return None
+        if existing:  # auto, or a path whose fine-tuning run was itself interrupted
+            return self.ckpt_dir
+        if cc.resume in ckpt.KEYWORDS:
+            return None
+        source = ckpt.checkpoint_dir(Path(cc.resume).expanduser())
+        if not ckpt.step_dirs(source):
+            raise ConfigError(f"checkpoint.resume: {cc.resume!r} is neither auto/never/fresh "
+                              f"nor a run directory with checkpoints (looked in {source})")
+        return source
 
     def _traced(self, fn):
         """`fn` traced with this mesh's logical rules active, so activations get constrained."""
@@ -120,6 +161,37 @@ class Trainer:
         key = jax.random.key(self.cfg.run.seed)
         return jax.jit(self._init, out_shardings=self.state_sharding)(key)
 
+    def restore_or_init(self):
+        """The state to start from: restored per `checkpoint.resume` (data position included),
+        else fresh. Restores reshard onto this trainer's mesh."""
+        source = self._resume_source
+        if source is None:
+            return self.init_state()
+        own = source == self.ckpt_dir
+        params_only = self.cfg.checkpoint.resume_params_only and not own
+        reader = ckpt.Checkpointer(source, self.cfg.checkpoint, read_only=True)
+        shapes = jax.eval_shape(self._init, jax.random.key(0))
+        found = reader.restore_newest(ckpt.abstract_state(shapes, self.state_sharding),
+                                      params_only=params_only)
+        reader.close()
+        if found is None:  # only temporary (unfinished) step directories: nothing to resume
+            log.warning("no complete checkpoint in %s; starting from scratch", source)
+            return self.init_state()
+        step, arrays, data_state, meta = found
+        if params_only:
+            fresh = self.init_state()
+            state = fresh | {"params": arrays["params"], "model_state": arrays["model_state"]}
+            state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_sharding[
+                "opt_state"])(arrays["params"])
+            log.warning("initialized params from %s step %d (fine-tuning from step 0)",
+                        source, step)
+            return state
+        self.train_data.set_state(data_state)
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        log.warning("resumed from %s step %d", source, step)
+        return arrays | {"step": jax.device_put(np.int32(meta["step"]),
+                                                self.state_sharding["step"])}
+
     def train_step(self, state, batch: dict):
         """One optimizer step on a process-local host batch: (new state, device metrics)."""
         return self.step_fn(state, self.put(batch))
@@ -132,19 +204,82 @@ class Trainer:
             out["mfu"] = mfu(rate, self.flops_per_token, jax.device_count(), self.peak_flops)
         return out
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """First SIGTERM/SIGINT: stop after the current step with a checkpoint."""
+        if self._stop_signal is not None:  # a second one: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("%s received: finishing the step, saving a checkpoint, exiting",
+                    signal.Signals(signum).name)
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_requested(self, step: int) -> bool:
+        """Whether any process got a stop signal; with several processes they agree (so all
+        save) once per log interval, keeping the per-step loop free of host syncs."""
+        flag = self._stop_signal is not None
+        if jax.process_count() == 1:
+            return flag
+        if step % self.cfg.train.log_every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+    def _check_finite(self, pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
+        """Fetch pending metrics; NonFiniteError (stop policy) naming the step and first bad
+        gradient or parameter leaf."""
+        host = jax.device_get([m for _, m in pending])
+        out = list(zip([s for s, _ in pending], host, strict=True))
+        if self.cfg.train.nonfinite == "skip":
+            return out
+        for s, m in out:
+            if m["finite"]:
+                continue
+            paths = ckpt.leaf_paths(self.state_sharding["params"])
+            if int(m["bad_grad"]) >= 0:
+                where = f"first non-finite gradient: {paths[int(m['bad_grad'])]}"
+            elif int(m["bad_param"]) >= 0:
+                where = f"first non-finite parameter after the update: " \
+                        f"{paths[int(m['bad_param'])]}"
+            else:
+                where = "non-finite loss, finite gradients"
+            steps = ckpt.step_dirs(self.ckpt_dir)
+            kept = (f"last good checkpoint: step {steps[-1]} in {self.ckpt_dir}" if steps
+                    else "no checkpoint was written")
+            raise NonFiniteError(f"non-finite loss or gradient at step {s}: {where} "
+                                 f"(loss={m['loss']}, grad_norm={m['grad_norm']}); {kept}")
+        return out
+
+    def _save(self, state) -> None:
+        """Hand the (finite) state to the async checkpointer; the step does not wait."""
+        if self.checkpointer is None:
+            return
+        step = int(state["step"])
+        meta = {"step": step, "skipped_steps": self.skipped_steps}
+        self.checkpointer.save(state, self.train_data.get_state(),
+                               self.cfg.model_dump(mode="json"), meta)
+
     def run(self, state=None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             dump_resolved(cfg, self.run_dir)
-        state = self.init_state() if state is None else state
+        state = self.restore_or_init() if state is None else state
         start = int(state["step"])
+        if cfg.checkpoint.enabled:
+            self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint)
+        every = cfg.checkpoint.every
         writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=tc.tensorboard)
         progress = Progress(tc.steps, start_step=start, enabled=self.is_main and tc.progress)
-        pending: list[tuple[int, dict]] = []
+        pending: list[tuple[int, Any]] = []
         last_eval: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
         profiling = False
+        stopped: str | None = None
+        previous_handlers = self._install_signals()
         try:
             for step in range(start, tc.steps):
                 if tc.profile_start is not None and step + 1 == tc.profile_start:
@@ -158,28 +293,44 @@ class Trainer:
                     jax.profiler.stop_trace()
                     profiling = False
                 done = step + 1 == tc.steps
-                if (step + 1) % tc.log_every == 0 or done:
-                    host = jax.device_get([m for _, m in pending])
-                    for (s, _), m in zip(pending, host, strict=True):
-                        if not m["finite"]:
-                            raise NonFiniteError(f"non-finite loss or gradient at step {s} "
-                                                 f"(loss={m['loss']}, grad_norm={m['grad_norm']})")
+                interrupt = (step + 1 == tc.stop_at or self._stop_requested(step + 1)) and not done
+                if (step + 1) % tc.log_every == 0 or done or interrupt:
+                    host = self._check_finite(pending)
                     now = time.perf_counter()
-                    line = _mean_metrics(host) | self._throughput(steps_since, now - t_last)
+                    line = _mean_metrics([m for _, m in host])
+                    line |= self._throughput(steps_since, now - t_last)
+                    if tc.nonfinite == "skip":
+                        self.skipped_steps += sum(int(m["skipped"]) for _, m in host)
+                        line["skipped_steps"] = float(self.skipped_steps)
                     writer.write(step + 1, line, "train")
                     progress.update(step + 1, line)
                     pending, t_last, steps_since = [], now, 0
+                if (step + 1) % every == 0 or done or interrupt:
+                    pending = self._check_finite(pending)  # never checkpoint a bad state
+                    self._save(state)
                 if (step + 1) % tc.eval_every == 0 or done:
                     last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
                                          self.meta.get("bytes_per_token"), self.put)
                     writer.write(step + 1, last_eval, "eval")
                     t_last = time.perf_counter()  # evaluation time is not step time
+                if interrupt:
+                    stopped = (signal.Signals(self._stop_signal).name if self._stop_signal
+                               else f"train.stop_at={tc.stop_at}")
+                    break
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             if profiling:
                 jax.profiler.stop_trace()
+            if self.checkpointer is not None:
+                self.checkpointer.close()  # waits for the in-flight save
             progress.close()
             writer.close()
-        summary = {"step": int(state["step"]), "eval": last_eval, "run_dir": str(self.run_dir)}
+        summary = {"step": int(state["step"]), "eval": last_eval, "run_dir": str(self.run_dir),
+                   "stopped": stopped, "skipped_steps": self.skipped_steps}
+        if stopped:
+            self.state = state
+            return summary
         if tc.sample_tokens and self.is_lm:
             summary["sample"] = self.sample(state, tc.sample_prompt, tc.sample_tokens)
         if tc.plot and self.is_main:

@@ -1,7 +1,10 @@
 """Train state and the jitted train / eval steps.
 
 The state is a plain dict {"step", "params", "opt_state", "model_state"}; the step's dropout
-key is `fold_in(key(seed), step)`, so a resumed run draws exactly the keys it would have."""
+key is `fold_in(key(seed), step)`, so a resumed run draws exactly the keys it would have.
+Every step reports which gradient / new parameter leaf is first non-finite (-1: none), and with
+`nonfinite="skip"` a non-finite update is dropped inside the jitted step (the step still
+advances, so data order and dropout keys stay those of an uninterrupted run)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ def init_state(model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation
     }
 
 
+def first_nonfinite(tree: Any) -> jax.Array:
+    """Index (in jax.tree.leaves order) of the first leaf holding a NaN/inf, else -1."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.int32(-1)
+    ok = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+    return jnp.where(jnp.all(ok), -1, jnp.argmin(ok)).astype(jnp.int32)
+
+
 def _split_micro(batch: dict, n: int) -> dict:
     def split(x):
         if x.shape[0] % n:
@@ -41,10 +53,14 @@ def _split_micro(batch: dict, n: int) -> dict:
 
 def make_train_step(model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation, *,
                     seed: int, grad_accum: int = 1,
-                    lr_schedule: Callable[[Any], Any] | None = None) -> Callable:
+                    lr_schedule: Callable[[Any], Any] | None = None,
+                    nonfinite: str = "stop") -> Callable:
     """`step(state, batch) -> (state, metrics)`; gradients are averaged over `grad_accum`
     micro-batches inside one jitted call (lax.scan), equal to the full batch's gradient when
-    micro-batches carry equal token counts."""
+    micro-batches carry equal token counts. `nonfinite="skip"` keeps the old params, optimizer
+    and model state when the loss, a gradient or a new parameter is not finite."""
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
 
     def loss_and_grad(params, model_state, batch, key):
         def f(p):
@@ -82,16 +98,25 @@ def make_train_step(model: Model, mcfg: ModelConfig, tx: optax.GradientTransform
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
             loss = metrics["loss"]
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
+            "params": new_params,
             "opt_state": opt_state,
             "model_state": model_state,
         }
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                  for g in jax.tree.leaves(grads)))
-        out = dict(metrics, loss=loss, grad_norm=grad_norm,
-                   finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        bad_grad, bad_param = first_nonfinite(grads), first_nonfinite(new_params)
+        finite = jnp.isfinite(loss) & (bad_grad < 0) & (bad_param < 0)
+        out = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
+                   bad_grad=bad_grad, bad_param=bad_param)
+        if nonfinite == "skip":
+            kept = {k: v for k, v in state.items() if k != "step"}
+            new_state = {"step": new_state["step"]} | jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                {k: v for k, v in new_state.items() if k != "step"}, kept)
+            out["skipped"] = (~finite).astype(jnp.int32)
         if lr_schedule is not None:
             out["learning_rate"] = lr_schedule(state["step"])
         return new_state, out
