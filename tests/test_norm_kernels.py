@@ -12,12 +12,14 @@ from framework.ops.norms import layer_norm_xla, rms_norm_xla
 from pallas_kernels import norms
 
 KEY = jax.random.key(7)
-# Measured max |kernel - reference| on these shapes: f32 <= 5e-6 (the dweight/dbias sums over up
-# to 130 rows), bf16 within one bf16 ulp of the output (both paths compute in f32 and round once).
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+# Measured max |kernel - reference| on these shapes (jax 0.10.2 CPU, interpret mode): f32 <= 6e-6
+# (the dweight/dbias sums over up to 130 rows; <= 3e-7 relative to the largest value), bf16
+# <= 1.2e-4 (both paths compute in f32 and round once, so at most one bf16 ulp apart).
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 # Interpret-mode kernels are big CPU programs; XLA's -O0 halves their compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-TRITON = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
+TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
 
 
 def _inputs(shape, dtype, i=0):
@@ -122,10 +124,23 @@ def test_supports_and_errors():
         norms.layer_norm(x, jnp.ones((8,)), block_rows=3, interpret=True)
 
 
-def _export_cuda(f, *args):
+def _export_cuda(f, *args) -> str:
     """Lower f for CUDA (runs the real Pallas -> Triton lowering) and return the module text."""
-    exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=TRITON)(*args)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS]
+    try:
+        exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
+    except RuntimeError as e:
+        # Newer jaxlib compiles Triton to PTX inside the lowering, through a handler that only
+        # the CUDA plugin registers; jaxlib 0.10.2 embeds the Triton IR.
+        if "Triton compilation handler" in str(e):
+            pytest.skip(f"this jaxlib lowers Pallas/Triton only with the CUDA plugin: {e}")
+        raise
     return exported.mlir_module()
+
+
+def _triton_calls(text: str) -> int:
+    """Number of Triton kernel custom calls in exported StableHLO."""
+    return sum(text.count(t) for t in TRITON_TARGETS)
 
 
 EXAMPLES = norms.config_examples()
@@ -149,7 +164,7 @@ def test_cuda_lowering_of_every_heuristic_config(cfg):
         return jnp.sum(y1.astype(jnp.float32) * y2.astype(jnp.float32))
 
     text = _export_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, vec, vec)
-    assert text.count("__gpu$xla.gpu.triton") >= 4  # 2 forward + 2 backward kernels
+    assert _triton_calls(text) == 4  # 2 forward + 2 backward kernels
 
 
 def test_cuda_lowering_rejects_non_power_of_two_tile():
