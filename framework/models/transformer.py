@@ -51,9 +51,12 @@ class TransformerConfig(ModelConfig):
     scan_layers: bool = pydantic.Field(True, description="lax.scan over blocks (else unroll)")
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch"] = pydantic.Field(
         "none", description="activation checkpointing policy per block")
-    attention_impl: str = pydantic.Field("auto", description="xla | pallas | cudnn | auto")
-    norm_impl: str = pydantic.Field("auto", description="xla | pallas | auto")
-    loss_impl: str = pydantic.Field("auto", description="xla | pallas | auto")
+    attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = pydantic.Field(
+        "auto", description="attention kernel; auto = pallas on GPU where supported, else xla")
+    norm_impl: Literal["auto", "xla", "pallas"] = pydantic.Field(
+        "auto", description="norm kernel; auto = pallas on GPU where supported, else xla")
+    loss_impl: Literal["auto", "xla", "chunked", "pallas"] = pydantic.Field(
+        "auto", description="unembedding + cross-entropy; chunked/pallas never hold full logits")
     z_loss: float = pydantic.Field(0.0, ge=0, description="weight of logsumexp**2 in the loss")
 
     @pydantic.model_validator(mode="after")
@@ -146,6 +149,31 @@ def _run_blocks(blocks: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Arr
     return x
 
 
+def hidden_states(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
+                  key: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """tokens [batch, seq] -> (final-norm hidden states [batch, seq, d_model], unembedding
+    [d_model, vocab]), both in the compute dtype."""
+    check_int(tokens, "tokens")
+    check_rank(tokens, 2, "tokens", "batch, seq")
+    seq = tokens.shape[1]
+    if cfg.position == "learned" and seq > cfg.max_seq_len:
+        raise ShapeError(f"tokens have seq length {seq} > max_seq_len {cfg.max_seq_len}")
+    if positions is None:
+        positions = (nn.segment_positions(segment_ids) if segment_ids is not None
+                     else jnp.broadcast_to(jnp.arange(seq), tokens.shape))
+    p = cfg.policy.cast_to_compute(params)
+    k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
+    x = nn.embed(p["embed"], tokens)
+    if cfg.position == "learned":
+        x = x + nn.embed(p["pos_embed"], positions)
+    x = constrain(nn.dropout(x, cfg.dropout, k_embed), ("batch", "seq", "embed"))
+    x = _run_blocks(p["blocks"], x, cfg, k_blocks, segment_ids, positions)
+    x = _norm(p["final_norm"], x, cfg)
+    unembed = p["embed"]["embedding"].T if cfg.tie_embeddings else p["unembed"]["kernel"]
+    return x, unembed
+
+
 def apply(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
           key: jax.Array | None = None, state: dict | None = None,
           segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
@@ -154,27 +182,9 @@ def apply(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
     segment_ids [batch, seq] restricts attention to each packed document; positions default
     to the position within each segment."""
     with scope("transformer"):
-        check_int(tokens, "tokens")
-        check_rank(tokens, 2, "tokens", "batch, seq")
-        seq = tokens.shape[1]
-        if cfg.position == "learned" and seq > cfg.max_seq_len:
-            raise ShapeError(f"tokens have seq length {seq} > max_seq_len {cfg.max_seq_len}")
-        if positions is None:
-            positions = (nn.segment_positions(segment_ids) if segment_ids is not None
-                         else jnp.broadcast_to(jnp.arange(seq), tokens.shape))
-        p = cfg.policy.cast_to_compute(params)
-        k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
-        x = nn.embed(p["embed"], tokens)
-        if cfg.position == "learned":
-            x = x + nn.embed(p["pos_embed"], positions)
-        x = constrain(nn.dropout(x, cfg.dropout, k_embed), ("batch", "seq", "embed"))
-        x = _run_blocks(p["blocks"], x, cfg, k_blocks, segment_ids, positions)
-        x = _norm(p["final_norm"], x, cfg)
-        if cfg.tie_embeddings:
-            logits = nn.attend(p["embed"], x)
-        else:
-            logits = nn.linear(p["unembed"], x)
-        logits = constrain(logits, ("batch", "seq", "vocab"))
+        x, unembed = hidden_states(params, tokens, cfg, key=key, segment_ids=segment_ids,
+                                   positions=positions)
+        logits = constrain(jnp.einsum("btd,dv->btv", x, unembed), ("batch", "seq", "vocab"))
     return cfg.policy.cast_to_output(logits), state if state is not None else {}
 
 
@@ -182,16 +192,20 @@ def loss(params: dict, batch: dict, cfg: TransformerConfig, *, key: jax.Array | 
          state: dict | None = None):
     """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set.
 
-    batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}."""
-    logits, state = apply(params, batch["inputs"], cfg, key=key, state=state,
-                          segment_ids=batch.get("segment_ids"))
-    per_token = ops.cross_entropy(logits, batch["targets"], z_loss=cfg.z_loss,
-                                  impl=cfg.loss_impl)
+    batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}.
+    The unembedding and the loss are one op (`loss_impl`), so fused kernels never hold the
+    full f32 logits."""
+    with scope("transformer"):
+        x, unembed = hidden_states(params, batch["inputs"], cfg, key=key,
+                                   segment_ids=batch.get("segment_ids"))
+    per_token = ops.linear_cross_entropy(x, unembed, batch["targets"], z_loss=cfg.z_loss,
+                                         impl=cfg.loss_impl)
     mask = batch.get("mask")
     weights = jnp.ones_like(per_token) if mask is None else mask.astype(jnp.float32)
     n_tokens = jnp.maximum(weights.sum(), 1.0)
     mean = (per_token * weights).sum() / n_tokens
-    return mean, {"metrics": {"loss": mean, "tokens": weights.sum()}, "state": state}
+    return mean, {"metrics": {"loss": mean, "tokens": weights.sum()},
+                  "state": state if state is not None else {}}
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:

@@ -1,8 +1,8 @@
 """Performance-critical ops behind one call each; `impl` picks xla, pallas, cudnn or auto."""
 
 from framework.ops.attention import attention
-from framework.ops.losses import cross_entropy
+from framework.ops.losses import cross_entropy, linear_cross_entropy
 from framework.ops.norms import layer_norm, rms_norm
 from framework.ops.registry import impls
 
-__all__ = ["attention", "cross_entropy", "impls", "layer_norm", "rms_norm"]
+__all__ = ["attention", "cross_entropy", "impls", "layer_norm", "linear_cross_entropy", "rms_norm"]

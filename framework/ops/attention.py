@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.ops import registry
+from framework.ops.sharded import per_shard
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -49,6 +50,53 @@ def attention_xla(q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=Non
 
 
 registry.register("attention", "xla", attention_xla)
+
+# Per-shard layouts for kernels under a mesh: the sequence is gathered (causal masks need
+# global positions); batch and heads stay split, and GQA groups never straddle a head shard.
+_Q_AXES = ("batch", None, "heads", None)
+_KV_AXES = ("batch", None, "kv_heads", None)
+_SEG_AXES = ("batch", None)
+
+
+def attention_pallas(q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None,
+                     scale=None):
+    """Flash attention (pallas_kernels.flash_attention); interpreted on CPU."""
+    from pallas_kernels.flash_attention import flash_attention
+
+    if mask is not None:
+        raise ValueError("attention impl=pallas takes causal/segment_ids, not an arbitrary "
+                         "mask; use impl=xla for that")
+
+    def run(q, k, v, seg, kv_seg):
+        return flash_attention(q, k, v, causal=causal, segment_ids=seg, kv_segment_ids=kv_seg,
+                               scale=scale)
+
+    return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES, _SEG_AXES, _SEG_AXES], _Q_AXES)(
+        q, k, v, segment_ids, kv_segment_ids)
+
+
+def attention_cudnn(q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None,
+                    scale=None):
+    """cuDNN fused attention through jax.nn.dot_product_attention (GPU only)."""
+    if segment_ids is not None or kv_segment_ids is not None or mask is not None:
+        raise ValueError("attention impl=cudnn supports causal masking only (no segment_ids "
+                         "or mask); use impl=pallas or impl=xla")
+
+    def run(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation="cudnn")
+
+    return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES], _Q_AXES)(q, k, v)
+
+
+def _pallas_ok(q, k, v, **kw):
+    from pallas_kernels.flash_attention import supports
+
+    return jax.default_backend() == "gpu" and supports(q, k, v, **kw)
+
+
+registry.register("attention", "pallas", attention_pallas, auto_if=_pallas_ok)
+registry.register("attention", "cudnn", attention_cudnn)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,

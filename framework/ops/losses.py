@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.ops import registry
+from framework.ops.sharded import per_shard
 
 
 def cross_entropy_xla(logits, labels, *, z_loss=0.0):
@@ -32,3 +33,53 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, z_loss: float = 0.0,
     fn = registry.resolve("cross_entropy", impl, (logits.shape, str(logits.dtype)),
                           logits, labels, z_loss=z_loss)
     return fn(logits, labels, z_loss=z_loss)
+
+
+def linear_cross_entropy_xla(h, w, labels, *, z_loss=0.0):
+    """Naive path: the full logits h @ w, then cross_entropy (the ground truth)."""
+    return cross_entropy_xla(jnp.einsum("...d,dv->...v", h, w.astype(h.dtype)), labels,
+                             z_loss=z_loss)
+
+
+def linear_cross_entropy_chunked(h, w, labels, *, z_loss=0.0):
+    """Plain-jnp scan over token chunks with its own backward: no full logits, any backend."""
+    from pallas_kernels.cross_entropy import linear_cross_entropy_chunked as chunked
+
+    return _per_token_shards(lambda h, w, y: chunked(h, w, y, z_loss=z_loss), h, w, labels)
+
+
+def linear_cross_entropy_pallas(h, w, labels, *, z_loss=0.0):
+    """Fused Pallas kernel over (tokens x vocab) tiles with an online logsumexp."""
+    from pallas_kernels.cross_entropy import linear_cross_entropy as kernel
+
+    return _per_token_shards(lambda h, w, y: kernel(h, w, y, z_loss=z_loss), h, w, labels)
+
+
+def _per_token_shards(fn, h, w, labels):
+    """Under a mesh: tokens stay split over the batch axes, the unembedding is gathered."""
+    lead = ("batch", "seq")[: labels.ndim] if labels.ndim <= 2 else (None,) * labels.ndim
+    return per_shard(fn, [(*lead, None), None, lead], lead)(h, w, labels)
+
+
+def _ce_pallas_ok(h, w, labels, **_):
+    from pallas_kernels.cross_entropy import supports
+
+    return jax.default_backend() == "gpu" and supports(h, w, labels)
+
+
+registry.register("linear_cross_entropy", "xla", linear_cross_entropy_xla)
+registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked)
+registry.register("linear_cross_entropy", "pallas", linear_cross_entropy_pallas,
+                  auto_if=_ce_pallas_ok)
+
+
+def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, z_loss: float = 0.0,
+                         impl: str = "auto") -> jax.Array:
+    """cross_entropy(h @ w, labels) per position; `chunked` and `pallas` never hold the full
+    f32 logits. h: [..., d]; w: [d, vocab]; labels: [...] ints. Returns f32 [...]."""
+    if h.shape[:-1] != labels.shape or w.ndim != 2 or h.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear_cross_entropy: h {h.shape}, w {w.shape}, labels "
+                         f"{labels.shape} must be [..., d], [d, vocab], [...]")
+    fn = registry.resolve("linear_cross_entropy", impl, (h.shape, w.shape, str(h.dtype)),
+                          h, w, labels, z_loss=z_loss)
+    return fn(h, w, labels, z_loss=z_loss)

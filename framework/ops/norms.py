@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.ops import registry
+from framework.ops.sharded import per_shard
 
 
 def rms_norm_xla(x, weight, *, eps=1e-6):
@@ -26,6 +27,34 @@ def layer_norm_xla(x, weight, bias=None, *, eps=1e-5):
 
 registry.register("rms_norm", "xla", rms_norm_xla)
 registry.register("layer_norm", "xla", layer_norm_xla)
+
+# Rows are independent: under a mesh each shard normalizes its own rows; the feature (last)
+# dimension is gathered, and so is the weight.
+def _rows(x):
+    return {3: ("batch", "seq", None), 2: ("batch", None)}.get(x.ndim, (None,) * x.ndim)
+
+
+def rms_norm_pallas(x, weight, *, eps=1e-6):
+    from pallas_kernels.norms import rms_norm as kernel
+
+    return per_shard(lambda x, w: kernel(x, w, eps=eps), [_rows(x), None], _rows(x))(x, weight)
+
+
+def layer_norm_pallas(x, weight, bias=None, *, eps=1e-5):
+    from pallas_kernels.norms import layer_norm as kernel
+
+    return per_shard(lambda x, w, b: kernel(x, w, b, eps=eps), [_rows(x), None, None],
+                     _rows(x))(x, weight, bias)
+
+
+def _norm_pallas_ok(x, weight, bias=None, **_):
+    from pallas_kernels.norms import supports
+
+    return jax.default_backend() == "gpu" and supports(x, weight, bias)
+
+
+registry.register("rms_norm", "pallas", rms_norm_pallas, auto_if=_norm_pallas_ok)
+registry.register("layer_norm", "pallas", layer_norm_pallas, auto_if=_norm_pallas_ok)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,

@@ -28,6 +28,11 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def current() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) made active by `activate`, or None outside any."""
+    return _ACTIVE.get()
+
+
 def partition_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec; a mesh axis is used at most once."""
     used: set[str] = set()
