@@ -30,10 +30,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# Triton compiler params and masked load/store moved between jax releases; accept both spellings.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 _load = getattr(plgpu, "load", None) or pl.load
 _store = getattr(plgpu, "store", None) or pl.store
 _SQUEEZED = getattr(pl, "squeezed", None)  # older releases spell a squeezed block dim `None`
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division of static ints."""
+    return -(-int(a) // int(b))
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
 
 _NEG = -1e30  # finite "minus infinity": a fully masked tile must not produce inf - inf = nan
 _F32 = jnp.float32
@@ -93,7 +105,7 @@ def _device_key(device_kind: str | None) -> str:
 
 def _clamp_block(block: int, extent: int) -> int:
     """`block`, shrunk (power of two, >= 16) when the extent is smaller than it."""
-    return max(MIN_BLOCK, min(block, pl.next_power_of_2(max(int(extent), 1))))
+    return max(MIN_BLOCK, min(block, _next_pow2(max(int(extent), 1))))
 
 
 def choose_config(n_tokens: int, dim: int, vocab: int, dtype,
@@ -136,17 +148,18 @@ def _plan(n_tokens: int, vocab: int, cfg: CEConfig, itemsize: int, device_kind: 
           vocab_splits: int | None, chunk_tokens: int | None) -> tuple[int, int]:
     """(vocab splits of the forward grid, backward token chunk) for this problem size."""
     row = _DEVICE_TABLE[_device_key(device_kind)]
-    n_vb = pl.cdiv(vocab, cfg.block_vocab)
+    n_vb = _cdiv(vocab, cfg.block_vocab)
     if vocab_splits is None:
-        n_tb = pl.cdiv(n_tokens, cfg.block_tokens)
-        vocab_splits = min(n_vb, pl.next_power_of_2(pl.cdiv(row.target_programs, n_tb)))
+        n_tb = _cdiv(n_tokens, cfg.block_tokens)
+        vocab_splits = min(n_vb, _next_pow2(_cdiv(row.target_programs, n_tb)))
     vocab_splits = max(1, min(int(vocab_splits), n_vb))
+    vocab_splits = _cdiv(n_vb, _cdiv(n_vb, vocab_splits))  # no split left without a vocab block
     bt = cfg.block_tokens
     if chunk_tokens is None:
         per_token = n_vb * cfg.block_vocab * itemsize
         chunk_tokens = max(row.min_chunk, row.chunk_bytes // per_token)
-    chunk_tokens = pl.cdiv(max(int(chunk_tokens), 1), bt) * bt
-    chunk_tokens = min(chunk_tokens, pl.cdiv(n_tokens, bt) * bt)
+    chunk_tokens = _cdiv(max(int(chunk_tokens), 1), bt) * bt
+    chunk_tokens = min(chunk_tokens, _cdiv(n_tokens, bt) * bt)
     return vocab_splits, chunk_tokens
 
 
@@ -162,7 +175,7 @@ def _params(cfg: CEConfig):
 
 def _padded(n: int, block: int) -> int:
     """n rounded up to a multiple of block."""
-    return pl.cdiv(n, block) * block
+    return _cdiv(n, block) * block
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -219,14 +232,14 @@ def _forward(h, w, labels, cfg: CEConfig, splits: int, interpret: bool):
     vocab = w.shape[1]
     bt, bv, bk = cfg.block_tokens, cfg.block_vocab, cfg.block_k
     dp = _padded(dim, bk)
-    per_split = pl.cdiv(pl.cdiv(vocab, bv), splits)
+    per_split = _cdiv(_cdiv(vocab, bv), splits)
     cdt = jnp.promote_types(h.dtype, w.dtype)
     kernel = functools.partial(_fwd_kernel, n_tokens=n_tokens, dim=dim, vocab=vocab,
                                blocks_per_split=per_split, block_vocab=bv, block_k=bk, cdt=cdt)
     part = jax.ShapeDtypeStruct((splits, n_tokens), _F32)
     part_spec = pl.BlockSpec((_SQUEEZED, bt), lambda i, s: (s, i))
     m, se, t = pl.pallas_call(
-        kernel, out_shape=[part] * 3, grid=(pl.cdiv(n_tokens, bt), splits),
+        kernel, out_shape=[part] * 3, grid=(_cdiv(n_tokens, bt), splits),
         in_specs=[pl.BlockSpec((bt, dp), lambda i, s: (i, 0)),
                   pl.BlockSpec((dp, per_split * bv), lambda i, s: (0, s)),
                   pl.BlockSpec((bt,), lambda i, s: (i,))],
@@ -295,9 +308,10 @@ def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_
                                          preferred_element_type=_F32)
 
     n_t = h_ref.shape[0] // block_tokens
-    init = _load(dw_in_ref, mask=mask, other=0)
-    acc = jax.lax.fori_loop(0, n_t, body, init)
-    _store(dw_ref, acc, mask=mask)
+    acc = jax.lax.fori_loop(0, n_t, body, jnp.zeros((bd, bv), _F32))
+    # dw_in aliases dw: read the old tile right before overwriting it, through the same pointer
+    # tensor and mask, so each element is read and then written by the same thread.
+    _store(dw_ref, acc + _load(dw_in_ref, mask=mask, other=0), mask=mask)
 
 
 def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
@@ -308,7 +322,7 @@ def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
     bt, bv, bk, bd = cfg.block_tokens, cfg.block_vocab, cfg.block_k, cfg.block_d
     cdt = jnp.promote_types(h.dtype, w.dtype)
     dp, vp = _padded(dim, bk), _padded(vocab, bv)
-    n_t, n_v, n_d = chunk // bt, vp // bv, pl.cdiv(dim, bd)
+    n_t, n_v, n_d = chunk // bt, vp // bv, _cdiv(dim, bd)
     vec = pl.BlockSpec((bt,), lambda i, j: (i,))
     dl = pl.pallas_call(
         functools.partial(_dlogits_kernel, dim=dim, vocab=vocab, block_k=bk, z_loss=z_loss,
@@ -343,7 +357,7 @@ def _backward(h, w, labels, lse, g, *, cfg: CEConfig, chunk: int, z_loss: float,
               interpret: bool):
     """dh and dw over token chunks (lax.scan); padded tokens carry g = 0."""
     n_tokens, dim = h.shape
-    n_chunks = pl.cdiv(n_tokens, chunk)
+    n_chunks = _cdiv(n_tokens, chunk)
     pad = n_chunks * chunk - n_tokens
 
     def split(a):
@@ -378,6 +392,7 @@ def _fused(h, w, labels, z_loss: float, cfg: CEConfig, splits: int, chunk: int,
 
 
 def _fused_fwd(h, w, labels, z_loss, cfg, splits, chunk, interpret):
+    """Loss plus residuals (h, w, labels, f32 lse) for the recomputing backward."""
     lse, label_logit = _forward(h, w, labels, cfg, splits, interpret)
     loss = lse - label_logit
     if z_loss:
@@ -386,6 +401,7 @@ def _fused_fwd(h, w, labels, z_loss, cfg, splits, chunk, interpret):
 
 
 def _fused_bwd(z_loss, cfg, splits, chunk, interpret, res, g):
+    """dh and dw from the chunked backward kernels; labels get no cotangent."""
     h, w, labels, lse = res
     dh, dw = _backward(h, w, labels, lse, g, cfg=cfg, chunk=chunk, z_loss=z_loss,
                        interpret=interpret)
@@ -476,6 +492,7 @@ def _chunked(h, w, labels, z_loss: float, chunk: int):
 
 
 def _chunked_fwd(h, w, labels, z_loss, chunk):
+    """Per-chunk logsumexp and label logit (lax.map), keeping only lse for the backward."""
     def one(x):
         hc, lc = x
         logits = _chunk_logits(hc, w)
@@ -489,6 +506,7 @@ def _chunked_fwd(h, w, labels, z_loss, chunk):
 
 
 def _chunked_bwd(z_loss, chunk, res, g):
+    """dh per chunk and dw accumulated in f32 over chunks (lax.scan), logits recomputed."""
     h, w, labels, lse = res
 
     def body(dw, x):
@@ -516,7 +534,7 @@ def linear_cross_entropy_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, 
     h2 = h.reshape(-1, h.shape[-1])
     n = h2.shape[0]
     chunk = max(1, min(int(chunk_tokens), n))
-    n_chunks = pl.cdiv(n, chunk)
+    n_chunks = _cdiv(n, chunk)
     pad = n_chunks * chunk - n
     lab = labels.reshape(-1).astype(jnp.int32)
     if pad:

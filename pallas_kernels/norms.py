@@ -24,6 +24,17 @@ _load = getattr(plgpu, "load", None) or pl.load
 _store = getattr(plgpu, "store", None) or pl.store
 _SQUEEZED = getattr(pl, "squeezed", None)  # older releases spell a squeezed block dim `None`
 
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division of static ints."""
+    return -(-int(a) // int(b))
+
+
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 MAX_DIM = 16384
 MIN_BLOCK_DIM = 16
 MAX_BLOCK_ROWS = 64
@@ -71,7 +82,7 @@ def _default_device_kind() -> str:
 
 def block_dim_for(dim: int) -> int:
     """Feature tile: the next power of two >= dim (at least 16)."""
-    return max(MIN_BLOCK_DIM, pl.next_power_of_2(int(dim)))
+    return max(MIN_BLOCK_DIM, _next_pow2(int(dim)))
 
 
 def choose_block_rows(n_rows: int, dim: int, dtype, device_kind: str | None = None) -> NormConfig:
@@ -125,8 +136,8 @@ def _resolve_interpret(interpret: bool | None) -> bool:
 
 def _bwd_steps(n_rows: int, block_rows: int) -> int:
     """Row blocks per backward program: a power of two keeping programs <= MAX_BWD_PROGRAMS."""
-    n_blocks = pl.cdiv(n_rows, block_rows)
-    return pl.next_power_of_2(pl.cdiv(n_blocks, MAX_BWD_PROGRAMS))
+    n_blocks = _cdiv(n_rows, block_rows)
+    return _next_pow2(_cdiv(n_blocks, MAX_BWD_PROGRAMS))
 
 
 def _masks(row0, block_rows: int, block_dim: int, n_rows: int, dim: int):
@@ -184,7 +195,7 @@ def _fwd(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, eps: float,
     kernel = functools.partial(_fwd_kernel, n_rows=n_rows, dim=dim, eps=eps, layer=layer,
                                has_bias=has_bias)
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(pl.cdiv(n_rows, br),), in_specs=in_specs,
+        kernel, out_shape=out_shape, grid=(_cdiv(n_rows, br),), in_specs=in_specs,
         out_specs=out_specs, interpret=interpret,
         compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         name="layer_norm_fwd" if layer else "rms_norm_fwd",
@@ -243,7 +254,7 @@ def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig,
     br, bd = cfg.block_rows, cfg.block_dim
     steps = _bwd_steps(n_rows, br)
     rows = br * steps
-    n_prog = pl.cdiv(n_rows, rows)
+    n_prog = _cdiv(n_rows, rows)
     row_spec = pl.BlockSpec((rows, bd), lambda i: (i, 0))
     stat_spec = pl.BlockSpec((rows,), lambda i: (i,))
     part_spec = pl.BlockSpec((_SQUEEZED, bd), lambda i: (i, 0))
@@ -277,11 +288,13 @@ def _rms_2d(x, weight, eps: float, cfg: NormConfig, interpret: bool):
 
 
 def _rms_2d_fwd(x, weight, eps, cfg, interpret):
+    """Forward saving x, weight and the f32 rstd per row."""
     y, rstd = _fwd(x, weight, None, eps=eps, layer=False, cfg=cfg, interpret=interpret)
     return y, (x, weight, rstd)
 
 
 def _rms_2d_bwd(eps, cfg, interpret, res, dy):
+    """dx and dweight from the backward kernel; eps is already folded into rstd."""
     x, weight, rstd = res
     dx, (dw,) = _bwd(x, weight, False, dy, (rstd,), layer=False, cfg=cfg, interpret=interpret)
     return dx, dw.astype(weight.dtype)
@@ -297,11 +310,13 @@ def _ln_2d(x, weight, bias, eps: float, cfg: NormConfig, interpret: bool):
 
 
 def _ln_2d_fwd(x, weight, bias, eps, cfg, interpret):
+    """Forward saving x, weight, bias and the f32 mean and rstd per row."""
     y, mean, rstd = _fwd(x, weight, bias, eps=eps, layer=True, cfg=cfg, interpret=interpret)
     return y, (x, weight, bias, mean, rstd)
 
 
 def _ln_2d_bwd(eps, cfg, interpret, res, dy):
+    """dx, dweight and dbias (None without a bias) from the backward kernel."""
     x, weight, bias, mean, rstd = res
     has_bias = bias is not None
     dx, parts = _bwd(x, weight, has_bias, dy, (mean, rstd), layer=True, cfg=cfg,

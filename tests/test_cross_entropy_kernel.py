@@ -66,6 +66,7 @@ CASES = [
                          ids=[f"{c[0]}-d{c[1]}-v{c[2]}-z{c[3]}-{jnp.dtype(c[4]).name}"
                               for c in CASES])
 def test_parity_loss_and_grads(lead, d, vocab, z_loss, dtype, kw):
+    """Fused kernels (interpret mode): loss, dh and dw vs the naive reference."""
     h, w, labels, g = _inputs(lead, d, vocab, dtype, i=d + vocab)
     got = _loss_and_grads(
         lambda h, w, y: ce.linear_cross_entropy(h, w, y, z_loss=z_loss, interpret=True, **kw),
@@ -77,6 +78,7 @@ def test_parity_loss_and_grads(lead, d, vocab, z_loss, dtype, kw):
 
 @pytest.mark.parametrize("z_loss,dtype", [(0.0, jnp.float32), (1e-2, jnp.bfloat16)])
 def test_chunked_jnp_fallback_parity(z_loss, dtype):
+    """The pure-jnp chunked path: loss, dh and dw vs the naive reference."""
     h, w, labels, g = _inputs((45,), 96, 333, dtype, i=5)
     got = _loss_and_grads(
         lambda h, w, y: ce.linear_cross_entropy_chunked(h, w, y, z_loss=z_loss, chunk_tokens=16),
@@ -115,10 +117,12 @@ def _temp_bytes(f) -> int:
 
 
 def _mean(loss_fn):
+    """Scalar mean loss of a per-token loss function."""
     return lambda h, w, y: jnp.mean(loss_fn(h, w, y))
 
 
 def _value_and_grads(loss_fn):
+    """Mean loss and its gradients for h and w."""
     return jax.value_and_grad(_mean(loss_fn), argnums=(0, 1))
 
 
@@ -166,6 +170,7 @@ EXAMPLES = ce.config_examples()
 
 
 def test_heuristic_configs_are_triton_friendly():
+    """Every config has power-of-two tiles >= 16; real shapes and devices map into the set."""
     for cfg, (t, d, v, dtype, kind) in EXAMPLES.items():
         assert ce.choose_config(t, d, v, dtype, kind) == cfg
         for b in (cfg.block_tokens, cfg.block_vocab, cfg.block_k, cfg.block_d):

@@ -64,6 +64,7 @@ CASES = [
 @pytest.mark.parametrize("shape,dtype,block_rows", CASES,
                          ids=[f"{s}-{jnp.dtype(d).name}-br{b}" for s, d, b in CASES])
 def test_parity_forward_and_grads(shape, dtype, block_rows):
+    """rms_norm, layer_norm and layer_norm without bias: y, dx, dweight, dbias vs XLA."""
     x, w, b, dy = _inputs(shape, dtype, i=len(shape) * 1000 + shape[-1])
     kw = dict(block_rows=block_rows, interpret=True)
     rms = lambda x, w: norms.rms_norm(x, w, eps=1e-6, **kw)
@@ -100,6 +101,7 @@ def test_mixed_dtypes_keep_each_dtype():
 
 
 def test_heuristic_configs_are_triton_friendly():
+    """Every config has power-of-two tiles, and real device kinds map into the enumeration."""
     configs = norms.all_configs()
     assert configs and len(configs) == len(set(configs))
     for cfg in configs:
@@ -113,6 +115,7 @@ def test_heuristic_configs_are_triton_friendly():
 
 
 def test_supports_and_errors():
+    """`supports` rejects what the kernels cannot take; bad calls raise clear errors."""
     x = jnp.ones((4, 8), jnp.bfloat16)
     assert norms.supports(x, jnp.ones((8,)))
     assert not norms.supports(jnp.ones((2, norms.MAX_DIM + 1)), None)
