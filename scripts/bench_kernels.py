@@ -55,7 +55,7 @@ def bench_attention(shapes, dtype, impls, reps) -> list[dict]:
         v = jax.random.normal(keys[2], (b, t, kh, d), dtype)
         flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
         for impl in impls:
-            def f(q, k, v, impl=impl):
+            def f(q, k, v, impl=impl, causal=causal):
                 return ops.attention(q, k, v, causal=causal, impl=impl)
             row = {"op": "attention", "impl": impl, "shape": [b, t, h, kh, d],
                    "causal": causal, "dtype": str(jnp.dtype(dtype))}
@@ -102,7 +102,7 @@ def bench_cross_entropy(shapes, dtype, impls, reps) -> list[dict]:
         y = jax.random.randint(jax.random.key(2), (n,), 0, vocab)
         nbytes = (n * d + d * vocab) * jnp.dtype(dtype).itemsize
         for impl in impls:
-            def f(h, w, impl=impl):
+            def f(h, w, impl=impl, y=y):
                 return ops.linear_cross_entropy(h, w, y, impl=impl)
             row = {"op": "linear_cross_entropy", "impl": impl, "shape": [n, d, vocab],
                    "dtype": str(jnp.dtype(dtype))}
