@@ -154,6 +154,12 @@ class Checkpointer:
                 arrays, data, meta = self.restore(step, abstract, params_only=params_only)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                if "structures do not match" in reason:  # the config changed, not the files
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(step)} does not fit this config's "
+                        f"model/optimizer state ({reason}); was model.* or optim.* changed? "
+                        "Use checkpoint.resume_params_only with a resume path to fine-tune "
+                        "with another optimizer") from e
                 failures.append(f"step {step}: {type(e).__name__}: {reason}")
                 warn(f"checkpoint {self.directory / str(step)} is unreadable ({reason}); "
                      "falling back to the one before")

@@ -171,9 +171,11 @@ class Trainer:
         params_only = self.cfg.checkpoint.resume_params_only and not own
         reader = ckpt.Checkpointer(source, self.cfg.checkpoint, read_only=True)
         shapes = jax.eval_shape(self._init, jax.random.key(0))
-        found = reader.restore_newest(ckpt.abstract_state(shapes, self.state_sharding),
-                                      params_only=params_only)
-        reader.close()
+        try:
+            found = reader.restore_newest(ckpt.abstract_state(shapes, self.state_sharding),
+                                          params_only=params_only)
+        finally:
+            reader.close()
         if found is None:  # only temporary (unfinished) step directories: nothing to resume
             log.warning("no complete checkpoint in %s; starting from scratch", source)
             return self.init_state()
