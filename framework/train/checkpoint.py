@@ -95,15 +95,23 @@ class Checkpointer:
         keep: list[Any] = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=cfg.async_save and not read_only,
-            create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
         handlers = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
         handlers |= {k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=ARRAY_ITEMS + JSON_ITEMS,
-                                             item_handlers=handlers)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # orbax warns that a read-only manager is read-only: expected here
+            absl.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=cfg.async_save and not read_only,
+                create=not read_only, cleanup_tmp_directories=not read_only,
+                read_only=read_only)
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=ARRAY_ITEMS + JSON_ITEMS,
+                                                 item_handlers=handlers)
+        finally:
+            absl.setLevel(level)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
