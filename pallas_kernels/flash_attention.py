@@ -27,9 +27,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import autotune as _autotune
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -604,12 +607,61 @@ def _prepare(q, k, v, causal, segment_ids, kv_segment_ids, scale, block_q, block
     return st, q, k, v, q_seg, kv_seg
 
 
+def tuning_candidates(q_len: int, kv_len: int, head_dim: int, dtype: Any,
+                      device_kind: str) -> list[KernelConfig]:
+    """Configurations the autotuner times: the heuristic's forward choice first, then common
+    FlashAttention tiles, clamped to the sequence lengths and deduplicated."""
+    base = choose_blocks(q_len, kv_len, head_dim, dtype, device_kind, "fwd")
+    out = [base]
+    for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 32)):
+        for warps in (4, 8):
+            bq_c = min(bq, max(MIN_BLOCK, _pow2_at_least(q_len)))
+            bk_c = min(bk, max(MIN_BLOCK, _pow2_at_least(kv_len)))
+            cand = KernelConfig(bq_c, bk_c, warps, base.num_stages)
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
+def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> KernelConfig:
+    """Autotune the forward+backward step over tuning_candidates for these shapes."""
+    kind = device_kind or jax.devices()[0].device_kind
+    shape_q, shape_k, dtype = tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype)
+    key = {"q": shape_q, "kv": shape_k, "dtype": dtype.name, "causal": bool(causal),
+           "segments": has_segments}
+
+    def make_run(cand: dict[str, int]):
+        # numpy inputs and an AOT-compiled executable run eagerly even while the caller is
+        # being traced under jit (a plain jitted call there would be staged, not run).
+        rng = np.random.default_rng(0)
+        qc, kc, vc = (rng.standard_normal(s, np.float32).astype(dtype)
+                      for s in (shape_q, shape_k, shape_k))
+        seg = jnp.ones(shape_q[:2], jnp.int32) if has_segments else None
+
+        def step(q, k, v):
+            def f(q, k, v):
+                return flash_attention(q, k, v, causal=causal, segment_ids=seg, scale=scale,
+                                       interpret=interpret, device_kind=device_kind,
+                                       autotune=False, **cand)
+            out, vjp = jax.vjp(f, q, k, v)
+            return vjp(out)
+
+        specs = [jax.ShapeDtypeStruct(x.shape, dtype) for x in (qc, kc, vc)]
+        compiled = jax.jit(step).lower(*specs).compile()
+        return lambda: compiled(qc, kc, vc)
+
+    cands = [c._asdict() for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype,
+                                                     kind)]
+    return KernelConfig(**_autotune.tune("flash_attention", key, cands, make_run))
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                     segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None, scale: float | None = None,
                     block_q: int | None = None, block_k: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None,
-                    interpret: bool | None = None, device_kind: str | None = None) -> jax.Array:
+                    interpret: bool | None = None, device_kind: str | None = None,
+                    autotune: bool | None = None) -> jax.Array:
     """Flash attention (differentiable via Pallas backward kernels); output in q's dtype.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]. causal aligns
@@ -618,7 +670,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     masked rows give 0. scale defaults to head_dim**-0.5. block_q/block_k/num_warps/num_stages
     override the heuristics (choose_blocks) for all three kernels; device_kind picks the
     heuristics' device (default: the default device). interpret=None interprets on CPU.
+    autotune (default: env PALLAS_AUTOTUNE=1) times a few block configurations once per shape
+    and device and caches the fastest (pallas_kernels.autotune); explicit blocks disable it.
     """
+    if _autotune.enabled(autotune) and block_q is None and block_k is None:
+        block_q, block_k, num_warps, num_stages = _tuned_blocks(
+            q, k, causal, segment_ids is not None, scale, interpret, device_kind)
     st, qp, kp, vp, q_seg, kv_seg = _prepare(q, k, v, causal, segment_ids, kv_segment_ids,
                                              scale, block_q, block_k, num_warps, num_stages,
                                              interpret, device_kind)
