@@ -26,6 +26,9 @@ class DistributedConfig(pydantic.BaseModel):
     num_processes: int | None = pydantic.Field(None, gt=0, description="processes in the run")
     process_id: int | None = pydantic.Field(None, ge=0, description="this process's index")
     timeout_s: int = pydantic.Field(300, gt=0, description="initialization timeout (seconds)")
+    heartbeat_timeout_s: int = pydantic.Field(
+        60, gt=0, description="a process silent this long counts as dead: the others exit "
+                              "with an error instead of hanging")
 
 
 def wanted(cfg: DistributedConfig) -> bool:
@@ -47,7 +50,8 @@ def initialize(cfg: DistributedConfig) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
-                                   initialization_timeout=cfg.timeout_s)
+                                   initialization_timeout=cfg.timeout_s,
+                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
     except Exception as e:  # jax raises RuntimeError / ValueError with long messages
         raise RuntimeError(f"jax.distributed.initialize failed (coordinator "
                            f"{cfg.coordinator_address or 'auto-detected'}, "
