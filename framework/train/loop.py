@@ -24,6 +24,7 @@ from framework import models
 from framework.config.loader import ConfigError, dump_resolved
 from framework.config.schema import Config
 from framework.data import make_loaders
+from framework.data.sources import load_tokenizer
 from framework.parallel import logical
 from framework.parallel.distributed import initialize
 from framework.parallel.mesh import make_mesh
@@ -343,16 +344,10 @@ class Trainer:
 
     def sample(self, state, prompt: str, n: int) -> str:
         """Sample `n` tokens after `prompt` and decode them to text."""
-        tok = self.cfg.data.tokenizer
-        if tok == "byte":
-            encode, decode = (lambda s: list(s.encode())), (
-                lambda t: bytes(t).decode("utf-8", errors="replace"))
-        else:
-            from tokenizers import Tokenizer
-            hf = Tokenizer.from_file(tok)
-            encode, decode = (lambda s: hf.encode(s).ids), hf.decode
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         window = min(self.cfg.data.seq_len, getattr(self.cfg.model, "max_seq_len", 1 << 30))
-        tokens = sample_tokens(self.model, state["params"], self.cfg.model, encode(prompt), n,
+        tokens = sample_tokens(self.model, state["params"], self.cfg.model,
+                               tokenizer.encode(prompt), n,
                                window=window, temperature=self.cfg.train.sample_temperature,
                                key=jax.random.key(self.cfg.run.seed + 1))
-        return decode(tokens)
+        return tokenizer.decode(tokens)
