@@ -125,3 +125,11 @@ def test_config_reference_is_current():
     assert text.strip() == reference_markdown(Config).strip(), (
         "docs/config.md is stale: python -m framework.config.docs "
         "framework.config.schema:Config -o docs/config.md")
+
+
+def test_profiler_trace_over_configured_steps(tmp_path):
+    trainer = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.steps=5", "train.profile_start=2",
+                       "train.profile_steps=2", "checkpoint.enabled=false")
+    trainer.run()
+    traces = list((tmp_path / "tiny_lm" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
