@@ -28,24 +28,8 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-# Triton compiler params and masked load/store moved between jax releases; accept both spellings.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-_load = getattr(plgpu, "load", None) or pl.load
-_store = getattr(plgpu, "store", None) or pl.store
-_SQUEEZED = getattr(pl, "squeezed", None)  # older releases spell a squeezed block dim `None`
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division of static ints."""
-    return -(-int(a) // int(b))
-
-
-def _next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
+from pallas_kernels._compat import SQUEEZED, CompilerParams, cdiv, load, next_pow2, store
 
 _NEG = -1e30  # finite "minus infinity": a fully masked tile must not produce inf - inf = nan
 _F32 = jnp.float32
@@ -105,7 +89,7 @@ def _device_key(device_kind: str | None) -> str:
 
 def _clamp_block(block: int, extent: int) -> int:
     """`block`, shrunk (power of two, >= 16) when the extent is smaller than it."""
-    return max(MIN_BLOCK, min(block, _next_pow2(max(int(extent), 1))))
+    return max(MIN_BLOCK, min(block, next_pow2(max(int(extent), 1))))
 
 
 def choose_config(n_tokens: int, dim: int, vocab: int, dtype,
@@ -148,18 +132,18 @@ def _plan(n_tokens: int, vocab: int, cfg: CEConfig, itemsize: int, device_kind: 
           vocab_splits: int | None, chunk_tokens: int | None) -> tuple[int, int]:
     """(vocab splits of the forward grid, backward token chunk) for this problem size."""
     row = _DEVICE_TABLE[_device_key(device_kind)]
-    n_vb = _cdiv(vocab, cfg.block_vocab)
+    n_vb = cdiv(vocab, cfg.block_vocab)
     if vocab_splits is None:
-        n_tb = _cdiv(n_tokens, cfg.block_tokens)
-        vocab_splits = min(n_vb, _next_pow2(_cdiv(row.target_programs, n_tb)))
+        n_tb = cdiv(n_tokens, cfg.block_tokens)
+        vocab_splits = min(n_vb, next_pow2(cdiv(row.target_programs, n_tb)))
     vocab_splits = max(1, min(int(vocab_splits), n_vb))
-    vocab_splits = _cdiv(n_vb, _cdiv(n_vb, vocab_splits))  # no split left without a vocab block
+    vocab_splits = cdiv(n_vb, cdiv(n_vb, vocab_splits))  # no split left without a vocab block
     bt = cfg.block_tokens
     if chunk_tokens is None:
         per_token = n_vb * cfg.block_vocab * itemsize
         chunk_tokens = max(row.min_chunk, row.chunk_bytes // per_token)
-    chunk_tokens = _cdiv(max(int(chunk_tokens), 1), bt) * bt
-    chunk_tokens = min(chunk_tokens, _cdiv(n_tokens, bt) * bt)
+    chunk_tokens = cdiv(max(int(chunk_tokens), 1), bt) * bt
+    chunk_tokens = min(chunk_tokens, cdiv(n_tokens, bt) * bt)
     return vocab_splits, chunk_tokens
 
 
@@ -170,12 +154,12 @@ def _resolve_interpret(interpret: bool | None) -> bool:
 
 def _params(cfg: CEConfig):
     """Triton compiler params for a config."""
-    return _CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _padded(n: int, block: int) -> int:
     """n rounded up to a multiple of block."""
-    return _cdiv(n, block) * block
+    return cdiv(n, block) * block
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -189,9 +173,9 @@ def _logit_tile(h_ref, w_ref, col_off, rmask, cmask, *, dim: int, block_k: int, 
     def body(k, acc):
         kk = pl.ds(k * block_k, block_k)
         kmask = (k * block_k + jnp.arange(block_k)) < dim
-        hk = _load(h_ref.at[:, kk], mask=rmask[:, None] & kmask[None, :], other=0)
-        wk = _load(w_ref.at[kk, pl.ds(col_off, bv)], mask=kmask[:, None] & cmask[None, :],
-                   other=0)
+        hk = load(h_ref.at[:, kk], mask=rmask[:, None] & kmask[None, :], other=0)
+        wk = load(w_ref.at[kk, pl.ds(col_off, bv)], mask=kmask[:, None] & cmask[None, :],
+                  other=0)
         return acc + jnp.dot(hk.astype(cdt), wk.astype(cdt), preferred_element_type=_F32)
 
     return jax.lax.fori_loop(0, n_k, body, jnp.zeros((bt, bv), _F32))
@@ -202,7 +186,7 @@ def _fwd_kernel(h_ref, w_ref, lab_ref, m_ref, se_ref, t_ref, *, n_tokens: int, d
     """Online (max, sum exp, label logit) over this split's vocab blocks for one token block."""
     bt = h_ref.shape[0]
     rmask = (pl.program_id(0) * bt + jnp.arange(bt)) < n_tokens
-    labels = _load(lab_ref, mask=rmask, other=-1)
+    labels = load(lab_ref, mask=rmask, other=-1)
     split_col0 = pl.program_id(1) * (blocks_per_split * block_vocab)
 
     def body(j, carry):
@@ -221,9 +205,9 @@ def _fwd_kernel(h_ref, w_ref, lab_ref, m_ref, se_ref, t_ref, *, n_tokens: int, d
 
     init = (jnp.full((bt,), _NEG, _F32), jnp.zeros((bt,), _F32), jnp.zeros((bt,), _F32))
     m, se, t = jax.lax.fori_loop(0, blocks_per_split, body, init)
-    _store(m_ref, m, mask=rmask)
-    _store(se_ref, se, mask=rmask)
-    _store(t_ref, t, mask=rmask)
+    store(m_ref, m, mask=rmask)
+    store(se_ref, se, mask=rmask)
+    store(t_ref, t, mask=rmask)
 
 
 def _forward(h, w, labels, cfg: CEConfig, splits: int, interpret: bool):
@@ -232,14 +216,14 @@ def _forward(h, w, labels, cfg: CEConfig, splits: int, interpret: bool):
     vocab = w.shape[1]
     bt, bv, bk = cfg.block_tokens, cfg.block_vocab, cfg.block_k
     dp = _padded(dim, bk)
-    per_split = _cdiv(_cdiv(vocab, bv), splits)
+    per_split = cdiv(cdiv(vocab, bv), splits)
     cdt = jnp.promote_types(h.dtype, w.dtype)
     kernel = functools.partial(_fwd_kernel, n_tokens=n_tokens, dim=dim, vocab=vocab,
                                blocks_per_split=per_split, block_vocab=bv, block_k=bk, cdt=cdt)
     part = jax.ShapeDtypeStruct((splits, n_tokens), _F32)
-    part_spec = pl.BlockSpec((_SQUEEZED, bt), lambda i, s: (s, i))
+    part_spec = pl.BlockSpec((SQUEEZED, bt), lambda i, s: (s, i))
     m, se, t = pl.pallas_call(
-        kernel, out_shape=[part] * 3, grid=(_cdiv(n_tokens, bt), splits),
+        kernel, out_shape=[part] * 3, grid=(cdiv(n_tokens, bt), splits),
         in_specs=[pl.BlockSpec((bt, dp), lambda i, s: (i, 0)),
                   pl.BlockSpec((dp, per_split * bv), lambda i, s: (0, s)),
                   pl.BlockSpec((bt,), lambda i, s: (i,))],
@@ -268,7 +252,7 @@ def _dlogits_kernel(h_ref, w_ref, lab_ref, lse_ref, g_ref, dl_ref, *, dim: int, 
         p = p * (1.0 + 2.0 * z_loss * lse)[:, None]
     onehot = (cols[None, :] == lab_ref[...][:, None]).astype(_F32)
     dl = (p - onehot) * g_ref[...][:, None]
-    _store(dl_ref, dl.astype(dl_ref.dtype), mask=jnp.broadcast_to(cmask[None, :], (bt, bv)))
+    store(dl_ref, dl.astype(dl_ref.dtype), mask=jnp.broadcast_to(cmask[None, :], (bt, bv)))
 
 
 def _dh_kernel(dl_ref, w_ref, dh_ref, *, dim: int, vocab: int, block_vocab: int, cdt):
@@ -279,15 +263,15 @@ def _dh_kernel(dl_ref, w_ref, dh_ref, *, dim: int, vocab: int, block_vocab: int,
     def body(j, acc):
         cols = pl.ds(j * block_vocab, block_vocab)
         cmask = (j * block_vocab + jnp.arange(block_vocab)) < vocab
-        dl = _load(dl_ref.at[:, cols], mask=jnp.broadcast_to(cmask[None, :], (bt, block_vocab)),
-                   other=0)
-        wt = _load(w_ref.at[:, cols], mask=dmask[:, None] & cmask[None, :], other=0)
+        dl = load(dl_ref.at[:, cols], mask=jnp.broadcast_to(cmask[None, :], (bt, block_vocab)),
+                  other=0)
+        wt = load(w_ref.at[:, cols], mask=dmask[:, None] & cmask[None, :], other=0)
         return acc + jax.lax.dot_general(dl.astype(cdt), wt.astype(cdt), (((1,), (1,)), ((), ())),
                                          preferred_element_type=_F32)
 
     n_v = dl_ref.shape[1] // block_vocab
     acc = jax.lax.fori_loop(0, n_v, body, jnp.zeros((bt, bd), _F32))
-    _store(dh_ref, acc.astype(dh_ref.dtype), mask=jnp.broadcast_to(dmask[None, :], (bt, bd)))
+    store(dh_ref, acc.astype(dh_ref.dtype), mask=jnp.broadcast_to(dmask[None, :], (bt, bd)))
 
 
 def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_tokens: int,
@@ -300,10 +284,10 @@ def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_
 
     def body(i, acc):
         rows = pl.ds(i * block_tokens, block_tokens)
-        hk = _load(h_ref.at[rows, :], mask=jnp.broadcast_to(dmask[None, :], (block_tokens, bd)),
-                   other=0)
-        dl = _load(dl_ref.at[rows, :], mask=jnp.broadcast_to(cmask[None, :], (block_tokens, bv)),
-                   other=0)
+        hk = load(h_ref.at[rows, :], mask=jnp.broadcast_to(dmask[None, :], (block_tokens, bd)),
+                  other=0)
+        dl = load(dl_ref.at[rows, :], mask=jnp.broadcast_to(cmask[None, :], (block_tokens, bv)),
+                  other=0)
         return acc + jax.lax.dot_general(hk.astype(cdt), dl.astype(cdt), (((0,), (0,)), ((), ())),
                                          preferred_element_type=_F32)
 
@@ -311,7 +295,7 @@ def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_
     acc = jax.lax.fori_loop(0, n_t, body, jnp.zeros((bd, bv), _F32))
     # dw_in aliases dw: read the old tile right before overwriting it, through the same pointer
     # tensor and mask, so each element is read and then written by the same thread.
-    _store(dw_ref, acc + _load(dw_in_ref, mask=mask, other=0), mask=mask)
+    store(dw_ref, acc + load(dw_in_ref, mask=mask, other=0), mask=mask)
 
 
 def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
@@ -322,7 +306,7 @@ def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
     bt, bv, bk, bd = cfg.block_tokens, cfg.block_vocab, cfg.block_k, cfg.block_d
     cdt = jnp.promote_types(h.dtype, w.dtype)
     dp, vp = _padded(dim, bk), _padded(vocab, bv)
-    n_t, n_v, n_d = chunk // bt, vp // bv, _cdiv(dim, bd)
+    n_t, n_v, n_d = chunk // bt, vp // bv, cdiv(dim, bd)
     vec = pl.BlockSpec((bt,), lambda i, j: (i,))
     dl = pl.pallas_call(
         functools.partial(_dlogits_kernel, dim=dim, vocab=vocab, block_k=bk, z_loss=z_loss,
@@ -357,7 +341,7 @@ def _backward(h, w, labels, lse, g, *, cfg: CEConfig, chunk: int, z_loss: float,
               interpret: bool):
     """dh and dw over token chunks (lax.scan); padded tokens carry g = 0."""
     n_tokens, dim = h.shape
-    n_chunks = _cdiv(n_tokens, chunk)
+    n_chunks = cdiv(n_tokens, chunk)
     pad = n_chunks * chunk - n_tokens
 
     def split(a):
@@ -534,7 +518,7 @@ def linear_cross_entropy_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, 
     h2 = h.reshape(-1, h.shape[-1])
     n = h2.shape[0]
     chunk = max(1, min(int(chunk_tokens), n))
-    n_chunks = _cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     pad = n_chunks * chunk - n
     lab = labels.reshape(-1).astype(jnp.int32)
     if pad:

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import autotune as _autotune
+from pallas_kernels._compat import CompilerParams, next_pow2
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -41,11 +41,6 @@ MAX_HEAD_DIM = 256
 MIN_BLOCK = 16
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 KERNELS = ("fwd", "dq", "dkdv")
-
-# `CompilerParams` in current jax; `TritonCompilerParams` in older releases.
-_CompilerParams = next(p for p in (getattr(plt, "CompilerParams", None),
-                                    getattr(plt, "TritonCompilerParams", None),
-                                    getattr(pl, "TritonCompilerParams", None)) if p is not None)
 
 
 class KernelConfig(NamedTuple):
@@ -101,14 +96,9 @@ def _family(device_kind: str) -> str:
     return "gpu"
 
 
-def _pow2_at_least(n: int) -> int:
-    """Smallest power of two >= n."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _padded_head_dim(head_dim: int) -> int:
     """Head dim the kernels run with: next power of two, at least MIN_BLOCK."""
-    return max(MIN_BLOCK, _pow2_at_least(head_dim))
+    return max(MIN_BLOCK, next_pow2(head_dim))
 
 
 def heuristic_configs() -> list[dict[str, Any]]:
@@ -143,8 +133,8 @@ def choose_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.bfloa
     if family != "cpu" and jnp.dtype(dtype).itemsize >= 4 and d > 128:
         # f32 tiles take twice the shared memory of the bf16 ones the table is sized for.
         block_q, block_k = max(MIN_BLOCK, block_q // 2), max(MIN_BLOCK, block_k // 2)
-    block_q = min(block_q, max(MIN_BLOCK, _pow2_at_least(q_len)))
-    block_k = min(block_k, max(MIN_BLOCK, _pow2_at_least(kv_len)))
+    block_q = min(block_q, max(MIN_BLOCK, next_pow2(q_len)))
+    block_k = min(block_k, max(MIN_BLOCK, next_pow2(kv_len)))
     return KernelConfig(block_q, block_k, num_warps, num_stages)
 
 
@@ -404,7 +394,7 @@ def _dkdv_kernel(*refs, st: _Static, nq: int, nk: int):
 
 def _params(cfg: KernelConfig) -> Any:
     """Triton compiler params for a kernel config."""
-    return _CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _forward(st: _Static, q, k, v, q_seg, kv_seg):
@@ -615,8 +605,8 @@ def tuning_candidates(q_len: int, kv_len: int, head_dim: int, dtype: Any,
     out = [base]
     for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 32)):
         for warps in (4, 8):
-            bq_c = min(bq, max(MIN_BLOCK, _pow2_at_least(q_len)))
-            bk_c = min(bk, max(MIN_BLOCK, _pow2_at_least(kv_len)))
+            bq_c = min(bq, max(MIN_BLOCK, next_pow2(q_len)))
+            bk_c = min(bk, max(MIN_BLOCK, next_pow2(kv_len)))
             cand = KernelConfig(bq_c, bk_c, warps, base.num_stages)
             if cand not in out:
                 out.append(cand)

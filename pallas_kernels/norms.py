@@ -16,24 +16,8 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-# Triton compiler params and masked load/store moved between jax releases; accept both spellings.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-_load = getattr(plgpu, "load", None) or pl.load
-_store = getattr(plgpu, "store", None) or pl.store
-_SQUEEZED = getattr(pl, "squeezed", None)  # older releases spell a squeezed block dim `None`
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division of static ints."""
-    return -(-int(a) // int(b))
-
-
-def _next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1)."""
-    return 1 << max(int(n) - 1, 0).bit_length()
-
+from pallas_kernels._compat import SQUEEZED, CompilerParams, cdiv, load, next_pow2, store
 
 MAX_DIM = 16384
 MIN_BLOCK_DIM = 16
@@ -82,7 +66,7 @@ def _default_device_kind() -> str:
 
 def block_dim_for(dim: int) -> int:
     """Feature tile: the next power of two >= dim (at least 16)."""
-    return max(MIN_BLOCK_DIM, _next_pow2(int(dim)))
+    return max(MIN_BLOCK_DIM, next_pow2(int(dim)))
 
 
 def choose_block_rows(n_rows: int, dim: int, dtype, device_kind: str | None = None) -> NormConfig:
@@ -136,8 +120,8 @@ def _resolve_interpret(interpret: bool | None) -> bool:
 
 def _bwd_steps(n_rows: int, block_rows: int) -> int:
     """Row blocks per backward program: a power of two keeping programs <= MAX_BWD_PROGRAMS."""
-    n_blocks = _cdiv(n_rows, block_rows)
-    return _next_pow2(_cdiv(n_blocks, MAX_BWD_PROGRAMS))
+    n_blocks = cdiv(n_rows, block_rows)
+    return next_pow2(cdiv(n_blocks, MAX_BWD_PROGRAMS))
 
 
 def _masks(row0, block_rows: int, block_dim: int, n_rows: int, dim: int):
@@ -161,21 +145,21 @@ def _fwd_kernel(*refs, n_rows: int, dim: int, eps: float, layer: bool, has_bias:
     block_rows, block_dim = x_ref.shape
     rmask, cmask, mask = _masks(pl.program_id(0) * block_rows, block_rows, block_dim, n_rows,
                                 dim)
-    x = _load(x_ref, mask=mask, other=0).astype(jnp.float32)
-    w = _load(w_ref, mask=cmask, other=0).astype(jnp.float32)
+    x = load(x_ref, mask=mask, other=0).astype(jnp.float32)
+    w = load(w_ref, mask=cmask, other=0).astype(jnp.float32)
     if layer:
         mean = jnp.sum(x, axis=1) / dim
         xc = jnp.where(mask, x - mean[:, None], 0.0)
         rstd = jax.lax.rsqrt(jnp.sum(xc * xc, axis=1) / dim + eps)
         y = xc * rstd[:, None] * w[None, :]
         if has_bias:
-            y = y + _load(b_ref, mask=cmask, other=0).astype(jnp.float32)[None, :]
-        _store(mean_ref, mean, mask=rmask)
+            y = y + load(b_ref, mask=cmask, other=0).astype(jnp.float32)[None, :]
+        store(mean_ref, mean, mask=rmask)
     else:
         rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=1) / dim + eps)
         y = x * rstd[:, None] * w[None, :]
-    _store(y_ref, y.astype(y_ref.dtype), mask=mask)
-    _store(rstd_ref, rstd, mask=rmask)
+    store(y_ref, y.astype(y_ref.dtype), mask=mask)
+    store(rstd_ref, rstd, mask=rmask)
 
 
 def _fwd(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, eps: float, layer: bool,
@@ -195,9 +179,9 @@ def _fwd(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, eps: float,
     kernel = functools.partial(_fwd_kernel, n_rows=n_rows, dim=dim, eps=eps, layer=layer,
                                has_bias=has_bias)
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(_cdiv(n_rows, br),), in_specs=in_specs,
+        kernel, out_shape=out_shape, grid=(cdiv(n_rows, br),), in_specs=in_specs,
         out_specs=out_specs, interpret=interpret,
-        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         name="layer_norm_fwd" if layer else "rms_norm_fwd",
     )(*ins)
 
@@ -216,17 +200,17 @@ def _bwd_kernel(*refs, n_rows: int, dim: int, steps: int, layer: bool, has_bias:
     block_rows = x_ref.shape[0] // steps
     base = pl.program_id(0) * (block_rows * steps)
     cmask = jnp.arange(block_dim) < dim
-    w = _load(w_ref, mask=cmask, other=0).astype(jnp.float32)
+    w = load(w_ref, mask=cmask, other=0).astype(jnp.float32)
 
     def body(j, carry):
         start = j * block_rows
         rmask, _, mask = _masks(base + start, block_rows, block_dim, n_rows, dim)
         rows = pl.ds(start, block_rows)
-        x = _load(x_ref.at[rows, :], mask=mask, other=0).astype(jnp.float32)
-        dy = _load(dy_ref.at[rows, :], mask=mask, other=0).astype(jnp.float32)
-        rstd = _load(rstd_ref.at[rows], mask=rmask, other=0)
+        x = load(x_ref.at[rows, :], mask=mask, other=0).astype(jnp.float32)
+        dy = load(dy_ref.at[rows, :], mask=mask, other=0).astype(jnp.float32)
+        rstd = load(rstd_ref.at[rows], mask=rmask, other=0)
         if layer:
-            mean = _load(mean_ref.at[rows], mask=rmask, other=0)
+            mean = load(mean_ref.at[rows], mask=rmask, other=0)
             xhat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         else:
             xhat = x * rstd[:, None]
@@ -236,7 +220,7 @@ def _bwd_kernel(*refs, n_rows: int, dim: int, steps: int, layer: bool, has_bias:
             dx = (g - jnp.sum(g, axis=1, keepdims=True) / dim - xhat * proj) * rstd[:, None]
         else:
             dx = (g - xhat * proj) * rstd[:, None]
-        _store(dx_ref.at[rows, :], dx.astype(dx_ref.dtype), mask=mask)
+        store(dx_ref.at[rows, :], dx.astype(dx_ref.dtype), mask=mask)
         dw_acc, db_acc = carry
         return dw_acc + jnp.sum(dy * xhat, axis=0), db_acc + jnp.sum(dy, axis=0)
 
@@ -254,10 +238,10 @@ def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig,
     br, bd = cfg.block_rows, cfg.block_dim
     steps = _bwd_steps(n_rows, br)
     rows = br * steps
-    n_prog = _cdiv(n_rows, rows)
+    n_prog = cdiv(n_rows, rows)
     row_spec = pl.BlockSpec((rows, bd), lambda i: (i, 0))
     stat_spec = pl.BlockSpec((rows,), lambda i: (i,))
-    part_spec = pl.BlockSpec((_SQUEEZED, bd), lambda i: (i, 0))
+    part_spec = pl.BlockSpec((SQUEEZED, bd), lambda i: (i, 0))
     part = jax.ShapeDtypeStruct((n_prog, bd), jnp.float32)
     in_specs = [row_spec, pl.BlockSpec((bd,), lambda i: (0,)), row_spec]
     in_specs += [stat_spec] * len(stats)
@@ -271,7 +255,7 @@ def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig,
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n_prog,), in_specs=in_specs, out_specs=out_specs,
         interpret=interpret,
-        compiler_params=_CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         name="layer_norm_bwd" if layer else "rms_norm_bwd",
     )(x, weight, dy, *stats)
     dx, *parts = outs

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cuda_lowering import export_cuda, triton_calls
 
 from pallas_kernels import cross_entropy as ce
 
@@ -18,8 +19,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # interpret mode): f32 <= 7e-7; bf16 <= 3e-3 (the kernel rounds dlogits to bf16 before the dh / dw
 # matmuls, the reference keeps them in f32).
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
-TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
 
 
 def _inputs(lead, d, vocab, dtype, i=0):
@@ -147,25 +146,6 @@ def test_peak_memory_is_an_eighth_of_naive(with_grad):
 # ------------------------------------------------------------------------------ GPU lowering
 
 
-def _export_cuda(f, *args) -> str:
-    """Lower f for CUDA (runs the real Pallas -> Triton lowering) and return the module text."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS]
-    try:
-        exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
-    except RuntimeError as e:
-        # Newer jaxlib compiles Triton to PTX inside the lowering, through a handler that only
-        # the CUDA plugin registers; jaxlib 0.10.2 embeds the Triton IR.
-        if "Triton compilation handler" in str(e):
-            pytest.skip(f"this jaxlib lowers Pallas/Triton only with the CUDA plugin: {e}")
-        raise
-    return exported.mlir_module()
-
-
-def _triton_calls(text: str) -> int:
-    """Number of Triton kernel custom calls in exported StableHLO."""
-    return sum(text.count(t) for t in TRITON_TARGETS)
-
-
 EXAMPLES = ce.config_examples()
 
 
@@ -194,9 +174,9 @@ def test_cuda_lowering_of_every_heuristic_config(cfg):
         return jnp.sum(ce.linear_cross_entropy(h, w, y, z_loss=1e-4, config=cfg, interpret=False,
                                                vocab_splits=2, chunk_tokens=cfg.block_tokens))
 
-    text = _export_cuda(jax.value_and_grad(loss, argnums=(0, 1)),
-                        sds((t, d), dtype), sds((d, v), dtype), sds((t,), jnp.int32))
-    assert _triton_calls(text) == 4  # forward, dlogits, dh, dw
+    text = export_cuda(jax.value_and_grad(loss, argnums=(0, 1)),
+                       sds((t, d), dtype), sds((d, v), dtype), sds((t,), jnp.int32))
+    assert triton_calls(text) == 4  # forward, dlogits, dh, dw
 
 
 def test_cuda_lowering_at_the_default_plan():
@@ -208,9 +188,9 @@ def test_cuda_lowering_at_the_default_plan():
         return jnp.sum(ce.linear_cross_entropy(h, w, y, interpret=False,
                                                device_kind="NVIDIA H100 80GB HBM3"))
 
-    text = _export_cuda(jax.value_and_grad(loss, argnums=(0, 1)), sds((t, d), jnp.bfloat16),
-                        sds((d, v), jnp.bfloat16), sds((t,), jnp.int32))
-    assert _triton_calls(text) == 4
+    text = export_cuda(jax.value_and_grad(loss, argnums=(0, 1)), sds((t, d), jnp.bfloat16),
+                       sds((d, v), jnp.bfloat16), sds((t,), jnp.int32))
+    assert triton_calls(text) == 4
 
 
 # -------------------------------------------------------------------------------------- GPU

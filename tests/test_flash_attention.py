@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
+from cuda_lowering import export_cuda, triton_calls
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.flash_attention import (
@@ -233,9 +233,6 @@ def test_errors_name_the_constraint():
 # ---------------------------------------------------------------------------------------------
 # GPU lowering on CPU: the real Pallas -> Triton lowering through jax.export for CUDA.
 
-# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
-TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
-
 
 def _export_fwd_bwd(b: int, tq: int, tk: int, h: int, kh: int, d: int, dtype, *, causal: bool,
                     segments: bool = False, **kw):
@@ -250,23 +247,7 @@ def _export_fwd_bwd(b: int, tq: int, tk: int, h: int, kh: int, d: int, dtype, *,
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(do)
 
-    try:
-        exported = export.export(
-            jax.jit(f), platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS],
-        )(q, kv, kv, q, seg)
-    except RuntimeError as e:
-        # jaxlib > 0.10.2 compiles the Triton module to PTX inside the lowering, through a
-        # handler that only the CUDA plugin registers; jaxlib 0.10.2 embeds the Triton IR.
-        if "Triton compilation handler" in str(e):
-            pytest.skip(f"this jaxlib lowers Pallas/Triton only with the CUDA plugin: {e}")
-        raise
-    return exported.mlir_module()
-
-
-def _triton_calls(text: str) -> int:
-    """Number of Triton kernel custom calls in exported StableHLO."""
-    return sum(text.count(t) for t in TRITON_TARGETS)
+    return export_cuda(f, q, kv, kv, q, seg)
 
 
 _LOWER_CASES = [(fam, kind, d, causal) for fam, kind in sorted(fa.FAMILY_EXAMPLES.items())
@@ -279,7 +260,7 @@ def test_lowers_for_cuda_every_heuristic_config(family: str, device_kind: str, h
     """Every table entry (fwd, dq, dkdv kernels), as the heuristics pick it at seq 1024."""
     text = _export_fwd_bwd(1, 1024, 1024, 4, 4, head_dim, jnp.bfloat16, causal=causal,
                            device_kind=device_kind)
-    assert _triton_calls(text) == 3  # fwd, dq, dkdv
+    assert triton_calls(text) == 3  # fwd, dq, dkdv
 
 
 def test_heuristic_cases_cover_every_config():
@@ -303,7 +284,7 @@ def test_lowers_for_cuda_variants(kw):
     for t in (1000, 37):
         text = _export_fwd_bwd(2, t, t, kw["h"], kw["kh"], kw["d"], dtype, causal=kw["causal"],
                                segments=kw["segments"], device_kind=fa.FAMILY_EXAMPLES["hopper"])
-        assert _triton_calls(text) == 3
+        assert triton_calls(text) == 3
 
 
 def test_non_power_of_two_block_fails_lowering(monkeypatch):

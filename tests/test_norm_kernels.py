@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cuda_lowering import export_cuda, triton_calls
 
 from framework.ops.norms import layer_norm_xla, rms_norm_xla
 from pallas_kernels import norms
@@ -18,8 +19,6 @@ KEY = jax.random.key(7)
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 # Interpret-mode kernels are big CPU programs; XLA's -O0 halves their compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
-TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
 
 
 def _inputs(shape, dtype, i=0):
@@ -127,25 +126,6 @@ def test_supports_and_errors():
         norms.layer_norm(x, jnp.ones((8,)), block_rows=3, interpret=True)
 
 
-def _export_cuda(f, *args) -> str:
-    """Lower f for CUDA (runs the real Pallas -> Triton lowering) and return the module text."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS]
-    try:
-        exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
-    except RuntimeError as e:
-        # Newer jaxlib compiles Triton to PTX inside the lowering, through a handler that only
-        # the CUDA plugin registers; jaxlib 0.10.2 embeds the Triton IR.
-        if "Triton compilation handler" in str(e):
-            pytest.skip(f"this jaxlib lowers Pallas/Triton only with the CUDA plugin: {e}")
-        raise
-    return exported.mlir_module()
-
-
-def _triton_calls(text: str) -> int:
-    """Number of Triton kernel custom calls in exported StableHLO."""
-    return sum(text.count(t) for t in TRITON_TARGETS)
-
-
 EXAMPLES = norms.config_examples()
 
 
@@ -166,8 +146,8 @@ def test_cuda_lowering_of_every_heuristic_config(cfg):
         y2 = norms.layer_norm(x, w, b, config=cfg, interpret=False)
         return jnp.sum(y1.astype(jnp.float32) * y2.astype(jnp.float32))
 
-    text = _export_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, vec, vec)
-    assert _triton_calls(text) == 4  # 2 forward + 2 backward kernels
+    text = export_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, vec, vec)
+    assert triton_calls(text) == 4  # 2 forward + 2 backward kernels
 
 
 def test_cuda_lowering_rejects_non_power_of_two_tile():
@@ -175,8 +155,8 @@ def test_cuda_lowering_rejects_non_power_of_two_tile():
     bad = norms.NormConfig(block_rows=3, block_dim=128, num_warps=4)
     x = jax.ShapeDtypeStruct((7, 100), jnp.float32)
     with pytest.raises(Exception, match="power of 2"):
-        _export_cuda(lambda x: norms.rms_norm(x, jnp.ones((100,)), config=bad, interpret=False),
-                     x)
+        export_cuda(lambda x: norms.rms_norm(x, jnp.ones((100,)), config=bad, interpret=False),
+                    x)
 
 
 def _assert_rel_close(got, want, tol):
