@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from multiprocess import distributed_overrides, free_port, run_all
 
 from framework.config import ConfigError, load_config
 from framework.config.schema import Config
@@ -286,28 +287,11 @@ def test_safetensors_export_round_trip(straight, tmp_path, env):
 def test_restore_with_two_processes_continues_the_run(env, straight, at_half, tmp_path):
     """A checkpoint written by 1 process x 8 devices resumes in 2 processes x 4 devices (gloo):
     the first resumed step's loss equals the uninterrupted run's, and the run finishes."""
-    import socket
-
     run_dir = _copy(at_half, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env4 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
-        _cmd(run_dir, "mesh.data=2", "mesh.fsdp=4",
-             f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
-             "mesh.distributed.num_processes=2", f"mesh.distributed.process_id={i}",
-             "mesh.distributed.timeout_s=60"),
-        env=env4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_all([_cmd(run_dir, "mesh.data=2", "mesh.fsdp=4", *distributed_overrides(port, i))
+             for i in range(2)], env=env4)
     assert step_dirs(run_dir / "tiny_lm/checkpoints")[-1] == STEPS
     resumed, straight_losses = _losses(run_dir), _losses(straight)
     first = STEPS // 2 + 1

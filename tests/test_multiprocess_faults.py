@@ -3,24 +3,19 @@ within the configured heartbeat timeout instead of hanging."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from multiprocess import distributed_overrides, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_survivor_exits_when_a_peer_is_killed(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -29,9 +24,7 @@ def test_survivor_exits_when_a_peer_is_killed(tmp_path):
         return subprocess.Popen(
             [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny/lm.yaml"),
              f"run.dir={tmp_path}", "train.steps=100000", "train.log_every=1",
-             f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
-             "mesh.distributed.num_processes=2", f"mesh.distributed.process_id={i}",
-             "mesh.distributed.timeout_s=60",
+             *distributed_overrides(port, i),
              f"mesh.distributed.heartbeat_timeout_s={HEARTBEAT_S}"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

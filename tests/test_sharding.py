@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from multiprocess import distributed_overrides, free_port, run_all
 
 from framework.config import ConfigError, load_config
 from framework.config.schema import Config
@@ -143,14 +144,6 @@ print(json.dumps({"devices": trainer.mesh.devices.size, "losses": losses}))
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("layout", [
     ["mesh.data=2", "mesh.fsdp=4"],
     # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
@@ -164,26 +157,12 @@ def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
     for _ in range(5):
         state, metrics = trainer.train_step(state, next(trainer.train_data))
         expected.append(float(metrics["loss"]))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(TINY), *DIMS, *overrides,
-         f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
-         "mesh.distributed.num_processes=2", f"mesh.distributed.process_id={i}",
-         "mesh.distributed.timeout_s=60"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    for out, _ in outs:
+    outs = run_all([[sys.executable, "-c", _WORKER, str(TINY), *DIMS, *overrides,
+                     *distributed_overrides(port, i)] for i in range(2)], cwd=ROOT, env=env)
+    for out in outs:
         result = json.loads(out.strip().splitlines()[-1])
         assert result["devices"] == 8
         np.testing.assert_allclose(result["losses"], expected, rtol=1e-5, atol=1e-6)
