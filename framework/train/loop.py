@@ -272,6 +272,10 @@ class Trainer:
             dump_resolved(cfg, self.run_dir)
         state = self.restore_or_init() if state is None else state
         start = int(state["step"])
+        if start >= tc.steps:
+            log.warning("the run in %s already reached train.steps=%d (checkpoint.resume=auto); "
+                        "raise train.steps to continue, or use checkpoint.resume=fresh or "
+                        "another run.name to train again", self.run_dir, tc.steps)
         if cfg.checkpoint.enabled:
             self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint)
         every = cfg.checkpoint.every
