@@ -3,6 +3,7 @@ kernels (interpret mode) equal to the XLA path, alone and under a mesh via shard
 
 import logging
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def _setup(**kw):
 
 
 def _close(a, b, tol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=tol, rtol=tol), a, b)
+    chex.assert_trees_all_close(a, b, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("style", [{}, dict(position="learned", norm="layernorm",

@@ -1,5 +1,6 @@
 """Transformer: causality, scan vs unroll, remat, precision policy, error paths."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,7 @@ def test_scanned_and_unrolled_agree(style):
     loss_s, grads_s = _loss_and_grads(cfg, params, tokens, key)
     loss_u, grads_u = _loss_and_grads(unrolled, params, tokens, key)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                 grads_s, grads_u)
+    chex.assert_trees_all_close(grads_s, grads_u, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch"])
@@ -56,8 +56,7 @@ def test_remat_policies_leave_gradients_unchanged(remat):
     loss_ref, grads_ref = _loss_and_grads(cfg, params, tokens)
     loss_r, grads_r = _loss_and_grads(cfg.model_copy(update={"remat": remat}), params, tokens)
     np.testing.assert_allclose(loss_ref, loss_r, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 grads_ref, grads_r)
+    chex.assert_trees_all_close(grads_ref, grads_r, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("output_dtype", ["float32", "bfloat16"])
