@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from framework.nn.errors import check_float, check_int, check_last_dim
 from framework.nn.param import Param
+from framework.parallel.logical import constrain
 
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 zeros = jax.nn.initializers.zeros
@@ -38,7 +39,10 @@ def embedding_spec(vocab: int, dim: int, axes=("vocab", "embed"), std: float = 0
 def embed(params: dict, tokens: jax.Array, dtype=None) -> jax.Array:
     """Look up rows of the table: [...] int -> [..., dim]."""
     check_int(tokens, "tokens")
-    table = params["embedding"]
+    # Gather from a whole table (FSDP all-gathers weights for compute anyway): the partitioner
+    # cannot gather rows of a vocab/embed-split table into batch-split activations without a
+    # full rematerialization. A no-op without a mesh.
+    table = constrain(params["embedding"], (None, None))
     return jnp.take(table.astype(dtype or table.dtype), tokens, axis=0)
 
 
