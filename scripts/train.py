@@ -9,6 +9,7 @@ plots and checkpoints/."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -21,8 +22,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _log_framework_messages() -> None:
+    """Show the framework's INFO messages (e.g. which kernel `impl=auto` chose) on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("framework")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _log_framework_messages()
     from framework.config import exit_on_config_error, load_config
     from framework.config.loader import _die
     from framework.config.schema import Config

@@ -191,6 +191,10 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     assert int(state["step"]) == before
     assert f"{ckpts / str(newest)}" in caplog.text and "unreadable" in caplog.text
     _assert_same(jax.device_get(state["params"]), _read(straight, "params", before)[1])
+    trainer.run(state)  # trains the lost steps again and rewrites the damaged checkpoint
+    step, params = _read(run_dir, "params")
+    assert step == newest
+    _assert_same(params, _read(straight, "params")[1])
 
 
 def test_only_unreadable_checkpoints_is_an_error(straight, tmp_path):

@@ -25,6 +25,8 @@ def _run(*args, cwd=ROOT):
     ((TINY, "data.batch_size=12"), "data.batch_size"),  # 12 rows over 8 devices
     ((str(ROOT / "configs/missing.yaml"),), "missing.yaml"),
     ((TINY, "data.source=text", "data.paths=[/no/such/dir]"), "/no/such/dir"),
+    ((TINY, "data.seq_len=64"), "model.max_seq_len"),
+    ((TINY, "model.attention_impl=cudnn"), "attention_impl=cudnn"),
 ])
 def test_user_mistakes_exit_2_with_one_line(args, needle, tmp_path):
     done = _run(*args, f"run.dir={tmp_path}")

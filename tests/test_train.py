@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from framework import models
@@ -133,3 +134,27 @@ def test_profiler_trace_over_configured_steps(tmp_path):
     trainer.run()
     traces = list((tmp_path / "tiny_lm" / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])
+def test_weight_decay_scales_with_the_learning_rate(name):
+    """With zero gradients only decay moves params: about lr * wd per step, and never on
+    biases/norm scales (catches a decay that ignores the learning rate)."""
+    params = {"w": {"kernel": jnp.ones((4, 256)), "bias": jnp.ones((256,))}}
+    lr, wd, steps = 1e-2, 0.1, 10
+    tx = make_optimizer(OptimConfig(name=name, learning_rate=lr, warmup_steps=0,
+                                    schedule="constant", weight_decay=wd, clip_norm=None), steps)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(steps):
+        updates, state = tx.update(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+    kernel = float(params["w"]["kernel"].mean())
+    assert 1 - 2 * steps * lr * wd < kernel < 1 - 0.5 * steps * lr * wd, kernel
+    np.testing.assert_array_equal(params["w"]["bias"], 1.0)
+
+
+def test_no_held_out_data_skips_evaluation(tmp_path):
+    summary = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.steps=4",
+                       "data.val_fraction=0", "checkpoint.enabled=false").run()
+    assert summary["step"] == 4 and summary["eval"] == {}

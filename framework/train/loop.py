@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -49,6 +50,14 @@ def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
     if vocab is not None and getattr(cfg.model, "vocab_size", vocab) < vocab:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
                           f"data's vocabulary ({vocab})")
+    max_len = getattr(cfg.model, "max_seq_len", None)
+    if (vocab is not None and max_len is not None and getattr(cfg.model, "position", "") ==
+            "learned" and cfg.data.seq_len > max_len):
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len "
+                          f"({max_len}) of the learned position table")
+    if "cudnn" in (getattr(cfg.model, "attention_impl", ""),) and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (backend is "
+                          f"{jax.default_backend()}); use auto, pallas or xla")
     n_classes = meta.get("num_classes")
     if n_classes is not None and getattr(cfg.model, "num_classes", n_classes) < n_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the "
@@ -66,6 +75,8 @@ def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | 
     `put` places a process-local host batch on the devices."""
     results = [eval_fn(state["params"], state["model_state"], put(b))
                for b in eval_set.batches(n_batches)]
+    if not results:  # no held-out data (e.g. data.val_fraction=0)
+        return {}
     out = _mean_metrics(jax.device_get(results))
     if bytes_per_token:
         out["bits_per_byte"] = out["loss"] / math.log(2) / bytes_per_token
@@ -181,6 +192,8 @@ class Trainer:
             log.warning("no complete checkpoint in %s; starting from scratch", source)
             return self.init_state()
         step, arrays, data_state, meta = found
+        if own:
+            self._drop_unreadable_after(step)
         if params_only:
             fresh = self.init_state()
             state = fresh | {"params": arrays["params"], "model_state": arrays["model_state"]}
@@ -194,6 +207,18 @@ class Trainer:
         log.warning("resumed from %s step %d", source, step)
         return arrays | {"step": jax.device_put(np.int32(meta["step"]),
                                                 self.state_sharding["step"])}
+
+    def _drop_unreadable_after(self, step: int) -> None:
+        """Delete checkpoints newer than the one restored (they failed to read), so the run
+        writes them again instead of skipping steps it believes are saved."""
+        newer = [s for s in ckpt.step_dirs(self.ckpt_dir) if s > step]
+        if newer and self.is_main:
+            for s in newer:
+                log.warning("removing unreadable checkpoint %s", self.ckpt_dir / str(s))
+                shutil.rmtree(self.ckpt_dir / str(s), ignore_errors=True)
+        if newer and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("framework-drop-unreadable-checkpoints")
 
     def train_step(self, state, batch: dict):
         """One optimizer step on a process-local host batch: (new state, device metrics)."""
@@ -267,7 +292,11 @@ class Trainer:
 
     def run(self, state=None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"run.dir: cannot create run directory {self.run_dir} "
+                              f"({e.strerror})") from e
         if self.is_main:
             dump_resolved(cfg, self.run_dir)
         state = self.restore_or_init() if state is None else state
@@ -318,8 +347,10 @@ class Trainer:
                 if (step + 1) % tc.eval_every == 0 or done:
                     last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
                                          self.meta.get("bytes_per_token"), self.put)
-                    writer.write(step + 1, last_eval, "eval")
-                    t_last = time.perf_counter()  # evaluation time is not step time
+                    if last_eval:
+                        writer.write(step + 1, last_eval, "eval")
+                    # evaluation time is not step time: restart the throughput window
+                    t_last, steps_since = time.perf_counter(), 0
                 if interrupt:
                     stopped = (signal.Signals(self._stop_signal).name if self._stop_signal
                                else f"train.stop_at={tc.stop_at}")

@@ -74,12 +74,17 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                           mask=mask)
     elif cfg.name == "sgd":
+        # Momentum on the gradient only; decay added after it and scaled by the lr, so it is
+        # decoupled (lr * wd * param per step) as in adamw, not amplified by the momentum.
         opt = optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask) if cfg.weight_decay else
-            optax.identity(),
-            optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+            optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
+            optax.add_decayed_weights(cfg.weight_decay, mask),
+            optax.scale_by_learning_rate(lr))
     else:
-        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
+        # optax adds adafactor's decay after the lr scaling: scale it by the schedule so it is
+        # decoupled weight decay like adamw's (lr * wd * param), not wd * param per step.
+        decay = (lambda step: cfg.weight_decay * lr(step)) if cfg.weight_decay else None
+        opt = optax.adafactor(lr, weight_decay_rate=decay,
                               weight_decay_mask=mask)
     if cfg.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)

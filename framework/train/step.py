@@ -46,7 +46,9 @@ def _split_micro(batch: dict, n: int) -> dict:
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        # Micro-batch i takes rows i, i+n, i+2n, ...: with the batch split over devices each
+        # device keeps its own rows (a contiguous split would move rows between devices).
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
 
