@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from multiprocess import distributed_overrides, free_port, run_all
+from mp_launch import distributed_overrides, free_port, run_all
 
 from framework.config import ConfigError, load_config
 from framework.config.schema import Config

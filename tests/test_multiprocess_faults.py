@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from multiprocess import distributed_overrides, free_port
+from mp_launch import distributed_overrides, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5
