@@ -276,6 +276,19 @@ def test_nonfinite_skip_drops_updates_and_counts_them(at_half, tmp_path):
     _assert_same(params, _read(at_half, "params", STEPS // 2)[1])  # no update was applied
 
 
+def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
+    """A checkpoint written between log lines still counts the skips since the last line."""
+    run_dir = _copy(at_half, tmp_path)
+    trainer = _trainer(run_dir, "optim.learning_rate=1e39", "train.nonfinite=skip",
+                       "train.log_every=5", "checkpoint.every=2",
+                       f"train.stop_at={STEPS // 2 + 4}")
+    trainer.run()
+    step, meta = _read(run_dir, "meta")
+    assert step == STEPS // 2 + 4 and meta["skipped_steps"] == 4
+    step, meta = _read(run_dir, "meta", STEPS // 2 + 2)
+    assert meta["skipped_steps"] == 2
+
+
 def test_safetensors_export_round_trip(straight, tmp_path, env):
     out = tmp_path / "model.safetensors"
     done = subprocess.run([sys.executable, str(ROOT / "scripts/export_safetensors.py"),

@@ -281,12 +281,15 @@ class Trainer:
                                  f"(loss={m['loss']}, grad_norm={m['grad_norm']}); {kept}")
         return out
 
-    def _save(self, state) -> None:
-        """Hand the (finite) state to the async checkpointer; the step does not wait."""
+    def _save(self, state, unlogged: list[tuple[int, dict]]) -> None:
+        """Hand the (finite) state to the async checkpointer; the step does not wait.
+        `unlogged` holds the fetched metrics of steps since the last log line (their skipped
+        updates are not yet in self.skipped_steps)."""
         if self.checkpointer is None:
             return
         step = int(state["step"])
-        meta = {"step": step, "skipped_steps": self.skipped_steps}
+        skipped = self.skipped_steps + sum(int(m.get("skipped", 0)) for _, m in unlogged)
+        meta = {"step": step, "skipped_steps": skipped}
         self.checkpointer.save(state, self.train_data.get_state(),
                                self.cfg.model_dump(mode="json"), meta)
 
@@ -343,7 +346,7 @@ class Trainer:
                     pending, t_last, steps_since = [], now, 0
                 if (step + 1) % every == 0 or done or interrupt:
                     pending = self._check_finite(pending)  # never checkpoint a bad state
-                    self._save(state)
+                    self._save(state, pending)
                 if (step + 1) % tc.eval_every == 0 or done:
                     last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
                                          self.meta.get("bytes_per_token"), self.put)
