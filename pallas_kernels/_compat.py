@@ -1,4 +1,4 @@
-"""Absorbs Pallas API differences between jax releases; also the static-int helpers kernels share.
+"""Absorbs Pallas API differences between jax releases; also small helpers the kernels share.
 
 The Triton compiler params and the masked load/store moved between jax releases (`plgpu` vs
 `pl`, `CompilerParams` vs `TritonCompilerParams`), and the marker of a squeezed block dim
@@ -28,3 +28,11 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def device_row(table: dict, device_kind: str | None):
+    """The entry of a per-device heuristic table whose key occurs in `device_kind` (lowercase
+    keys such as "h100"), else its "default" entry."""
+    kind = (device_kind or "").lower()
+    return next((row for key, row in table.items() if key != "default" and key in kind),
+                table["default"])

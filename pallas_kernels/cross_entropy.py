@@ -29,7 +29,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import SQUEEZED, CompilerParams, cdiv, load, next_pow2, store
+from pallas_kernels._compat import (
+    SQUEEZED,
+    CompilerParams,
+    cdiv,
+    device_row,
+    load,
+    next_pow2,
+    store,
+)
 
 _NEG = -1e30  # finite "minus infinity": a fully masked tile must not produce inf - inf = nan
 _F32 = jnp.float32
@@ -78,15 +86,6 @@ _DEVICE_TABLE = {
 }
 
 
-def _device_key(device_kind: str | None) -> str:
-    """Row of the heuristic table for a `jax.Device.device_kind` string."""
-    kind = (device_kind or "").lower()
-    for key in _DEVICE_TABLE:
-        if key != "default" and key in kind:
-            return key
-    return "default"
-
-
 def _clamp_block(block: int, extent: int) -> int:
     """`block`, shrunk (power of two, >= 16) when the extent is smaller than it."""
     return max(MIN_BLOCK, min(block, next_pow2(max(int(extent), 1))))
@@ -95,7 +94,7 @@ def _clamp_block(block: int, extent: int) -> int:
 def choose_config(n_tokens: int, dim: int, vocab: int, dtype,
                   device_kind: str | None = None) -> CEConfig:
     """Heuristic tiles for (tokens, d, vocab, dtype, device); f32 halves the K-step."""
-    row = _DEVICE_TABLE[_device_key(device_kind)]
+    row = device_row(_DEVICE_TABLE, device_kind)
     block_k = row.block_k // 2 if jnp.dtype(dtype).itemsize >= 4 else row.block_k
     return CEConfig(
         block_tokens=_clamp_block(row.block_tokens, n_tokens),
@@ -131,7 +130,7 @@ def all_configs(device_kinds: Iterable[str] | None = None) -> list[CEConfig]:
 def _plan(n_tokens: int, vocab: int, cfg: CEConfig, itemsize: int, device_kind: str | None,
           vocab_splits: int | None, chunk_tokens: int | None) -> tuple[int, int]:
     """(vocab splits of the forward grid, backward token chunk) for this problem size."""
-    row = _DEVICE_TABLE[_device_key(device_kind)]
+    row = device_row(_DEVICE_TABLE, device_kind)
     n_vb = cdiv(vocab, cfg.block_vocab)
     if vocab_splits is None:
         n_tb = cdiv(n_tokens, cfg.block_tokens)

@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import SQUEEZED, CompilerParams, cdiv, load, next_pow2, store
+from pallas_kernels._compat import (
+    SQUEEZED,
+    CompilerParams,
+    cdiv,
+    device_row,
+    load,
+    next_pow2,
+    store,
+)
 
 MAX_DIM = 16384
 MIN_BLOCK_DIM = 16
@@ -50,15 +58,6 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
 
-def _device_key(device_kind: str | None) -> str:
-    """Row of the heuristic table for a `jax.Device.device_kind` string."""
-    kind = (device_kind or "").lower()
-    for key in _DEVICE_TILE:
-        if key != "default" and key in kind:
-            return key
-    return "default"
-
-
 def _default_device_kind() -> str:
     """The device kind of the default backend's first device."""
     return jax.devices()[0].device_kind
@@ -75,7 +74,7 @@ def choose_block_rows(n_rows: int, dim: int, dtype, device_kind: str | None = No
     `n_rows` is accepted for the signature's sake; the tile does not depend on it so that the set
     of reachable configs stays small enough to lower-check every one."""
     del n_rows
-    tile_bytes, max_warps = _DEVICE_TILE[_device_key(device_kind)]
+    tile_bytes, max_warps = device_row(_DEVICE_TILE, device_kind)
     bd = block_dim_for(dim)
     itemsize = jnp.dtype(dtype).itemsize
     block_rows = min(MAX_BLOCK_ROWS, _pow2_floor(max(1, tile_bytes // (bd * itemsize))))
