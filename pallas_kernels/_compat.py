@@ -11,9 +11,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # `CompilerParams` in current jax; `TritonCompilerParams` in older releases.
-CompilerParams = next(p for p in (getattr(plgpu, "CompilerParams", None),
-                                  getattr(plgpu, "TritonCompilerParams", None),
-                                  getattr(pl, "TritonCompilerParams", None)) if p is not None)
+CompilerParams = next(
+    p
+    for p in (
+        getattr(plgpu, "CompilerParams", None),
+        getattr(plgpu, "TritonCompilerParams", None),
+        getattr(pl, "TritonCompilerParams", None),
+    )
+    if p is not None
+)
 # Masked load/store: `plgpu.load` / `plgpu.store` in current jax, `pl.load` / `pl.store` before.
 load = getattr(plgpu, "load", None) or pl.load
 store = getattr(plgpu, "store", None) or pl.store
@@ -34,5 +40,6 @@ def device_row(table: dict, device_kind: str | None):
     """The entry of a per-device heuristic table whose key occurs in `device_kind` (lowercase
     keys such as "h100"), else its "default" entry."""
     kind = (device_kind or "").lower()
-    return next((row for key, row in table.items() if key != "default" and key in kind),
-                table["default"])
+    return next(
+        (row for key, row in table.items() if key != "default" and key in kind), table["default"]
+    )

@@ -57,17 +57,26 @@ def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tune(kernel: str, key: dict[str, Any], candidates: Sequence[dict[str, Any]],
-         make_run: Callable[[dict[str, Any]], Callable[[], Any]], *, reps: int = 3,
-         path: Path | None = None) -> dict[str, Any]:
+def tune(
+    kernel: str,
+    key: dict[str, Any],
+    candidates: Sequence[dict[str, Any]],
+    make_run: Callable[[dict[str, Any]], Callable[[], Any]],
+    *,
+    reps: int = 3,
+    path: Path | None = None,
+) -> dict[str, Any]:
     """The fastest of `candidates` for this key, from the cache or by timing each once.
 
     make_run(candidate) returns a no-argument function that runs the kernel on concrete inputs.
     A candidate that fails to compile or run is skipped; if all fail, the first is returned
     (the caller's heuristic) and nothing is cached."""
     path = cache_path() if path is None else path
-    entry_key = json.dumps({"kernel": kernel, "device": jax.devices()[0].device_kind, **key},
-                           sort_keys=True, default=str)
+    entry_key = json.dumps(
+        {"kernel": kernel, "device": jax.devices()[0].device_kind, **key},
+        sort_keys=True,
+        default=str,
+    )
     cache = _load(path)
     if entry_key in cache:
         return cache[entry_key]["config"]
@@ -81,7 +90,10 @@ def tune(kernel: str, key: dict[str, Any], candidates: Sequence[dict[str, Any]],
         return dict(candidates[0])
     best_time, best = min(timings, key=lambda t: t[0])
     cache = _load(path)  # re-read: another process may have written meanwhile
-    cache[entry_key] = {"config": dict(best), "seconds": best_time,
-                        "tried": [{"config": dict(c), "seconds": s} for s, c in timings]}
+    cache[entry_key] = {
+        "config": dict(best),
+        "seconds": best_time,
+        "tried": [{"config": dict(c), "seconds": s} for s, c in timings],
+    }
     _store(path, cache)
     return dict(best)

@@ -91,8 +91,9 @@ def _clamp_block(block: int, extent: int) -> int:
     return max(MIN_BLOCK, min(block, next_pow2(max(int(extent), 1))))
 
 
-def choose_config(n_tokens: int, dim: int, vocab: int, dtype,
-                  device_kind: str | None = None) -> CEConfig:
+def choose_config(
+    n_tokens: int, dim: int, vocab: int, dtype, device_kind: str | None = None
+) -> CEConfig:
     """Heuristic tiles for (tokens, d, vocab, dtype, device); f32 halves the K-step."""
     row = device_row(_DEVICE_TABLE, device_kind)
     block_k = row.block_k // 2 if jnp.dtype(dtype).itemsize >= 4 else row.block_k
@@ -117,8 +118,10 @@ def config_examples(device_kinds: Iterable[str] | None = None) -> dict[CEConfig,
             for t in extents:
                 for d in extents:
                     for v in extents:
-                        out.setdefault(choose_config(t, d, v, dtype, kind),
-                                       (t, d, v, jnp.dtype(dtype).name, kind))
+                        out.setdefault(
+                            choose_config(t, d, v, dtype, kind),
+                            (t, d, v, jnp.dtype(dtype).name, kind),
+                        )
     return dict(sorted(out.items(), key=lambda kv: dataclasses.astuple(kv[0])))
 
 
@@ -127,8 +130,15 @@ def all_configs(device_kinds: Iterable[str] | None = None) -> list[CEConfig]:
     return list(config_examples(device_kinds))
 
 
-def _plan(n_tokens: int, vocab: int, cfg: CEConfig, itemsize: int, device_kind: str | None,
-          vocab_splits: int | None, chunk_tokens: int | None) -> tuple[int, int]:
+def _plan(
+    n_tokens: int,
+    vocab: int,
+    cfg: CEConfig,
+    itemsize: int,
+    device_kind: str | None,
+    vocab_splits: int | None,
+    chunk_tokens: int | None,
+) -> tuple[int, int]:
     """(vocab splits of the forward grid, backward token chunk) for this problem size."""
     row = device_row(_DEVICE_TABLE, device_kind)
     n_vb = cdiv(vocab, cfg.block_vocab)
@@ -173,15 +183,28 @@ def _logit_tile(h_ref, w_ref, col_off, rmask, cmask, *, dim: int, block_k: int, 
         kk = pl.ds(k * block_k, block_k)
         kmask = (k * block_k + jnp.arange(block_k)) < dim
         hk = load(h_ref.at[:, kk], mask=rmask[:, None] & kmask[None, :], other=0)
-        wk = load(w_ref.at[kk, pl.ds(col_off, bv)], mask=kmask[:, None] & cmask[None, :],
-                  other=0)
+        wk = load(w_ref.at[kk, pl.ds(col_off, bv)], mask=kmask[:, None] & cmask[None, :], other=0)
         return acc + jnp.dot(hk.astype(cdt), wk.astype(cdt), preferred_element_type=_F32)
 
     return jax.lax.fori_loop(0, n_k, body, jnp.zeros((bt, bv), _F32))
 
 
-def _fwd_kernel(h_ref, w_ref, lab_ref, m_ref, se_ref, t_ref, *, n_tokens: int, dim: int,
-                vocab: int, blocks_per_split: int, block_vocab: int, block_k: int, cdt):
+def _fwd_kernel(
+    h_ref,
+    w_ref,
+    lab_ref,
+    m_ref,
+    se_ref,
+    t_ref,
+    *,
+    n_tokens: int,
+    dim: int,
+    vocab: int,
+    blocks_per_split: int,
+    block_vocab: int,
+    block_k: int,
+    cdt,
+):
     """Online (max, sum exp, label logit) over this split's vocab blocks for one token block."""
     bt = h_ref.shape[0]
     rmask = (pl.program_id(0) * bt + jnp.arange(bt)) < n_tokens
@@ -192,8 +215,9 @@ def _fwd_kernel(h_ref, w_ref, lab_ref, m_ref, se_ref, t_ref, *, n_tokens: int, d
         m, se, t = carry
         cols = split_col0 + j * block_vocab + jnp.arange(block_vocab)
         cmask = cols < vocab
-        acc = _logit_tile(h_ref, w_ref, j * block_vocab, rmask, cmask, dim=dim,
-                          block_k=block_k, cdt=cdt)
+        acc = _logit_tile(
+            h_ref, w_ref, j * block_vocab, rmask, cmask, dim=dim, block_k=block_k, cdt=cdt
+        )
         logits = jnp.where(cmask[None, :], acc, _NEG)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         p = jnp.where(cmask[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
@@ -217,16 +241,30 @@ def _forward(h, w, labels, cfg: CEConfig, splits: int, interpret: bool):
     dp = _padded(dim, bk)
     per_split = cdiv(cdiv(vocab, bv), splits)
     cdt = jnp.promote_types(h.dtype, w.dtype)
-    kernel = functools.partial(_fwd_kernel, n_tokens=n_tokens, dim=dim, vocab=vocab,
-                               blocks_per_split=per_split, block_vocab=bv, block_k=bk, cdt=cdt)
+    kernel = functools.partial(
+        _fwd_kernel,
+        n_tokens=n_tokens,
+        dim=dim,
+        vocab=vocab,
+        blocks_per_split=per_split,
+        block_vocab=bv,
+        block_k=bk,
+        cdt=cdt,
+    )
     part = jax.ShapeDtypeStruct((splits, n_tokens), _F32)
     part_spec = pl.BlockSpec((SQUEEZED, bt), lambda i, s: (s, i))
     m, se, t = pl.pallas_call(
-        kernel, out_shape=[part] * 3, grid=(cdiv(n_tokens, bt), splits),
-        in_specs=[pl.BlockSpec((bt, dp), lambda i, s: (i, 0)),
-                  pl.BlockSpec((dp, per_split * bv), lambda i, s: (0, s)),
-                  pl.BlockSpec((bt,), lambda i, s: (i,))],
-        out_specs=[part_spec] * 3, interpret=interpret, compiler_params=_params(cfg),
+        kernel,
+        out_shape=[part] * 3,
+        grid=(cdiv(n_tokens, bt), splits),
+        in_specs=[
+            pl.BlockSpec((bt, dp), lambda i, s: (i, 0)),
+            pl.BlockSpec((dp, per_split * bv), lambda i, s: (0, s)),
+            pl.BlockSpec((bt,), lambda i, s: (i,)),
+        ],
+        out_specs=[part_spec] * 3,
+        interpret=interpret,
+        compiler_params=_params(cfg),
         name="linear_ce_fwd",
     )(h, w, labels)
     m_max = jnp.max(m, axis=0)
@@ -237,8 +275,20 @@ def _forward(h, w, labels, cfg: CEConfig, splits: int, interpret: bool):
 # ----------------------------------------------------------------------------------- backward
 
 
-def _dlogits_kernel(h_ref, w_ref, lab_ref, lse_ref, g_ref, dl_ref, *, dim: int, vocab: int,
-                    block_k: int, z_loss: float, cdt):
+def _dlogits_kernel(
+    h_ref,
+    w_ref,
+    lab_ref,
+    lse_ref,
+    g_ref,
+    dl_ref,
+    *,
+    dim: int,
+    vocab: int,
+    block_k: int,
+    z_loss: float,
+    cdt,
+):
     """One tile of dlogits = g * ((1 + 2 z lse) * softmax - onehot), logits recomputed."""
     bt, bv = dl_ref.shape
     cols = pl.program_id(1) * bv + jnp.arange(bv)
@@ -262,19 +312,20 @@ def _dh_kernel(dl_ref, w_ref, dh_ref, *, dim: int, vocab: int, block_vocab: int,
     def body(j, acc):
         cols = pl.ds(j * block_vocab, block_vocab)
         cmask = (j * block_vocab + jnp.arange(block_vocab)) < vocab
-        dl = load(dl_ref.at[:, cols], mask=jnp.broadcast_to(cmask[None, :], (bt, block_vocab)),
-                  other=0)
+        dl = load(
+            dl_ref.at[:, cols], mask=jnp.broadcast_to(cmask[None, :], (bt, block_vocab)), other=0
+        )
         wt = load(w_ref.at[:, cols], mask=dmask[:, None] & cmask[None, :], other=0)
-        return acc + jax.lax.dot_general(dl.astype(cdt), wt.astype(cdt), (((1,), (1,)), ((), ())),
-                                         preferred_element_type=_F32)
+        return acc + jax.lax.dot_general(
+            dl.astype(cdt), wt.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=_F32
+        )
 
     n_v = dl_ref.shape[1] // block_vocab
     acc = jax.lax.fori_loop(0, n_v, body, jnp.zeros((bt, bd), _F32))
     store(dh_ref, acc.astype(dh_ref.dtype), mask=jnp.broadcast_to(dmask[None, :], (bt, bd)))
 
 
-def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_tokens: int,
-               cdt):
+def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_tokens: int, cdt):
     """dw tile [block_d, block_vocab] += sum over the chunk's token blocks of h.T @ dlogits."""
     bd, bv = dw_ref.shape
     dmask = (pl.program_id(0) * bd + jnp.arange(bd)) < dim
@@ -283,12 +334,15 @@ def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_
 
     def body(i, acc):
         rows = pl.ds(i * block_tokens, block_tokens)
-        hk = load(h_ref.at[rows, :], mask=jnp.broadcast_to(dmask[None, :], (block_tokens, bd)),
-                  other=0)
-        dl = load(dl_ref.at[rows, :], mask=jnp.broadcast_to(cmask[None, :], (block_tokens, bv)),
-                  other=0)
-        return acc + jax.lax.dot_general(hk.astype(cdt), dl.astype(cdt), (((0,), (0,)), ((), ())),
-                                         preferred_element_type=_F32)
+        hk = load(
+            h_ref.at[rows, :], mask=jnp.broadcast_to(dmask[None, :], (block_tokens, bd)), other=0
+        )
+        dl = load(
+            dl_ref.at[rows, :], mask=jnp.broadcast_to(cmask[None, :], (block_tokens, bv)), other=0
+        )
+        return acc + jax.lax.dot_general(
+            hk.astype(cdt), dl.astype(cdt), (((0,), (0,)), ((), ())), preferred_element_type=_F32
+        )
 
     n_t = h_ref.shape[0] // block_tokens
     acc = jax.lax.fori_loop(0, n_t, body, jnp.zeros((bd, bv), _F32))
@@ -297,8 +351,7 @@ def _dw_kernel(h_ref, dl_ref, dw_in_ref, dw_ref, *, dim: int, vocab: int, block_
     store(dw_ref, acc + load(dw_in_ref, mask=mask, other=0), mask=mask)
 
 
-def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
-                    interpret: bool):
+def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float, interpret: bool):
     """One token chunk (rows a multiple of block_tokens): returns (dh chunk, updated f32 dw)."""
     chunk, dim = h.shape
     vocab = w.shape[1]
@@ -308,36 +361,55 @@ def _backward_chunk(h, w, labels, lse, g, dw, *, cfg: CEConfig, z_loss: float,
     n_t, n_v, n_d = chunk // bt, vp // bv, cdiv(dim, bd)
     vec = pl.BlockSpec((bt,), lambda i, j: (i,))
     dl = pl.pallas_call(
-        functools.partial(_dlogits_kernel, dim=dim, vocab=vocab, block_k=bk, z_loss=z_loss,
-                          cdt=cdt),
-        out_shape=jax.ShapeDtypeStruct((chunk, vocab), cdt), grid=(n_t, n_v),
-        in_specs=[pl.BlockSpec((bt, dp), lambda i, j: (i, 0)),
-                  pl.BlockSpec((dp, bv), lambda i, j: (0, j)), vec, vec, vec],
-        out_specs=pl.BlockSpec((bt, bv), lambda i, j: (i, j)), interpret=interpret,
-        compiler_params=_params(cfg), name="linear_ce_dlogits",
+        functools.partial(
+            _dlogits_kernel, dim=dim, vocab=vocab, block_k=bk, z_loss=z_loss, cdt=cdt
+        ),
+        out_shape=jax.ShapeDtypeStruct((chunk, vocab), cdt),
+        grid=(n_t, n_v),
+        in_specs=[
+            pl.BlockSpec((bt, dp), lambda i, j: (i, 0)),
+            pl.BlockSpec((dp, bv), lambda i, j: (0, j)),
+            vec,
+            vec,
+            vec,
+        ],
+        out_specs=pl.BlockSpec((bt, bv), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=_params(cfg),
+        name="linear_ce_dlogits",
     )(h, w, labels, lse, g)
     dh = pl.pallas_call(
         functools.partial(_dh_kernel, dim=dim, vocab=vocab, block_vocab=bv, cdt=cdt),
-        out_shape=jax.ShapeDtypeStruct((chunk, dim), h.dtype), grid=(n_t, n_d),
-        in_specs=[pl.BlockSpec((bt, vp), lambda i, k: (i, 0)),
-                  pl.BlockSpec((bd, vp), lambda i, k: (k, 0))],
-        out_specs=pl.BlockSpec((bt, bd), lambda i, k: (i, k)), interpret=interpret,
-        compiler_params=_params(cfg), name="linear_ce_dh",
+        out_shape=jax.ShapeDtypeStruct((chunk, dim), h.dtype),
+        grid=(n_t, n_d),
+        in_specs=[
+            pl.BlockSpec((bt, vp), lambda i, k: (i, 0)),
+            pl.BlockSpec((bd, vp), lambda i, k: (k, 0)),
+        ],
+        out_specs=pl.BlockSpec((bt, bd), lambda i, k: (i, k)),
+        interpret=interpret,
+        compiler_params=_params(cfg),
+        name="linear_ce_dh",
     )(dl, w)
     dw = pl.pallas_call(
         functools.partial(_dw_kernel, dim=dim, vocab=vocab, block_tokens=bt, cdt=cdt),
-        out_shape=jax.ShapeDtypeStruct((dim, vocab), _F32), grid=(n_d, n_v),
-        in_specs=[pl.BlockSpec((chunk, bd), lambda k, j: (0, k)),
-                  pl.BlockSpec((chunk, bv), lambda k, j: (0, j)),
-                  pl.BlockSpec((bd, bv), lambda k, j: (k, j))],
-        out_specs=pl.BlockSpec((bd, bv), lambda k, j: (k, j)), input_output_aliases={2: 0},
-        interpret=interpret, compiler_params=_params(cfg), name="linear_ce_dw",
+        out_shape=jax.ShapeDtypeStruct((dim, vocab), _F32),
+        grid=(n_d, n_v),
+        in_specs=[
+            pl.BlockSpec((chunk, bd), lambda k, j: (0, k)),
+            pl.BlockSpec((chunk, bv), lambda k, j: (0, j)),
+            pl.BlockSpec((bd, bv), lambda k, j: (k, j)),
+        ],
+        out_specs=pl.BlockSpec((bd, bv), lambda k, j: (k, j)),
+        input_output_aliases={2: 0},
+        interpret=interpret,
+        compiler_params=_params(cfg),
+        name="linear_ce_dw",
     )(h, dl, dw)
     return dh, dw
 
 
-def _backward(h, w, labels, lse, g, *, cfg: CEConfig, chunk: int, z_loss: float,
-              interpret: bool):
+def _backward(h, w, labels, lse, g, *, cfg: CEConfig, chunk: int, z_loss: float, interpret: bool):
     """dh and dw over token chunks (lax.scan); padded tokens carry g = 0."""
     n_tokens, dim = h.shape
     n_chunks = cdiv(n_tokens, chunk)
@@ -368,8 +440,7 @@ def _backward(h, w, labels, lse, g, *, cfg: CEConfig, chunk: int, z_loss: float,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _fused(h, w, labels, z_loss: float, cfg: CEConfig, splits: int, chunk: int,
-           interpret: bool):
+def _fused(h, w, labels, z_loss: float, cfg: CEConfig, splits: int, chunk: int, interpret: bool):
     """Per-token loss of [tokens, d] hidden states against a [d, vocab] unembedding."""
     return _fused_fwd(h, w, labels, z_loss, cfg, splits, chunk, interpret)[0]
 
@@ -386,8 +457,9 @@ def _fused_fwd(h, w, labels, z_loss, cfg, splits, chunk, interpret):
 def _fused_bwd(z_loss, cfg, splits, chunk, interpret, res, g):
     """dh and dw from the chunked backward kernels; labels get no cotangent."""
     h, w, labels, lse = res
-    dh, dw = _backward(h, w, labels, lse, g, cfg=cfg, chunk=chunk, z_loss=z_loss,
-                       interpret=interpret)
+    dh, dw = _backward(
+        h, w, labels, lse, g, cfg=cfg, chunk=chunk, z_loss=z_loss, interpret=interpret
+    )
     return dh, dw, None
 
 
@@ -400,27 +472,44 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def supports(h: jax.Array, w: jax.Array, labels: jax.Array | None = None, **_: object) -> bool:
     """Whether the kernels take this call: float h [..., d] and w [d, vocab], d and vocab >= 1."""
     ok_dtypes = [jnp.dtype(t) for t in _DTYPES]
-    return (h.ndim >= 1 and w.ndim == 2 and h.shape[-1] == w.shape[0] and h.size > 0
-            and w.shape[1] >= 1 and jnp.dtype(h.dtype) in ok_dtypes
-            and jnp.dtype(w.dtype) in ok_dtypes
-            and (labels is None or labels.shape == h.shape[:-1]))
+    return (
+        h.ndim >= 1
+        and w.ndim == 2
+        and h.shape[-1] == w.shape[0]
+        and h.size > 0
+        and w.shape[1] >= 1
+        and jnp.dtype(h.dtype) in ok_dtypes
+        and jnp.dtype(w.dtype) in ok_dtypes
+        and (labels is None or labels.shape == h.shape[:-1])
+    )
 
 
 def _check(h: jax.Array, w: jax.Array, labels: jax.Array) -> None:
     """Raise a clear error for inconsistent shapes."""
     if w.ndim != 2 or h.ndim < 1 or h.shape[-1] != w.shape[0]:
-        raise ValueError(f"linear_cross_entropy: h {h.shape} and w {w.shape} need h [..., d] "
-                         "and w [d, vocab]")
+        raise ValueError(
+            f"linear_cross_entropy: h {h.shape} and w {w.shape} need h [..., d] and w [d, vocab]"
+        )
     if labels.shape != h.shape[:-1]:
-        raise ValueError(f"linear_cross_entropy: labels {labels.shape} != h leading dims "
-                         f"{h.shape[:-1]}")
+        raise ValueError(
+            f"linear_cross_entropy: labels {labels.shape} != h leading dims {h.shape[:-1]}"
+        )
 
 
-def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, z_loss: float = 0.0,
-                         block_tokens: int | None = None, block_vocab: int | None = None,
-                         interpret: bool | None = None, device_kind: str | None = None,
-                         config: CEConfig | None = None, vocab_splits: int | None = None,
-                         chunk_tokens: int | None = None) -> jax.Array:
+def linear_cross_entropy(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    block_tokens: int | None = None,
+    block_vocab: int | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+    config: CEConfig | None = None,
+    vocab_splits: int | None = None,
+    chunk_tokens: int | None = None,
+) -> jax.Array:
     """Per-token f32 loss of softmax(h @ w) against labels, without full-batch f32 logits.
 
     h: [..., d] any float dtype; w: [d, vocab]; labels: int [...] in [0, vocab) (others give
@@ -441,18 +530,28 @@ def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, z_los
             if val < MIN_BLOCK or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {val}")
             cfg = dataclasses.replace(cfg, **{name: int(val)})
-    splits, chunk = _plan(n_tokens, w.shape[1], cfg, jnp.dtype(cdt).itemsize, device_kind,
-                          vocab_splits, chunk_tokens)
-    loss = _fused(h2, w, labels.reshape(-1).astype(jnp.int32), float(z_loss), cfg, splits, chunk,
-                  _resolve_interpret(interpret))
+    splits, chunk = _plan(
+        n_tokens, w.shape[1], cfg, jnp.dtype(cdt).itemsize, device_kind, vocab_splits, chunk_tokens
+    )
+    loss = _fused(
+        h2,
+        w,
+        labels.reshape(-1).astype(jnp.int32),
+        float(z_loss),
+        cfg,
+        splits,
+        chunk,
+        _resolve_interpret(interpret),
+    )
     return loss.reshape(lead)
 
 
 # --------------------------------------------------------------------------- jnp references
 
 
-def linear_cross_entropy_reference(h: jax.Array, w: jax.Array, labels: jax.Array,
-                                   z_loss: float = 0.0) -> jax.Array:
+def linear_cross_entropy_reference(
+    h: jax.Array, w: jax.Array, labels: jax.Array, z_loss: float = 0.0
+) -> jax.Array:
     """Naive ground truth: full f32 logits h @ w, then logsumexp - label logit (+ z-loss)."""
     logits = jnp.dot(h, w, preferred_element_type=_F32).astype(_F32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -476,6 +575,7 @@ def _chunked(h, w, labels, z_loss: float, chunk: int):
 
 def _chunked_fwd(h, w, labels, z_loss, chunk):
     """Per-chunk logsumexp and label logit (lax.map), keeping only lse for the backward."""
+
     def one(x):
         hc, lc = x
         logits = _chunk_logits(hc, w)
@@ -509,8 +609,9 @@ def _chunked_bwd(z_loss, chunk, res, g):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def linear_cross_entropy_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, *,
-                                 z_loss: float = 0.0, chunk_tokens: int = 1024) -> jax.Array:
+def linear_cross_entropy_chunked(
+    h: jax.Array, w: jax.Array, labels: jax.Array, *, z_loss: float = 0.0, chunk_tokens: int = 1024
+) -> jax.Array:
     """Same loss as `linear_cross_entropy` in plain jnp, scanning token chunks (no Pallas)."""
     _check(h, w, labels)
     lead = labels.shape
@@ -523,6 +624,7 @@ def linear_cross_entropy_chunked(h: jax.Array, w: jax.Array, labels: jax.Array, 
     if pad:
         h2 = jnp.pad(h2, ((0, pad), (0, 0)))
         lab = jnp.pad(lab, (0, pad))
-    loss = _chunked(h2.reshape(n_chunks, chunk, -1), w, lab.reshape(n_chunks, chunk),
-                    float(z_loss), chunk)
+    loss = _chunked(
+        h2.reshape(n_chunks, chunk, -1), w, lab.reshape(n_chunks, chunk), float(z_loss), chunk
+    )
     return loss.reshape(-1)[:n].reshape(lead)

@@ -74,14 +74,16 @@ HEURISTIC_TABLE: dict[str, tuple[_Row, ...]] = {
         (256, {"fwd": (32, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}),
     ),
     # Interpret mode: bigger blocks mean fewer (slow) grid steps; warps/stages are ignored.
-    "cpu": (
-        (256, {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}),
-    ),
+    "cpu": ((256, {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}),),
 }
 
 # A device_kind string that maps to each family (used by tests to lower every configuration).
-FAMILY_EXAMPLES = {"hopper": "NVIDIA H100 80GB HBM3", "ampere": "NVIDIA A100-SXM4-80GB",
-                   "gpu": "NVIDIA L4", "cpu": "cpu"}
+FAMILY_EXAMPLES = {
+    "hopper": "NVIDIA H100 80GB HBM3",
+    "ampere": "NVIDIA A100-SXM4-80GB",
+    "gpu": "NVIDIA L4",
+    "cpu": "cpu",
+}
 
 
 def _family(device_kind: str) -> str:
@@ -107,16 +109,29 @@ def heuristic_configs() -> list[dict[str, Any]]:
     for family, table in HEURISTIC_TABLE.items():
         for max_d, kernels in table:
             for kernel, cfg in kernels.items():
-                rows.append(dict(family=family, device_kind=FAMILY_EXAMPLES[family],
-                                 head_dim=max_d, kernel=kernel, config=KernelConfig(*cfg)))
+                rows.append(
+                    dict(
+                        family=family,
+                        device_kind=FAMILY_EXAMPLES[family],
+                        head_dim=max_d,
+                        kernel=kernel,
+                        config=KernelConfig(*cfg),
+                    )
+                )
     return rows
 
 
 HEURISTIC_CONFIGS = heuristic_configs()
 
 
-def choose_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.bfloat16,
-                  device_kind: str | None = None, kernel: str = "fwd") -> KernelConfig:
+def choose_blocks(
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    dtype: Any = jnp.bfloat16,
+    device_kind: str | None = None,
+    kernel: str = "fwd",
+) -> KernelConfig:
     """(block_q, block_k, num_warps, num_stages) for `kernel` from the per-device table.
 
     Blocks shrink (to a power of two >= 16) for sequences shorter than the table's block, and
@@ -142,17 +157,31 @@ def choose_blocks(q_len: int, kv_len: int, head_dim: int, dtype: Any = jnp.bfloa
 # Reference
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                        segment_ids: jax.Array | None = None,
-                        kv_segment_ids: jax.Array | None = None,
-                        scale: float | None = None) -> jax.Array:
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
     """Plain jnp attention with an f32 softmax (same semantics as the kernel), for tests."""
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, kh, h // kh, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST) * scale
+    logits = (
+        jnp.einsum(
+            "btkgd,bskd->bkgts",
+            qg,
+            k,
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST,
+        )
+        * scale
+    )
     allowed = jnp.ones((1, t, s), dtype=bool)
     if causal:
         allowed = allowed & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None]
@@ -166,8 +195,13 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     p = jnp.exp(logits - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)  # fully masked rows -> 0
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd",
+        p.astype(v.dtype),
+        v,
+        preferred_element_type=jnp.float32,
+        precision=lax.Precision.HIGHEST,
+    )
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -295,8 +329,11 @@ def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
         return acc, m_new, lsum
 
     d = q.shape[-1]
-    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
-             jnp.zeros((bq,), jnp.float32))
+    carry = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
     n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
@@ -312,8 +349,7 @@ def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
     if st.has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref = refs
     else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = \
-            refs, None, None
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = refs, None, None
     bq, bk = st.dq.block_q, st.dq.block_k
     i = nq - 1 - pl.program_id(0) if st.causal else pl.program_id(0)
     q_start = i * bq
@@ -349,8 +385,11 @@ def _dkdv_kernel(*refs, st: _Static, nq: int, nk: int):
     if st.has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
     else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), qs_ref, ks_ref = \
-            refs, None, None
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), qs_ref, ks_ref = (
+            refs,
+            None,
+            None,
+        )
     bq, bk = st.dkdv.block_q, st.dkdv.block_k
     j = pl.program_id(0)
     k_start = j * bk
@@ -411,17 +450,23 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg):
     ]
     args = [q, k, v]
     if st.has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
-                     pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
+            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+        ]
         args += [q_seg, kv_seg]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
         grid=(nq, b, h),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i)))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i))),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
+        ],
         compiler_params=_params(st.fwd),
         interpret=st.interpret,
         name="flash_attention_fwd",
@@ -445,8 +490,10 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, out, lse, do):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse2, delta]
     if st.has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
-                     pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
+            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+        ]
         args += [q_seg, kv_seg]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
@@ -467,16 +514,17 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, out, lse, do):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse2, delta]
     if st.has_segments:
-        in_specs += [pl.BlockSpec((None, tq), lambda j, bi, ki: (bi, 0)),
-                     pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j))]
+        in_specs += [
+            pl.BlockSpec((None, tq), lambda j, bi, ki: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j)),
+        ]
         args += [q_seg, kv_seg]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st, nq=nq, nk=nk),
         grid=(nk, b, kh),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(st.dkdv),
         interpret=st.interpret,
         name="flash_attention_dkdv",
@@ -513,8 +561,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _check(q, k, v, causal: bool, segment_ids, kv_segment_ids) -> str | None:
     """Why the kernel cannot handle this call, or None if it can."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return f"expects rank-4 q/k/v [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, " \
-               f"{v.shape}"
+        return (
+            f"expects rank-4 q/k/v [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, "
+            f"{v.shape}"
+        )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
     if q.shape[2] % k.shape[2]:
@@ -524,24 +574,39 @@ def _check(q, k, v, causal: bool, segment_ids, kv_segment_ids) -> str | None:
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "empty sequence"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        return f"q/k/v must share one dtype of float32/bfloat16/float16, got {q.dtype}, " \
-               f"{k.dtype}, {v.dtype}"
+        return (
+            f"q/k/v must share one dtype of float32/bfloat16/float16, got {q.dtype}, "
+            f"{k.dtype}, {v.dtype}"
+        )
     if segment_ids is None and kv_segment_ids is not None:
         return "kv_segment_ids given without segment_ids"
     if segment_ids is not None:
         kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
         if segment_ids.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]:
-            return f"segment ids must be [batch, q_len] / [batch, kv_len], got " \
-                   f"{segment_ids.shape}, {kv_seg.shape}"
-        if not (jnp.issubdtype(segment_ids.dtype, jnp.integer)
-                and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
+            return (
+                f"segment ids must be [batch, q_len] / [batch, kv_len], got "
+                f"{segment_ids.shape}, {kv_seg.shape}"
+            )
+        if not (
+            jnp.issubdtype(segment_ids.dtype, jnp.integer)
+            and jnp.issubdtype(kv_seg.dtype, jnp.integer)
+        ):
             return "segment ids must be integers"
     return None
 
 
-def supports(q: Any, k: Any, v: Any, *, causal: bool = False, segment_ids: Any = None,
-             kv_segment_ids: Any = None, mask: Any = None, scale: Any = None,
-             **_: Any) -> bool:
+def supports(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    segment_ids: Any = None,
+    kv_segment_ids: Any = None,
+    mask: Any = None,
+    scale: Any = None,
+    **_: Any,
+) -> bool:
     """Whether `flash_attention` handles this call (for `auto` dispatch); never raises."""
     if mask is not None:
         return False
@@ -553,19 +618,34 @@ def supports(q: Any, k: Any, v: Any, *, causal: bool = False, segment_ids: Any =
         return False
 
 
-def _prepare(q, k, v, causal, segment_ids, kv_segment_ids, scale, block_q, block_k, num_warps,
-             num_stages, interpret, device_kind):
+def _prepare(
+    q,
+    k,
+    v,
+    causal,
+    segment_ids,
+    kv_segment_ids,
+    scale,
+    block_q,
+    block_k,
+    num_warps,
+    num_stages,
+    interpret,
+    device_kind,
+):
     """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg)."""
     problem = _check(q, k, v, causal, segment_ids, kv_segment_ids)
     if problem:
         raise ValueError(f"flash_attention: {problem}")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk is not None and (blk < MIN_BLOCK or blk & (blk - 1)):
-            raise ValueError(f"flash_attention: {name}={blk} must be a power of two >= "
-                             f"{MIN_BLOCK} (Triton block and dot-operand constraints)")
+            raise ValueError(
+                f"flash_attention: {name}={blk} must be a power of two >= "
+                f"{MIN_BLOCK} (Triton block and dot-operand constraints)"
+            )
     b, tq, h, d = q.shape
     tk, kh = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if device_kind is None:
@@ -573,15 +653,21 @@ def _prepare(q, k, v, causal, segment_ids, kv_segment_ids, scale, block_q, block
 
     def cfg(kernel: str) -> KernelConfig:
         c = choose_blocks(tq, tk, d, q.dtype, device_kind, kernel)
-        return KernelConfig(block_q or c.block_q, block_k or c.block_k, num_warps or c.num_warps,
-                            num_stages or c.num_stages)
+        return KernelConfig(
+            block_q or c.block_q,
+            block_k or c.block_k,
+            num_warps or c.num_warps,
+            num_stages or c.num_stages,
+        )
 
     fwd, dq, dkdv = cfg("fwd"), cfg("dq"), cfg("dkdv")
     # Blocks are powers of two, so padding to the largest one makes every kernel's grid exact.
     tq_pad = -(-tq // max(fwd.block_q, dq.block_q, dkdv.block_q)) * max(
-        fwd.block_q, dq.block_q, dkdv.block_q)
+        fwd.block_q, dq.block_q, dkdv.block_q
+    )
     tk_pad = -(-tk // max(fwd.block_k, dq.block_k, dkdv.block_k)) * max(
-        fwd.block_k, dq.block_k, dkdv.block_k)
+        fwd.block_k, dq.block_k, dkdv.block_k
+    )
     d_pad = _padded_head_dim(d)
     q = jnp.pad(q, ((0, 0), (0, tq_pad - tq), (0, 0), (0, d_pad - d)))
     k = jnp.pad(k, ((0, 0), (0, tk_pad - tk), (0, 0), (0, d_pad - d)))
@@ -591,14 +677,24 @@ def _prepare(q, k, v, causal, segment_ids, kv_segment_ids, scale, block_q, block
         kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
         q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tq_pad - tq)))
         kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, tk_pad - tk)))
-    st = _Static(scale=scale, causal=bool(causal), q_len=tq, kv_len=tk, groups=h // kh,
-                 has_segments=segment_ids is not None, fwd=fwd, dq=dq, dkdv=dkdv,
-                 interpret=bool(interpret))
+    st = _Static(
+        scale=scale,
+        causal=bool(causal),
+        q_len=tq,
+        kv_len=tk,
+        groups=h // kh,
+        has_segments=segment_ids is not None,
+        fwd=fwd,
+        dq=dq,
+        dkdv=dkdv,
+        interpret=bool(interpret),
+    )
     return st, q, k, v, q_seg, kv_seg
 
 
-def tuning_candidates(q_len: int, kv_len: int, head_dim: int, dtype: Any,
-                      device_kind: str) -> list[KernelConfig]:
+def tuning_candidates(
+    q_len: int, kv_len: int, head_dim: int, dtype: Any, device_kind: str
+) -> list[KernelConfig]:
     """Configurations the autotuner times: the heuristic's forward choice first, then common
     FlashAttention tiles, clamped to the sequence lengths and deduplicated."""
     base = choose_blocks(q_len, kv_len, head_dim, dtype, device_kind, "fwd")
@@ -617,22 +713,38 @@ def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> 
     """Autotune the forward+backward step over tuning_candidates for these shapes."""
     kind = device_kind or jax.devices()[0].device_kind
     shape_q, shape_k, dtype = tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype)
-    key = {"q": shape_q, "kv": shape_k, "dtype": dtype.name, "causal": bool(causal),
-           "segments": has_segments}
+    key = {
+        "q": shape_q,
+        "kv": shape_k,
+        "dtype": dtype.name,
+        "causal": bool(causal),
+        "segments": has_segments,
+    }
 
     def make_run(cand: dict[str, int]):
         # numpy inputs and an AOT-compiled executable run eagerly even while the caller is
         # being traced under jit (a plain jitted call there would be staged, not run).
         rng = np.random.default_rng(0)
-        qc, kc, vc = (rng.standard_normal(s, np.float32).astype(dtype)
-                      for s in (shape_q, shape_k, shape_k))
+        qc, kc, vc = (
+            rng.standard_normal(s, np.float32).astype(dtype) for s in (shape_q, shape_k, shape_k)
+        )
         seg = jnp.ones(shape_q[:2], jnp.int32) if has_segments else None
 
         def step(q, k, v):
             def f(q, k, v):
-                return flash_attention(q, k, v, causal=causal, segment_ids=seg, scale=scale,
-                                       interpret=interpret, device_kind=device_kind,
-                                       autotune=False, **cand)
+                return flash_attention(
+                    q,
+                    k,
+                    v,
+                    causal=causal,
+                    segment_ids=seg,
+                    scale=scale,
+                    interpret=interpret,
+                    device_kind=device_kind,
+                    autotune=False,
+                    **cand,
+                )
+
             out, vjp = jax.vjp(f, q, k, v)
             return vjp(out)
 
@@ -640,18 +752,29 @@ def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> 
         compiled = jax.jit(step).lower(*specs).compile()
         return lambda: compiled(qc, kc, vc)
 
-    cands = [c._asdict() for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype,
-                                                     kind)]
+    cands = [
+        c._asdict() for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype, kind)
+    ]
     return KernelConfig(**_autotune.tune("flash_attention", key, cands, make_run))
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                    segment_ids: jax.Array | None = None,
-                    kv_segment_ids: jax.Array | None = None, scale: float | None = None,
-                    block_q: int | None = None, block_k: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None,
-                    interpret: bool | None = None, device_kind: str | None = None,
-                    autotune: bool | None = None) -> jax.Array:
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+    autotune: bool | None = None,
+) -> jax.Array:
     """Flash attention (differentiable via Pallas backward kernels); output in q's dtype.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]. causal aligns
@@ -665,24 +788,48 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     """
     if _autotune.enabled(autotune) and block_q is None and block_k is None:
         block_q, block_k, num_warps, num_stages = _tuned_blocks(
-            q, k, causal, segment_ids is not None, scale, interpret, device_kind)
-    st, qp, kp, vp, q_seg, kv_seg = _prepare(q, k, v, causal, segment_ids, kv_segment_ids,
-                                             scale, block_q, block_k, num_warps, num_stages,
-                                             interpret, device_kind)
+            q, k, causal, segment_ids is not None, scale, interpret, device_kind
+        )
+    st, qp, kp, vp, q_seg, kv_seg = _prepare(
+        q,
+        k,
+        v,
+        causal,
+        segment_ids,
+        kv_segment_ids,
+        scale,
+        block_q,
+        block_k,
+        num_warps,
+        num_stages,
+        interpret,
+        device_kind,
+    )
     out = _flash(st, qp, kp, vp, q_seg, kv_seg)
-    return out[:, :q.shape[1], :, :q.shape[3]]
+    return out[:, : q.shape[1], :, : q.shape[3]]
 
 
-def flash_attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
-                             ) -> tuple[jax.Array, jax.Array]:
+def flash_attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any
+) -> tuple[jax.Array, jax.Array]:
     """Forward only (not differentiable): (out, lse) with lse [batch, heads, q_len] f32.
 
     Fully masked rows have lse = -inf. Takes flash_attention's keyword arguments."""
-    names = ("causal", "segment_ids", "kv_segment_ids", "scale", "block_q", "block_k",
-             "num_warps", "num_stages", "interpret", "device_kind")
+    names = (
+        "causal",
+        "segment_ids",
+        "kv_segment_ids",
+        "scale",
+        "block_q",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+        "device_kind",
+    )
     unknown = set(kwargs) - set(names)
     if unknown:
         raise TypeError(f"flash_attention_with_lse: unexpected arguments {sorted(unknown)}")
     st, qp, kp, vp, q_seg, kv_seg = _prepare(q, k, v, *(kwargs.get(n) for n in names))
     out, lse = _forward(st, qp, kp, vp, q_seg, kv_seg)
-    return out[:, :q.shape[1], :, :q.shape[3]], lse[:, :, :q.shape[1]]
+    return out[:, : q.shape[1], :, : q.shape[3]], lse[:, :, : q.shape[1]]

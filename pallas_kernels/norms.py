@@ -91,8 +91,9 @@ def config_examples(device_kinds: Iterable[str] | None = None) -> dict[NormConfi
     while d <= MAX_DIM:
         for dtype in _DTYPES:
             for kind in kinds:
-                out.setdefault(choose_block_rows(1, d, dtype, kind),
-                               (d, jnp.dtype(dtype).name, kind))
+                out.setdefault(
+                    choose_block_rows(1, d, dtype, kind), (d, jnp.dtype(dtype).name, kind)
+                )
         d *= 2
     return dict(sorted(out.items(), key=lambda kv: dataclasses.astuple(kv[0])))
 
@@ -102,8 +103,9 @@ def all_configs(device_kinds: Iterable[str] | None = None) -> list[NormConfig]:
     return list(config_examples(device_kinds))
 
 
-def supports(x: jax.Array, weight: jax.Array | None = None, bias: jax.Array | None = None,
-             **_: object) -> bool:
+def supports(
+    x: jax.Array, weight: jax.Array | None = None, bias: jax.Array | None = None, **_: object
+) -> bool:
     """Whether the kernels handle this call: float x with 1 <= feature dim <= MAX_DIM."""
     if x.ndim < 1 or x.size == 0 or not 1 <= x.shape[-1] <= MAX_DIM:
         return False
@@ -142,8 +144,7 @@ def _fwd_kernel(*refs, n_rows: int, dim: int, eps: float, layer: bool, has_bias:
     else:
         x_ref, w_ref, y_ref, rstd_ref = refs
     block_rows, block_dim = x_ref.shape
-    rmask, cmask, mask = _masks(pl.program_id(0) * block_rows, block_rows, block_dim, n_rows,
-                                dim)
+    rmask, cmask, mask = _masks(pl.program_id(0) * block_rows, block_rows, block_dim, n_rows, dim)
     x = load(x_ref, mask=mask, other=0).astype(jnp.float32)
     w = load(w_ref, mask=cmask, other=0).astype(jnp.float32)
     if layer:
@@ -161,8 +162,16 @@ def _fwd_kernel(*refs, n_rows: int, dim: int, eps: float, layer: bool, has_bias:
     store(rstd_ref, rstd, mask=rmask)
 
 
-def _fwd(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, eps: float, layer: bool,
-         cfg: NormConfig, interpret: bool):
+def _fwd(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    *,
+    eps: float,
+    layer: bool,
+    cfg: NormConfig,
+    interpret: bool,
+):
     """Forward pallas_call over row blocks; returns y and the f32 row statistics."""
     n_rows, dim = x.shape
     br, bd = cfg.block_rows, cfg.block_dim
@@ -175,11 +184,16 @@ def _fwd(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, eps: float,
     in_specs = [row_spec, vec_spec] + ([vec_spec] if has_bias else [])
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [stat] * (2 if layer else 1)
     out_specs = [row_spec] + [stat_spec] * (2 if layer else 1)
-    kernel = functools.partial(_fwd_kernel, n_rows=n_rows, dim=dim, eps=eps, layer=layer,
-                               has_bias=has_bias)
+    kernel = functools.partial(
+        _fwd_kernel, n_rows=n_rows, dim=dim, eps=eps, layer=layer, has_bias=has_bias
+    )
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(cdiv(n_rows, br),), in_specs=in_specs,
-        out_specs=out_specs, interpret=interpret,
+        kernel,
+        out_shape=out_shape,
+        grid=(cdiv(n_rows, br),),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
         compiler_params=CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         name="layer_norm_fwd" if layer else "rms_norm_fwd",
     )(*ins)
@@ -230,8 +244,7 @@ def _bwd_kernel(*refs, n_rows: int, dim: int, steps: int, layer: bool, has_bias:
         db_ref[...] = db
 
 
-def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig,
-         interpret: bool):
+def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig, interpret: bool):
     """Backward pallas_call; returns dx and the summed f32 dweight (and dbias) of length dim."""
     n_rows, dim = x.shape
     br, bd = cfg.block_rows, cfg.block_dim
@@ -249,10 +262,15 @@ def _bwd(x, weight, has_bias: bool, dy, stats, *, layer: bool, cfg: NormConfig,
     if layer and has_bias:
         out_shape.append(part)
         out_specs.append(part_spec)
-    kernel = functools.partial(_bwd_kernel, n_rows=n_rows, dim=dim, steps=steps, layer=layer,
-                               has_bias=has_bias)
+    kernel = functools.partial(
+        _bwd_kernel, n_rows=n_rows, dim=dim, steps=steps, layer=layer, has_bias=has_bias
+    )
     outs = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(n_prog,), in_specs=in_specs, out_specs=out_specs,
+        kernel,
+        out_shape=out_shape,
+        grid=(n_prog,),
+        in_specs=in_specs,
+        out_specs=out_specs,
         interpret=interpret,
         compiler_params=CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         name="layer_norm_bwd" if layer else "rms_norm_bwd",
@@ -302,8 +320,9 @@ def _ln_2d_bwd(eps, cfg, interpret, res, dy):
     """dx, dweight and dbias (None without a bias) from the backward kernel."""
     x, weight, bias, mean, rstd = res
     has_bias = bias is not None
-    dx, parts = _bwd(x, weight, has_bias, dy, (mean, rstd), layer=True, cfg=cfg,
-                     interpret=interpret)
+    dx, parts = _bwd(
+        x, weight, has_bias, dy, (mean, rstd), layer=True, cfg=cfg, interpret=interpret
+    )
     db = parts[1].astype(bias.dtype) if has_bias else None
     return dx, parts[0].astype(weight.dtype), db
 
@@ -314,16 +333,21 @@ _ln_2d.defvjp(_ln_2d_fwd, _ln_2d_bwd)
 # ----------------------------------------------------------------------------------- public
 
 
-def _config(x: jax.Array, block_rows: int | None, device_kind: str | None,
-            config: NormConfig | None) -> NormConfig:
+def _config(
+    x: jax.Array, block_rows: int | None, device_kind: str | None, config: NormConfig | None
+) -> NormConfig:
     """Heuristic config for x, with `block_rows` (a power of two) overriding its row count."""
     if config is not None:
         if config.block_dim < x.shape[-1]:
             raise ValueError(f"config.block_dim {config.block_dim} < feature dim {x.shape[-1]}")
         return config
     n_rows = max(1, x.size // x.shape[-1])
-    cfg = choose_block_rows(n_rows, x.shape[-1], x.dtype,
-                            device_kind if device_kind is not None else _default_device_kind())
+    cfg = choose_block_rows(
+        n_rows,
+        x.shape[-1],
+        x.dtype,
+        device_kind if device_kind is not None else _default_device_kind(),
+    )
     if block_rows is not None:
         if block_rows < 1 or block_rows & (block_rows - 1):
             raise ValueError(f"block_rows must be a power of two, got {block_rows}")
@@ -340,24 +364,38 @@ def _check(x: jax.Array, weight: jax.Array, bias: jax.Array | None, name: str) -
             raise ValueError(f"{name}: {pname} shape {p.shape} != ({x.shape[-1]},)")
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
-             block_rows: int | None = None, interpret: bool | None = None,
-             device_kind: str | None = None, config: NormConfig | None = None) -> jax.Array:
+def rms_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    eps: float = 1e-6,
+    block_rows: int | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+    config: NormConfig | None = None,
+) -> jax.Array:
     """x / rms(x) * weight over the last axis, fused in one pass per row block (Pallas)."""
     _check(x, weight, None, "rms_norm")
     cfg = _config(x, block_rows, device_kind, config)
-    y = _rms_2d(x.reshape(-1, x.shape[-1]), weight, float(eps), cfg,
-                _resolve_interpret(interpret))
+    y = _rms_2d(x.reshape(-1, x.shape[-1]), weight, float(eps), cfg, _resolve_interpret(interpret))
     return y.reshape(x.shape)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-               eps: float = 1e-5, block_rows: int | None = None, interpret: bool | None = None,
-               device_kind: str | None = None,
-               config: NormConfig | None = None) -> jax.Array:
+def layer_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    eps: float = 1e-5,
+    block_rows: int | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+    config: NormConfig | None = None,
+) -> jax.Array:
     """(x - mean) / std * weight + bias over the last axis, fused per row block (Pallas)."""
     _check(x, weight, bias, "layer_norm")
     cfg = _config(x, block_rows, device_kind, config)
-    y = _ln_2d(x.reshape(-1, x.shape[-1]), weight, bias, float(eps), cfg,
-               _resolve_interpret(interpret))
+    y = _ln_2d(
+        x.reshape(-1, x.shape[-1]), weight, bias, float(eps), cfg, _resolve_interpret(interpret)
+    )
     return y.reshape(x.shape)

@@ -78,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=200, help="batches per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="DataConfig override, e.g. --set seq_len=1024 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DataConfig override, e.g. --set seq_len=1024 (repeatable)",
+    )
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.batches < 1 or args.repeats < 1:
@@ -90,15 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_data.py: error: {e}", file=sys.stderr)
         return 2
     tok = result["tokens_per_s"]
-    rows = [("startup (read + tokenize)", f"{result['startup_s']:.3f} s"),
-            ("first batch", f"{result['first_batch_s'] * 1e3:.1f} ms"),
-            ("batch shapes", str(result["batch_shapes"])),
-            ("batches/s", f"{result['batches_per_s']:,.0f}"),
-            ("examples/s", f"{result['examples_per_s']:,.0f}"),
-            ("tokens/s", f"{tok:,.0f}" if tok else "-"),
-            ("eval batches/s", f"{result['eval_batches_per_s'] or 0:,.0f}"),
-            ("train/val tokens", f"{result['meta']['train_tokens']:,} / "
-                                 f"{result['meta']['val_tokens']:,}")]
+    rows = [
+        ("startup (read + tokenize)", f"{result['startup_s']:.3f} s"),
+        ("first batch", f"{result['first_batch_s'] * 1e3:.1f} ms"),
+        ("batch shapes", str(result["batch_shapes"])),
+        ("batches/s", f"{result['batches_per_s']:,.0f}"),
+        ("examples/s", f"{result['examples_per_s']:,.0f}"),
+        ("tokens/s", f"{tok:,.0f}" if tok else "-"),
+        ("eval batches/s", f"{result['eval_batches_per_s'] or 0:,.0f}"),
+        (
+            "train/val tokens",
+            f"{result['meta']['train_tokens']:,} / {result['meta']['val_tokens']:,}",
+        ),
+    ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if args.out:

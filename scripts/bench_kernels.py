@@ -55,15 +55,26 @@ def bench_attention(shapes, dtype, impls, reps) -> list[dict]:
         v = jax.random.normal(keys[2], (b, t, kh, d), dtype)
         flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
         for impl in impls:
+
             def f(q, k, v, impl=impl, causal=causal):
                 return ops.attention(q, k, v, causal=causal, impl=impl)
-            row = {"op": "attention", "impl": impl, "shape": [b, t, h, kh, d],
-                   "causal": causal, "dtype": str(jnp.dtype(dtype))}
+
+            row = {
+                "op": "attention",
+                "impl": impl,
+                "shape": [b, t, h, kh, d],
+                "causal": causal,
+                "dtype": str(jnp.dtype(dtype)),
+            }
             try:
                 fwd = timeit(f, q, k, v, reps=reps)
                 bwd = timeit(_grad_fn(f, (0, 1, 2)), q, k, v, reps=reps) - fwd
-                row.update(fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3, fwd_tflops=flops / fwd / 1e12,
-                           bwd_tflops=2.5 * flops / bwd / 1e12)
+                row.update(
+                    fwd_ms=fwd * 1e3,
+                    bwd_ms=bwd * 1e3,
+                    fwd_tflops=flops / fwd / 1e12,
+                    bwd_tflops=2.5 * flops / bwd / 1e12,
+                )
             except Exception as e:  # noqa: BLE001 - e.g. cudnn absent: report, keep going
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append(row)
@@ -79,14 +90,24 @@ def bench_norms(shapes, dtype, impls, reps) -> list[dict]:
         w = jax.random.normal(jax.random.key(1), (dim,), jnp.float32)
         nbytes = n * dim * jnp.dtype(dtype).itemsize
         for impl in impls:
+
             def f(x, w, impl=impl):
                 return ops.rms_norm(x, w, impl=impl)
-            row = {"op": "rms_norm", "impl": impl, "shape": [n, dim],
-                   "dtype": str(jnp.dtype(dtype))}
+
+            row = {
+                "op": "rms_norm",
+                "impl": impl,
+                "shape": [n, dim],
+                "dtype": str(jnp.dtype(dtype)),
+            }
             fwd = timeit(f, x, w, reps=reps)
             full = timeit(_grad_fn(f, (0, 1)), x, w, reps=reps)
-            row.update(fwd_ms=fwd * 1e3, fwd_gbps=2 * nbytes / fwd / 1e9,
-                       fwd_bwd_ms=full * 1e3, bwd_gbps=3 * nbytes / max(full - fwd, 1e-9) / 1e9)
+            row.update(
+                fwd_ms=fwd * 1e3,
+                fwd_gbps=2 * nbytes / fwd / 1e9,
+                fwd_bwd_ms=full * 1e3,
+                bwd_gbps=3 * nbytes / max(full - fwd, 1e-9) / 1e9,
+            )
             rows.append(row)
     return rows
 
@@ -97,20 +118,28 @@ def bench_cross_entropy(shapes, dtype, impls, reps) -> list[dict]:
     rows = []
     for n, d, vocab in shapes:
         h = jax.random.normal(jax.random.key(0), (n, d), dtype)
-        w = (jax.random.normal(jax.random.key(1), (d, vocab), jnp.float32) * d ** -0.5
-             ).astype(dtype)
+        w = (jax.random.normal(jax.random.key(1), (d, vocab), jnp.float32) * d**-0.5).astype(dtype)
         y = jax.random.randint(jax.random.key(2), (n,), 0, vocab)
         nbytes = (n * d + d * vocab) * jnp.dtype(dtype).itemsize
         for impl in impls:
+
             def f(h, w, impl=impl, y=y):
                 return ops.linear_cross_entropy(h, w, y, impl=impl)
-            row = {"op": "linear_cross_entropy", "impl": impl, "shape": [n, d, vocab],
-                   "dtype": str(jnp.dtype(dtype))}
+
+            row = {
+                "op": "linear_cross_entropy",
+                "impl": impl,
+                "shape": [n, d, vocab],
+                "dtype": str(jnp.dtype(dtype)),
+            }
             fwd = timeit(f, h, w, reps=reps)
             full = timeit(_grad_fn(f, (0, 1)), h, w, reps=reps)
-            row.update(fwd_ms=fwd * 1e3, fwd_bwd_ms=full * 1e3,
-                       fwd_tflops=2 * n * d * vocab / fwd / 1e12,
-                       fwd_gbps=nbytes / fwd / 1e9)
+            row.update(
+                fwd_ms=fwd * 1e3,
+                fwd_bwd_ms=full * 1e3,
+                fwd_tflops=2 * n * d * vocab / fwd / 1e12,
+                fwd_gbps=nbytes / fwd / 1e9,
+            )
             rows.append(row)
     return rows
 
@@ -120,16 +149,16 @@ def _print(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['op']:<21} {r['impl']:<8} {str(r['shape']):<28} {r['error']}")
             continue
-        rate = " ".join(f"{k}={v:,.4g}" for k, v in r.items()
-                        if k.endswith(("_ms", "_tflops", "_gbps")))
+        rate = " ".join(
+            f"{k}={v:,.4g}" for k, v in r.items() if k.endswith(("_ms", "_tflops", "_gbps"))
+        )
         print(f"{r['op']:<21} {r['impl']:<8} {str(r['shape']):<28} {rate}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16",
-                                                                "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -139,22 +168,31 @@ def main(argv: list[str] | None = None) -> int:
         attn = [(1, 64, 4, 2, 64, True)]
         norms, ce = [(64, 128)], [(64, 64, 512)]
     else:
-        attn = [(1, 8192, 16, 16, 128, True), (1, 8192, 16, 16, 128, False),
-                (2, 4096, 32, 8, 128, True), (4, 2048, 16, 16, 64, True),
-                (2, 4096, 8, 8, 256, True)]
+        attn = [
+            (1, 8192, 16, 16, 128, True),
+            (1, 8192, 16, 16, 128, False),
+            (2, 4096, 32, 8, 128, True),
+            (4, 2048, 16, 16, 64, True),
+            (2, 4096, 8, 8, 256, True),
+        ]
         norms = [(16384, 4096), (32768, 8192), (8192, 2048)]
         ce = [(8192, 2048, 32768), (16384, 4096, 128256)]
     attn_impls = ["pallas", "xla"] + (["cudnn"] if on_gpu else [])
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
-          f"{jax.__version__}, dtype {dtype}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
+        f"{jax.__version__}, dtype {dtype}"
+    )
     rows = bench_attention(attn, dtype, attn_impls, args.reps)
     rows += bench_norms(norms, dtype, ["pallas", "xla"], args.reps)
     rows += bench_cross_entropy(ce, dtype, ["pallas", "chunked", "xla"], args.reps)
     _print(rows)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                       "rows": rows}, f, indent=2)
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows},
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -34,8 +34,10 @@ def measure(cfg, steps: int, rng) -> dict:
     model = models.get(cfg.model.name)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state = jax.jit(lambda k: init_state(model, cfg.model, tx, k))(jax.random.key(0))
-    step = jax.jit(make_train_step(model, cfg.model, tx, seed=0,
-                                   grad_accum=cfg.train.grad_accum), donate_argnums=0)
+    step = jax.jit(
+        make_train_step(model, cfg.model, tx, seed=0, grad_accum=cfg.train.grad_accum),
+        donate_argnums=0,
+    )
     batch = _batch(cfg, rng)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -73,27 +75,43 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(Config, args.config, args.overrides)
     rng = np.random.default_rng(0)
     peak, source = peak_flops_per_device(jax.devices()[0], cfg.model.compute_dtype)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak:.3g} "
-          f"FLOP/s ({source})")
-    results = {"config": args.config, "overrides": args.overrides, "device":
-               jax.devices()[0].device_kind, "main": measure(cfg, args.steps, rng), "layers": []}
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak:.3g} "
+        f"FLOP/s ({source})"
+    )
+    results = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": jax.devices()[0].device_kind,
+        "main": measure(cfg, args.steps, rng),
+        "layers": [],
+    }
     m = results["main"]
-    print(f"step {m['step_s'] * 1e3:.1f} ms | {m['tokens_per_s']:,.0f} tok/s | "
-          f"MFU {m.get('mfu', float('nan')):.3f} | compile {m['compile_s']:.2f} s")
+    print(
+        f"step {m['step_s'] * 1e3:.1f} ms | {m['tokens_per_s']:,.0f} tok/s | "
+        f"MFU {m.get('mfu', float('nan')):.3f} | compile {m['compile_s']:.2f} s"
+    )
     if args.layers:
-        print(f"{'layers':>6} {'scan compile s':>15} {'unrolled compile s':>19} "
-              f"{'scan step ms':>13} {'unrolled step ms':>17}")
+        print(
+            f"{'layers':>6} {'scan compile s':>15} {'unrolled compile s':>19} "
+            f"{'scan step ms':>13} {'unrolled step ms':>17}"
+        )
         for n in [int(x) for x in args.layers.split(",")]:
             row = {"n_layers": n}
             for scan in (True, False):
-                variant = cfg.model_copy(update={"model": cfg.model.model_copy(
-                    update={"n_layers": n, "scan_layers": scan})})
+                variant = cfg.model_copy(
+                    update={
+                        "model": cfg.model.model_copy(update={"n_layers": n, "scan_layers": scan})
+                    }
+                )
                 r = measure(variant, 2, rng)
                 row["scan" if scan else "unrolled"] = r
             results["layers"].append(row)
-            print(f"{n:>6} {row['scan']['compile_s']:>15.2f} {row['unrolled']['compile_s']:>19.2f}"
-                  f" {row['scan']['step_s'] * 1e3:>13.1f} {row['unrolled']['step_s'] * 1e3:>17.1f}",
-                  flush=True)
+            print(
+                f"{n:>6} {row['scan']['compile_s']:>15.2f} {row['unrolled']['compile_s']:>19.2f}"
+                f" {row['scan']['step_s'] * 1e3:>13.1f} {row['unrolled']['step_s'] * 1e3:>17.1f}",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

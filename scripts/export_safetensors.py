@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         reader.close()
-    out = save_safetensors(params, args.out, metadata={"step": str(step),
-                                                        "source": str(directory)})
+    out = save_safetensors(params, args.out, metadata={"step": str(step), "source": str(directory)})
     print(f"wrote {out} (step {step})")
     return 0
 

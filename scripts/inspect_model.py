@@ -18,8 +18,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="simulate this many CPU devices (sets XLA_FLAGS before jax loads)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="simulate this many CPU devices (sets XLA_FLAGS before jax loads)",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -30,8 +34,10 @@ def _mib(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
-                                   f"platform_device_count={args.devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+            f"platform_device_count={args.devices}"
+        ).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
@@ -61,13 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     spec = model.spec(cfg.model)
     print(f"model: {cfg.model.name}   parameters: {nn.count(spec):,}")
     if is_lm:
-        print(f"training FLOPs per token (seq_len {cfg.data.seq_len}): "
-              f"{model.flops_per_token(cfg.model, cfg.data.seq_len):,.0f}")
-    print("mesh: " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
-          + f"  ({mesh.size} devices)")
-    rows = [("/".join(str(getattr(k, "key", k)) for k in path), p.shape, p.axes,
-             partition_spec(p.axes, rules))
-            for path, p in jax.tree_util.tree_flatten_with_path(spec, is_leaf=nn.param.is_param)[0]]
+        print(
+            f"training FLOPs per token (seq_len {cfg.data.seq_len}): "
+            f"{model.flops_per_token(cfg.model, cfg.data.seq_len):,.0f}"
+        )
+    print(
+        "mesh: "
+        + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        + f"  ({mesh.size} devices)"
+    )
+    rows = [
+        (
+            "/".join(str(getattr(k, "key", k)) for k in path),
+            p.shape,
+            p.axes,
+            partition_spec(p.axes, rules),
+        )
+        for path, p in jax.tree_util.tree_flatten_with_path(spec, is_leaf=nn.param.is_param)[0]
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'parameter':<{width}}  shape / logical axes -> partition spec")
     for name, shape, axes, pspec in rows:

@@ -35,11 +35,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs or 'stdlib'")
     p.add_argument("--out", required=True, help="training tokens (.bin or .npy)")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizers JSON file")
-    p.add_argument("--dtype", choices=["uint16", "uint32"], default="uint16",
-                   help="token dtype (uint16 holds vocabularies up to 65536)")
+    p.add_argument(
+        "--dtype",
+        choices=["uint16", "uint32"],
+        default="uint16",
+        help="token dtype (uint16 holds vocabularies up to 65536)",
+    )
     p.add_argument("--val-out", help="validation tokens (.bin or .npy), split off by file")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out share of files with --val-out (default 0.05)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="held-out share of files with --val-out (default 0.05)",
+    )
     p.add_argument("--pattern", default="*.py", help="file-name glob inside folders")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes")
     return p.parse_args(argv)
@@ -70,14 +78,18 @@ def prepare(args: argparse.Namespace) -> list[str]:
     tok = load_tokenizer(args.tokenizer)
     limit = np.iinfo(args.dtype).max + 1
     if tok.vocab_size > limit:
-        raise DataError(f"tokenizer vocabulary {tok.vocab_size} does not fit {args.dtype} "
-                        f"(at most {limit} ids); use --dtype uint32")
+        raise DataError(
+            f"tokenizer vocabulary {tok.vocab_size} does not fit {args.dtype} "
+            f"(at most {limit} ids); use --dtype uint32"
+        )
     docs = read_corpus(find_files(args.inputs, args.pattern), args.max_bytes)
     if not docs:
         raise DataError(f"inputs {args.inputs} hold no text (all files empty)")
     is_val = split_by_file([k for k, _ in docs], val_fraction)
-    parts = {"train": [d for (_, d), v in zip(docs, is_val, strict=True) if not v],
-             "val": [d for (_, d), v in zip(docs, is_val, strict=True) if v]}
+    parts = {
+        "train": [d for (_, d), v in zip(docs, is_val, strict=True) if not v],
+        "val": [d for (_, d), v in zip(docs, is_val, strict=True) if v],
+    }
     streams = {name: tok.encode_docs(ds).astype(args.dtype) for name, ds in parts.items()}
     nbytes = {name: sum(map(len, ds)) for name, ds in parts.items()}
     if args.val_out and not parts["val"]:  # a single input file: hold out its tail
@@ -85,23 +97,31 @@ def prepare(args: argparse.Namespace) -> list[str]:
         cut = len(train) - math.ceil(len(train) * val_fraction)
         streams = {"train": train[:cut], "val": train[cut:]}
         share = cut / max(len(train), 1)
-        nbytes = {"train": round(nbytes["train"] * share),
-                  "val": nbytes["train"] - round(nbytes["train"] * share)}
+        nbytes = {
+            "train": round(nbytes["train"] * share),
+            "val": nbytes["train"] - round(nbytes["train"] * share),
+        }
     lines = []
     for name, path in (("train", args.out), ("val", args.val_out)):
         if path is None:
             continue
         tokens = streams[name]
         if len(tokens) == 0:
-            raise DataError(f"the {name} split is empty; give more input or change "
-                            "--val-fraction")
-        meta = {"tokenizer": args.tokenizer, "vocab_size": tok.vocab_size, "dtype": args.dtype,
-                "num_tokens": int(len(tokens)), "num_bytes": int(nbytes[name]),
-                "bytes_per_token": nbytes[name] / len(tokens),
-                "files": sum(1 for v in is_val if v == (name == "val"))}
+            raise DataError(f"the {name} split is empty; give more input or change --val-fraction")
+        meta = {
+            "tokenizer": args.tokenizer,
+            "vocab_size": tok.vocab_size,
+            "dtype": args.dtype,
+            "num_tokens": int(len(tokens)),
+            "num_bytes": int(nbytes[name]),
+            "bytes_per_token": nbytes[name] / len(tokens),
+            "files": sum(1 for v in is_val if v == (name == "val")),
+        }
         _write(path, tokens, meta)
-        lines.append(f"{name}: {len(tokens):,} tokens ({nbytes[name]:,} bytes, {meta['files']} "
-                     f"files) -> {path}")
+        lines.append(
+            f"{name}: {len(tokens):,} tokens ({nbytes[name]:,} bytes, {meta['files']} "
+            f"files) -> {path}"
+        )
     return lines
 
 

@@ -17,8 +17,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--set", dest="extra", action="append", default=[],
-                        metavar="KEY=VALUE", help="override (same as a positional key=value)")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override (same as a positional key=value)",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{kind}: {e}\n")
         return 1
     if summary["stopped"]:
-        print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "
-              f"in {summary['run_dir']}/checkpoints; rerun the same command to resume")
+        print(
+            f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "
+            f"in {summary['run_dir']}/checkpoints; rerun the same command to resume"
+        )
         return 0
     if summary["eval"]:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()
-                          if isinstance(v, float))
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in summary["eval"].items() if isinstance(v, float)
+        )
         print(f"final eval at step {summary['step']}: {shown}")
     if "sample" in summary:
         print("sample:\n" + summary["sample"])

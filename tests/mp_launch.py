@@ -13,16 +13,21 @@ def free_port() -> int:
 
 def distributed_overrides(port: int, process_id: int, n: int = 2) -> list[str]:
     """Config overrides that make this process `process_id` of an `n`-process run."""
-    return [f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
-            f"mesh.distributed.num_processes={n}", f"mesh.distributed.process_id={process_id}",
-            "mesh.distributed.timeout_s=60"]
+    return [
+        f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
+        f"mesh.distributed.num_processes={n}",
+        f"mesh.distributed.process_id={process_id}",
+        "mesh.distributed.timeout_s=60",
+    ]
 
 
 def run_all(commands: list[list[str]], *, timeout: float = 150, **popen) -> list[str]:
     """Run the commands concurrently; assert each exits 0; return their stdouts. Processes
     still alive on the way out (a timeout, a failure) are killed."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              **popen) for cmd in commands]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+        for cmd in commands
+    ]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:

@@ -48,8 +48,7 @@ def test_flash_attention_autotuned_inside_jit_matches_reference(tmp_path, monkey
     k = jax.random.normal(keys[1], (1, 40, 1, 32))
     v = jax.random.normal(keys[2], (1, 40, 1, 32))
     out = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, autotune=True))(q, k, v)
-    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=2e-5,
-                               rtol=1e-4)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=2e-5, rtol=1e-4)
     cache = json.loads((tmp_path / "fa.json").read_text())
     (entry,) = cache.values()
     assert {"block_q", "block_k", "num_warps", "num_stages"} <= set(entry["config"])

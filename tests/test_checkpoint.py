@@ -35,28 +35,51 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
 STEPS = 40
 # Checkpoint often so kills land during asynchronous saves; log every step to compare losses.
-RUN = ("checkpoint.every=2", "checkpoint.keep=2", "train.log_every=1", "train.eval_every=1000",
-       "train.sample_tokens=0", f"train.steps={STEPS}")
+RUN = (
+    "checkpoint.every=2",
+    "checkpoint.keep=2",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.sample_tokens=0",
+    f"train.steps={STEPS}",
+)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Subprocess environment: 8 CPU devices (from conftest) and a shared compilation cache."""
     cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def _cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts/train.py"), str(TINY), f"run.dir={run_dir}",
-            *RUN, *overrides]
+    return [
+        sys.executable,
+        str(ROOT / "scripts/train.py"),
+        str(TINY),
+        f"run.dir={run_dir}",
+        *RUN,
+        *overrides,
+    ]
 
 
-def _train(env: dict, run_dir: Path, *overrides: str, timeout: float = 90
-           ) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, *overrides), env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def _train(
+    env: dict, run_dir: Path, *overrides: str, timeout: float = 90
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cmd(run_dir, *overrides),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -119,8 +142,13 @@ def test_exact_resume_is_bitwise(straight, halves):
 
 
 def test_sigterm_finishes_step_saves_and_exits_zero(env, tmp_path):
-    proc = subprocess.Popen(_cmd(tmp_path, "train.steps=100000", "checkpoint.every=1000"),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, "train.steps=100000", "checkpoint.every=1000"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "tiny_lm/metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -141,8 +169,9 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
     start = time.monotonic()
     while kills < 5:
         seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        proc = subprocess.Popen(_cmd(tmp_path), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cmd(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 30
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > seen):
             assert time.monotonic() < deadline, "no progress after a restart"
@@ -223,24 +252,29 @@ def test_changed_optimizer_structure_is_a_clear_error(at_half, tmp_path):
 
 
 def test_params_only_resume_from_another_run(straight, tmp_path):
-    trainer = _trainer(tmp_path, f"checkpoint.resume={straight / 'tiny_lm'}",
-                       "checkpoint.resume_params_only=true")
+    trainer = _trainer(
+        tmp_path, f"checkpoint.resume={straight / 'tiny_lm'}", "checkpoint.resume_params_only=true"
+    )
     state = trainer.restore_or_init()
     assert int(state["step"]) == 0 and trainer.train_data.get_state()["step"] == 0
     _assert_same(jax.device_get(state["params"]), _read(straight, "params")[1])
     assert not any(np.any(x) for x in jax.tree.leaves(jax.device_get(state["opt_state"])))
 
 
-@pytest.mark.parametrize("layout", [("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
-                                    ("model.scan_layers=false",)], ids=["fsdp_tensor", "unrolled"])
+@pytest.mark.parametrize(
+    "layout",
+    [("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), ("model.scan_layers=false",)],
+    ids=["fsdp_tensor", "unrolled"],
+)
 def test_restore_onto_another_layout_gives_the_same_loss(straight, layout, tmp_path):
     losses = []
     for overrides in ((), layout):
         trainer = _trainer(_copy(straight, tmp_path / str(len(losses))), *overrides)
         state = trainer.restore_or_init()
         assert int(state["step"]) == STEPS
-        losses.append(evaluate(trainer.eval_fn, state, trainer.eval_set, 2, None,
-                               trainer.put)["loss"])
+        losses.append(
+            evaluate(trainer.eval_fn, state, trainer.eval_set, 2, None, trainer.put)["loss"]
+        )
         if overrides and "mesh.fsdp=2" in overrides:
             assert not state["params"]["embed"]["embedding"].sharding.is_fully_replicated
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
@@ -265,8 +299,12 @@ def test_nonfinite_stop_names_the_leaf_and_keeps_the_last_good_checkpoint(at_hal
 
 def test_nonfinite_skip_drops_updates_and_counts_them(at_half, tmp_path):
     run_dir = _copy(at_half, tmp_path)
-    trainer = _trainer(run_dir, "optim.learning_rate=1e39", "train.nonfinite=skip",
-                       f"train.stop_at={STEPS // 2 + 4}")
+    trainer = _trainer(
+        run_dir,
+        "optim.learning_rate=1e39",
+        "train.nonfinite=skip",
+        f"train.stop_at={STEPS // 2 + 4}",
+    )
     summary = trainer.run()
     assert summary["step"] == STEPS // 2 + 4 and summary["skipped_steps"] == 4
     last = json.loads((run_dir / "tiny_lm/metrics.jsonl").read_text().splitlines()[-1])
@@ -279,9 +317,14 @@ def test_nonfinite_skip_drops_updates_and_counts_them(at_half, tmp_path):
 def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
     """A checkpoint written between log lines still counts the skips since the last line."""
     run_dir = _copy(at_half, tmp_path)
-    trainer = _trainer(run_dir, "optim.learning_rate=1e39", "train.nonfinite=skip",
-                       "train.log_every=5", "checkpoint.every=2",
-                       f"train.stop_at={STEPS // 2 + 4}")
+    trainer = _trainer(
+        run_dir,
+        "optim.learning_rate=1e39",
+        "train.nonfinite=skip",
+        "train.log_every=5",
+        "checkpoint.every=2",
+        f"train.stop_at={STEPS // 2 + 4}",
+    )
     trainer.run()
     step, meta = _read(run_dir, "meta")
     assert step == STEPS // 2 + 4 and meta["skipped_steps"] == 4
@@ -291,9 +334,20 @@ def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
 
 def test_safetensors_export_round_trip(straight, tmp_path, env):
     out = tmp_path / "model.safetensors"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/export_safetensors.py"),
-                           str(straight / "tiny_lm"), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/export_safetensors.py"),
+            str(straight / "tiny_lm"),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     params = load_safetensors(out)
     _assert_same(params, _read(straight, "params")[1])
@@ -307,8 +361,13 @@ def test_restore_with_two_processes_continues_the_run(env, straight, at_half, tm
     run_dir = _copy(at_half, tmp_path)
     port = free_port()
     env4 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    run_all([_cmd(run_dir, "mesh.data=2", "mesh.fsdp=4", *distributed_overrides(port, i))
-             for i in range(2)], env=env4)
+    run_all(
+        [
+            _cmd(run_dir, "mesh.data=2", "mesh.fsdp=4", *distributed_overrides(port, i))
+            for i in range(2)
+        ],
+        env=env4,
+    )
     assert step_dirs(run_dir / "tiny_lm/checkpoints")[-1] == STEPS
     resumed, straight_losses = _losses(run_dir), _losses(straight)
     first = STEPS // 2 + 1

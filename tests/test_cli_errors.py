@@ -13,21 +13,30 @@ TINY = str(ROOT / "configs/tiny/lm.yaml")
 
 def _run(*args, cwd=ROOT):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    ((TINY, "optim.lerning_rate=0.1"), "did you mean 'learning_rate'"),
-    ((TINY, "train.steps=many"), "train.steps"),
-    ((TINY, "data.batch_size=-4"), "data.batch_size"),
-    ((TINY, "model.n_heads=3"), "n_heads"),
-    ((TINY, "data.batch_size=12"), "data.batch_size"),  # 12 rows over 8 devices
-    ((str(ROOT / "configs/missing.yaml"),), "missing.yaml"),
-    ((TINY, "data.source=text", "data.paths=[/no/such/dir]"), "/no/such/dir"),
-    ((TINY, "data.seq_len=64"), "model.max_seq_len"),
-    ((TINY, "model.attention_impl=cudnn"), "attention_impl=cudnn"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ((TINY, "optim.lerning_rate=0.1"), "did you mean 'learning_rate'"),
+        ((TINY, "train.steps=many"), "train.steps"),
+        ((TINY, "data.batch_size=-4"), "data.batch_size"),
+        ((TINY, "model.n_heads=3"), "n_heads"),
+        ((TINY, "data.batch_size=12"), "data.batch_size"),  # 12 rows over 8 devices
+        ((str(ROOT / "configs/missing.yaml"),), "missing.yaml"),
+        ((TINY, "data.source=text", "data.paths=[/no/such/dir]"), "/no/such/dir"),
+        ((TINY, "data.seq_len=64"), "model.max_seq_len"),
+        ((TINY, "model.attention_impl=cudnn"), "attention_impl=cudnn"),
+    ],
+)
 def test_user_mistakes_exit_2_with_one_line(args, needle, tmp_path):
     done = _run(*args, f"run.dir={tmp_path}")
     assert done.returncode == 2, done.stderr

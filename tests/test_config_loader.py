@@ -67,15 +67,29 @@ class Toy(pydantic.BaseModel):
     seed: int = pydantic.Field(0, description="random seed")
     train: Train = pydantic.Field(default_factory=Train)
     model: Annotated[Mlp | Gpt, pydantic.Field(discriminator="name")] = pydantic.Field(
-        default_factory=Mlp, description="which model")
+        default_factory=Mlp, description="which model"
+    )
     tags: list[str] = pydantic.Field(default_factory=list, description="free-form labels")
     eval: Train | None = pydantic.Field(None, description="optional eval loop")
 
 
 TOY_KEYS = [
-    "seed", "train", "train.batch_size", "train.steps", "train.optim",
-    "train.optim.learning_rate", "train.optim.betas", "model", "model.name", "model.hidden",
-    "model.n_layers", "model.d_model", "tags", "eval", "eval.batch_size", "eval.optim.betas",
+    "seed",
+    "train",
+    "train.batch_size",
+    "train.steps",
+    "train.optim",
+    "train.optim.learning_rate",
+    "train.optim.betas",
+    "model",
+    "model.name",
+    "model.hidden",
+    "model.n_layers",
+    "model.d_model",
+    "tags",
+    "eval",
+    "eval.batch_size",
+    "eval.optim.betas",
 ]
 
 
@@ -94,27 +108,41 @@ def _error(schema, tree) -> str:
 
 
 def test_base_inheritance_three_levels_deep_merge(tmp_path):
-    _write(tmp_path / "root.yaml", """
+    _write(
+        tmp_path / "root.yaml",
+        """
         seed: 1
         tags: [a, b]
         train: {batch_size: 4, steps: 100, optim: {learning_rate: 1.0e-2, betas: [0.8, 0.9]}}
-    """)
-    _write(tmp_path / "mid" / "mid.yaml", """
+    """,
+    )
+    _write(
+        tmp_path / "mid" / "mid.yaml",
+        """
         base: ../root.yaml
         train: {steps: 200, optim: {learning_rate: 3e-4}}
         tags: [c]
-    """)
-    leaf = _write(tmp_path / "mid" / "leaf.yaml", """
+    """,
+    )
+    leaf = _write(
+        tmp_path / "mid" / "leaf.yaml",
+        """
         base: mid.yaml
         train: {optim: {betas: [0.5, 0.6]}}
         model: {name: gpt, n_layers: 4}
-    """)
+    """,
+    )
     tree = load_yaml_tree(leaf)
     assert "base" not in tree
     assert tree == {
-        "seed": 1, "tags": ["c"], "model": {"name": "gpt", "n_layers": 4},
-        "train": {"batch_size": 4, "steps": 200,
-                  "optim": {"learning_rate": 3e-4, "betas": [0.5, 0.6]}},
+        "seed": 1,
+        "tags": ["c"],
+        "model": {"name": "gpt", "n_layers": 4},
+        "train": {
+            "batch_size": 4,
+            "steps": 200,
+            "optim": {"learning_rate": 3e-4, "betas": [0.5, 0.6]},
+        },
     }
     cfg = load_config(Toy, leaf)
     assert isinstance(cfg.model, Gpt) and cfg.model.n_layers == 4
@@ -122,10 +150,19 @@ def test_base_inheritance_three_levels_deep_merge(tmp_path):
 
 
 def test_overrides_convert_types_and_create_sections():
-    tree = apply_overrides({"train": {"steps": 1}}, [
-        "train.steps=3", "train.optim.learning_rate=1e-3", "seed=7", "tags=[x, y]",
-        "eval=null", "model.name=gpt", "model.n_layers= 6", "train.optim.betas=[0.1,0.2]",
-    ])
+    tree = apply_overrides(
+        {"train": {"steps": 1}},
+        [
+            "train.steps=3",
+            "train.optim.learning_rate=1e-3",
+            "seed=7",
+            "tags=[x, y]",
+            "eval=null",
+            "model.name=gpt",
+            "model.n_layers= 6",
+            "train.optim.betas=[0.1,0.2]",
+        ],
+    )
     assert tree["train"]["steps"] == 3
     assert tree["train"]["optim"]["learning_rate"] == pytest.approx(1e-3)
     assert isinstance(tree["train"]["optim"]["learning_rate"], float)
@@ -158,16 +195,21 @@ def test_unknown_key_suggests_closest_field():
 
 def test_unknown_key_through_override(tmp_path):
     path = _write(tmp_path / "c.yaml", "seed: 1\n")
-    with pytest.raises(ConfigError, match=r"train\.optim\.lerning_rate: unknown key .*"
-                                          r"'learning_rate'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.optim\.lerning_rate: unknown key .*"
+        r"'learning_rate'",
+    ):
         load_config(Toy, path, ["train.optim.lerning_rate=1e-3"])
 
 
 def test_wrong_type_and_out_of_range():
     msg = _error(Toy, {"train": {"steps": "many"}})
     assert msg.startswith("train.steps: ") and "integer" in msg and "'many'" in msg
-    assert (_error(Toy, {"train": {"batch_size": -3}})
-            == "train.batch_size: Input should be greater than 0 (got -3)")
+    assert (
+        _error(Toy, {"train": {"batch_size": -3}})
+        == "train.batch_size: Input should be greater than 0 (got -3)"
+    )
     msg = _error(Toy, {"model": {"name": "resnet"}})
     assert msg.startswith("model: ") and "resnet" in msg
     assert _error(Toy, {"tags": ["a", 3]}).startswith("tags[1]: ")
@@ -207,8 +249,14 @@ def test_inheritance_cycle(tmp_path):
 
 
 def test_dump_resolved_round_trips(tmp_path):
-    cfg = build(Toy, {"model": {"name": "gpt"}, "train": {"optim": {"learning_rate": 1e-5}},
-                      "eval": {"steps": 2}})
+    cfg = build(
+        Toy,
+        {
+            "model": {"name": "gpt"},
+            "train": {"optim": {"learning_rate": 1e-5}},
+            "eval": {"steps": 2},
+        },
+    )
     path = dump_resolved(cfg, tmp_path / "run" / "0")
     assert path == tmp_path / "run" / "0" / "config.yaml"
     assert load_config(Toy, path) == cfg
@@ -250,8 +298,12 @@ print("unreachable")
 def test_script_exits_2_with_one_line(tmp_path):
     script = _write(tmp_path / "script.py", _SCRIPT)
     cfg = _write(tmp_path / "cfg.yaml", "train: {batch_size: 3}\n")
-    done = subprocess.run([sys.executable, str(script), str(cfg), "train.batch_sze=4"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(script), str(cfg), "train.batch_sze=4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.splitlines()

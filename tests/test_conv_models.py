@@ -45,7 +45,7 @@ def _naive_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, paddin
     oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
     out = np.zeros((n, oh, ow, cout))
     for bi, i, j, o in itertools.product(range(n), range(oh), range(ow), range(cout)):
-        patch = x[bi, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+        patch = x[bi, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
         out[bi, i, j, o] = np.sum(patch * w[:, :, :, o]) + b[o]
     return out
 
@@ -59,10 +59,15 @@ def test_conv2d_matches_naive_loop(stride, padding):
     x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
     w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
     b = rng.standard_normal((4,)).astype(np.float32)
-    got = conv2d({"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}, jnp.asarray(x),
-                 stride=stride, padding=padding)
-    want = _naive_conv(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
-                       stride, padding)
+    got = conv2d(
+        {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)},
+        jnp.asarray(x),
+        stride=stride,
+        padding=padding,
+    )
+    want = _naive_conv(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding
+    )
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
@@ -70,8 +75,10 @@ def test_conv2d_matches_naive_loop(stride, padding):
 def test_conv2d_spec_shapes_axes_and_fan_in_scale():
     spec = conv2d_spec(8, 16, kernel=(3, 3))
     assert spec["kernel"].shape == (3, 3, 8, 16)
-    assert logical_axes(spec) == {"kernel": (None, None, "conv_in", "conv_out"),
-                                  "bias": ("conv_out",)}
+    assert logical_axes(spec) == {
+        "kernel": (None, None, "conv_in", "conv_out"),
+        "bias": ("conv_out",),
+    }
     assert "bias" not in conv2d_spec(8, 16, bias=False)
     big = init(conv2d_spec(64, 256), jax.random.key(0))
     # fan-in is kh * kw * in = 576, so std ~ 1/24 (not 1/sqrt(64) or 1/sqrt(256 * 9)).
@@ -99,7 +106,7 @@ def test_pool_matches_reshape_reference(pool, reduce, hw):
     x = _rng(2).standard_normal((2, h, w, 3)).astype(np.float32)
     got = pool(jnp.asarray(x), window=2)  # stride defaults to the window, VALID drops the rest
     oh, ow = h // 2, w // 2
-    crop = x[:, :oh * 2, :ow * 2, :].reshape(2, oh, 2, ow, 2, 3)
+    crop = x[:, : oh * 2, : ow * 2, :].reshape(2, oh, 2, ow, 2, 3)
     np.testing.assert_allclose(np.asarray(got), reduce(crop, axis=(2, 4)), rtol=1e-6, atol=1e-6)
 
 
@@ -151,16 +158,24 @@ def test_batch_norm_training_gradients_match_finite_differences():
         y, _ = batch_norm({"scale": scale, "bias": bias}, state, x, training=True)
         return jnp.sin(y)
 
-    check_grads(f, (scale, bias, x), order=1, modes=("rev",), atol=GRAD_TOL, rtol=GRAD_TOL,
-                eps=GRAD_EPS)
+    check_grads(
+        f, (scale, bias, x), order=1, modes=("rev",), atol=GRAD_TOL, rtol=GRAD_TOL, eps=GRAD_EPS
+    )
 
 
 @pytest.mark.parametrize("pool", [max_pool, avg_pool])
 def test_pool_gradients_match_finite_differences(pool):
     # Distinct values 0.1 apart, so no max switches within a finite-difference step.
     x = jnp.asarray(_rng(6).permutation(2 * 6 * 6 * 2).reshape(2, 6, 6, 2) * 0.1, jnp.float32)
-    check_grads(lambda x: pool(x, window=2), (x,), order=1, modes=("rev",), atol=GRAD_TOL,
-                rtol=GRAD_TOL, eps=GRAD_EPS)
+    check_grads(
+        lambda x: pool(x, window=2),
+        (x,),
+        order=1,
+        modes=("rev",),
+        atol=GRAD_TOL,
+        rtol=GRAD_TOL,
+        eps=GRAD_EPS,
+    )
 
 
 # ---------------------------------------------------------------- batch norm
@@ -168,8 +183,10 @@ def test_pool_gradients_match_finite_differences(pool):
 
 def _bn_setup(seed: int = 7):
     rng = _rng(seed)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, (3,)), jnp.float32),
-              "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 2.0, (3,)), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
+    }
     x = rng.standard_normal((6, 4, 4, 3)).astype(np.float32) * np.array([1.0, 3.0, 0.5]) + 2.0
     return params, x.astype(np.float32)
 
@@ -186,10 +203,12 @@ def test_batch_norm_training_normalizes_and_updates_statistics():
     state = {"mean": jnp.asarray([0.5, -1.0, 0.0]), "var": jnp.asarray([1.0, 2.0, 4.0])}
     y, new_state = batch_norm(params, state, jnp.asarray(x), training=True, momentum=0.8)
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(new_state["mean"], 0.8 * np.asarray(state["mean"]) + 0.2 * mean,
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(new_state["var"], 0.8 * np.asarray(state["var"]) + 0.2 * var,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        new_state["mean"], 0.8 * np.asarray(state["mean"]) + 0.2 * mean, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        new_state["var"], 0.8 * np.asarray(state["var"]) + 0.2 * var, rtol=1e-5, atol=1e-5
+    )
     # Output uses this batch's statistics: per channel it has mean `bias` and std `scale`.
     y = np.asarray(y)
     np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), params["bias"], atol=1e-4)
@@ -203,8 +222,9 @@ def test_batch_norm_eval_uses_stored_statistics_and_leaves_state_unchanged():
     y, new_state = batch_norm(params, state, jnp.asarray(x), training=False, eps=1e-5)
     for k in before:
         np.testing.assert_array_equal(np.asarray(new_state[k]), before[k])  # bitwise
-    want = ((x - before["mean"]) / np.sqrt(before["var"] + 1e-5) * np.asarray(params["scale"])
-            + np.asarray(params["bias"]))
+    want = (x - before["mean"]) / np.sqrt(before["var"] + 1e-5) * np.asarray(
+        params["scale"]
+    ) + np.asarray(params["bias"])
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
     # Evaluation is per example: the batch it comes in does not matter.
     one, _ = batch_norm(params, state, jnp.asarray(x[:1]), training=False, eps=1e-5)
@@ -255,8 +275,10 @@ def _setup(model, cfg, key=0):
     return init(model.spec(cfg), k), init(model.state_spec(cfg), k)
 
 
-MODELS = [pytest.param(get("mlp"), MLP_CFG, _mlp_data, id="mlp"),
-          pytest.param(get("cnn"), CNN_CFG, _cnn_data, id="cnn")]
+MODELS = [
+    pytest.param(get("mlp"), MLP_CFG, _mlp_data, id="mlp"),
+    pytest.param(get("cnn"), CNN_CFG, _cnn_data, id="cnn"),
+]
 
 
 def test_models_are_registered_with_their_configs():
@@ -268,11 +290,17 @@ def test_models_are_registered_with_their_configs():
         assert mlp.MLPConfig.model_fields[field].description
 
 
-@pytest.mark.parametrize("bad", [
-    {"input_dim": 0, "num_classes": 3}, {"input_dim": 4, "num_classes": 3, "hidden": [8, 0]},
-    {"input_dim": 4, "num_classes": 3, "dropout": 1.0}, {"input_dim": 4},
-    {"input_dim": 4, "num_classes": 3, "hiden": [8]}, {"name": "cnn", "input_dim": 4,
-                                                        "num_classes": 3}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"input_dim": 0, "num_classes": 3},
+        {"input_dim": 4, "num_classes": 3, "hidden": [8, 0]},
+        {"input_dim": 4, "num_classes": 3, "dropout": 1.0},
+        {"input_dim": 4},
+        {"input_dim": 4, "num_classes": 3, "hiden": [8]},
+        {"name": "cnn", "input_dim": 4, "num_classes": 3},
+    ],
+)
 def test_mlp_config_rejects_bad_values(bad):
     with pytest.raises(pydantic.ValidationError):
         mlp.MLPConfig(**bad)
@@ -292,8 +320,10 @@ def test_init_is_deterministic(model, cfg, data):
     p3, _ = _setup(model, cfg, 4)
     for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(p1), jax.tree.leaves(p3), strict=True))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3), strict=True)
+    )
 
 
 @pytest.mark.parametrize("model,cfg,data", MODELS)
@@ -376,8 +406,9 @@ def test_mlp_wrong_input_shape_names_the_layer():
     with pytest.raises(ShapeError, match=r"layer_0.*\(4, 9\)"):  # also at jit trace time
         jax.jit(lambda p, x: mlp.apply(p, x, MLP_CFG))(params, jnp.zeros((4, 9)))
     # A too-narrow layer_1: the mismatch is reported by the layer that consumes its output.
-    narrow = init(mlp.spec(mlp.MLPConfig(input_dim=8, hidden=[16, 12], num_classes=3)),
-                  jax.random.key(0))
+    narrow = init(
+        mlp.spec(mlp.MLPConfig(input_dim=8, hidden=[16, 12], num_classes=3)), jax.random.key(0)
+    )
     with pytest.raises(ShapeError, match=r"^layer_2: .*16.*\(4, 12\)"):
         mlp.apply({**params, "layer_1": narrow["layer_1"]}, jnp.zeros((4, 8)), MLP_CFG)
     # Images are flattened: [4, 2, 4] is 8 features.

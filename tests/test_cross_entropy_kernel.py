@@ -33,6 +33,7 @@ def _inputs(lead, d, vocab, dtype, i=0):
 
 def _loss_and_grads(f, h, w, labels, g):
     """f(h, w, labels) and its cotangents dh, dw for the upstream g, as f32 numpy arrays."""
+
     def run(h, w, labels, g):
         loss, pull = jax.vjp(lambda h, w: f(h, w, labels), h, w)
         return (loss, *pull(g))
@@ -53,25 +54,44 @@ CASES = [
     # (lead, d, vocab, z_loss, dtype, kwargs): ragged tokens and vocab, z-loss on/off, several
     # vocab splits and backward chunks (the lax.scan path), leading dims.
     ((37,), 64, 300, 0.0, jnp.float32, dict(block_tokens=16, block_vocab=128)),
-    ((37,), 96, 1000, 1e-3, jnp.float32,
-     dict(block_tokens=16, block_vocab=128, vocab_splits=3, chunk_tokens=16)),
-    ((3, 13), 64, 200, 1e-2, jnp.bfloat16,
-     dict(block_tokens=16, block_vocab=64, vocab_splits=2, chunk_tokens=32)),
+    (
+        (37,),
+        96,
+        1000,
+        1e-3,
+        jnp.float32,
+        dict(block_tokens=16, block_vocab=128, vocab_splits=3, chunk_tokens=16),
+    ),
+    (
+        (3, 13),
+        64,
+        200,
+        1e-2,
+        jnp.bfloat16,
+        dict(block_tokens=16, block_vocab=64, vocab_splits=2, chunk_tokens=32),
+    ),
     ((16,), 16, 20, 0.0, jnp.float32, dict()),  # the CPU heuristic config, tiny extents
 ]
 
 
-@pytest.mark.parametrize("lead,d,vocab,z_loss,dtype,kw", CASES,
-                         ids=[f"{c[0]}-d{c[1]}-v{c[2]}-z{c[3]}-{jnp.dtype(c[4]).name}"
-                              for c in CASES])
+@pytest.mark.parametrize(
+    "lead,d,vocab,z_loss,dtype,kw",
+    CASES,
+    ids=[f"{c[0]}-d{c[1]}-v{c[2]}-z{c[3]}-{jnp.dtype(c[4]).name}" for c in CASES],
+)
 def test_parity_loss_and_grads(lead, d, vocab, z_loss, dtype, kw):
     """Fused kernels (interpret mode): loss, dh and dw vs the naive reference."""
     h, w, labels, g = _inputs(lead, d, vocab, dtype, i=d + vocab)
     got = _loss_and_grads(
         lambda h, w, y: ce.linear_cross_entropy(h, w, y, z_loss=z_loss, interpret=True, **kw),
-        h, w, labels, g)
-    want = _loss_and_grads(lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss),
-                           h, w, labels, g)
+        h,
+        w,
+        labels,
+        g,
+    )
+    want = _loss_and_grads(
+        lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss), h, w, labels, g
+    )
     _assert_rel_close(got, want, TOL[dtype], "pallas")
 
 
@@ -81,9 +101,14 @@ def test_chunked_jnp_fallback_parity(z_loss, dtype):
     h, w, labels, g = _inputs((45,), 96, 333, dtype, i=5)
     got = _loss_and_grads(
         lambda h, w, y: ce.linear_cross_entropy_chunked(h, w, y, z_loss=z_loss, chunk_tokens=16),
-        h, w, labels, g)
-    want = _loss_and_grads(lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss),
-                           h, w, labels, g)
+        h,
+        w,
+        labels,
+        g,
+    )
+    want = _loss_and_grads(
+        lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss), h, w, labels, g
+    )
     _assert_rel_close(got, want, TOL[dtype], "chunked")
 
 
@@ -92,8 +117,9 @@ def test_mixed_dtypes_and_errors():
     h, w, labels, _ = _inputs((17,), 32, 50, jnp.float32, i=9)
     h = h.astype(jnp.bfloat16)
     f = lambda h, w: ce.linear_cross_entropy(h, w, labels, interpret=True)
-    loss, dh, dw = jax.eval_shape(lambda h, w: (f(h, w), *jax.grad(
-        lambda h, w: f(h, w).sum(), argnums=(0, 1))(h, w)), h, w)
+    loss, dh, dw = jax.eval_shape(
+        lambda h, w: (f(h, w), *jax.grad(lambda h, w: f(h, w).sum(), argnums=(0, 1))(h, w)), h, w
+    )
     assert (loss.dtype, dh.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
     assert ce.supports(h, w, labels) and not ce.supports(h, w.T, labels)
     with pytest.raises(ValueError, match="labels"):
@@ -110,8 +136,11 @@ MEM_T, MEM_D, MEM_V = 8192, 64, 32768
 def _temp_bytes(f) -> int:
     """Peak temporary bytes of f compiled for CPU at the memory-test shape (compiled, not run)."""
     sds = jax.ShapeDtypeStruct
-    args = (sds((MEM_T, MEM_D), jnp.float32), sds((MEM_D, MEM_V), jnp.float32),
-            sds((MEM_T,), jnp.int32))
+    args = (
+        sds((MEM_T, MEM_D), jnp.float32),
+        sds((MEM_D, MEM_V), jnp.float32),
+        sds((MEM_T,), jnp.int32),
+    )
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -136,8 +165,9 @@ def test_peak_memory_is_an_eighth_of_naive(with_grad):
     wrap = _value_and_grads if with_grad else _mean
     naive = _temp_bytes(wrap(ce.linear_cross_entropy_reference))
     fused = _temp_bytes(wrap(lambda h, w, y: ce.linear_cross_entropy(h, w, y, interpret=True)))
-    chunked = _temp_bytes(wrap(
-        lambda h, w, y: ce.linear_cross_entropy_chunked(h, w, y, chunk_tokens=512)))
+    chunked = _temp_bytes(
+        wrap(lambda h, w, y: ce.linear_cross_entropy_chunked(h, w, y, chunk_tokens=512))
+    )
     assert naive >= MEM_T * MEM_V * 4  # the naive path really holds the f32 logits
     assert fused * 8 <= naive, (fused, naive)
     assert chunked * 8 <= naive, (chunked, naive)
@@ -160,9 +190,11 @@ def test_heuristic_configs_are_triton_friendly():
             assert ce.choose_config(*shape, jnp.bfloat16, kind) in EXAMPLES
 
 
-@pytest.mark.parametrize("cfg", list(EXAMPLES),
-                         ids=["t{}-v{}-k{}-d{}-w{}-s{}".format(*c.__dict__.values())
-                              for c in EXAMPLES])
+@pytest.mark.parametrize(
+    "cfg",
+    list(EXAMPLES),
+    ids=["t{}-v{}-k{}-d{}-w{}-s{}".format(*c.__dict__.values()) for c in EXAMPLES],
+)
 def test_cuda_lowering_of_every_heuristic_config(cfg):
     """Forward and backward kernels lower to Triton for each config, ragged in every dim, with
     two vocab splits and a multi-chunk backward (lax.scan)."""
@@ -171,11 +203,25 @@ def test_cuda_lowering_of_every_heuristic_config(cfg):
     t, d, v = 2 * cfg.block_tokens + 3, 2 * cfg.block_k + 5, 3 * cfg.block_vocab + 7
 
     def loss(h, w, y):
-        return jnp.sum(ce.linear_cross_entropy(h, w, y, z_loss=1e-4, config=cfg, interpret=False,
-                                               vocab_splits=2, chunk_tokens=cfg.block_tokens))
+        return jnp.sum(
+            ce.linear_cross_entropy(
+                h,
+                w,
+                y,
+                z_loss=1e-4,
+                config=cfg,
+                interpret=False,
+                vocab_splits=2,
+                chunk_tokens=cfg.block_tokens,
+            )
+        )
 
-    text = export_cuda(jax.value_and_grad(loss, argnums=(0, 1)),
-                       sds((t, d), dtype), sds((d, v), dtype), sds((t,), jnp.int32))
+    text = export_cuda(
+        jax.value_and_grad(loss, argnums=(0, 1)),
+        sds((t, d), dtype),
+        sds((d, v), dtype),
+        sds((t,), jnp.int32),
+    )
     assert triton_calls(text) == 4  # forward, dlogits, dh, dw
 
 
@@ -185,11 +231,16 @@ def test_cuda_lowering_at_the_default_plan():
     t, d, v = 8192, 4096, 128256
 
     def loss(h, w, y):
-        return jnp.sum(ce.linear_cross_entropy(h, w, y, interpret=False,
-                                               device_kind="NVIDIA H100 80GB HBM3"))
+        return jnp.sum(
+            ce.linear_cross_entropy(h, w, y, interpret=False, device_kind="NVIDIA H100 80GB HBM3")
+        )
 
-    text = export_cuda(jax.value_and_grad(loss, argnums=(0, 1)), sds((t, d), jnp.bfloat16),
-                       sds((d, v), jnp.bfloat16), sds((t,), jnp.int32))
+    text = export_cuda(
+        jax.value_and_grad(loss, argnums=(0, 1)),
+        sds((t, d), jnp.bfloat16),
+        sds((d, v), jnp.bfloat16),
+        sds((t,), jnp.int32),
+    )
     assert triton_calls(text) == 4
 
 
@@ -199,13 +250,16 @@ def test_cuda_lowering_at_the_default_plan():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("lead,d,vocab,z_loss", [((4096,), 1024, 32000, 1e-4),
-                                                 ((2, 999), 512, 50257, 0.0)])
+@pytest.mark.parametrize(
+    "lead,d,vocab,z_loss", [((4096,), 1024, 32000, 1e-4), ((2, 999), 512, 50257, 0.0)]
+)
 def test_compiled_on_gpu(lead, d, vocab, z_loss, dtype):
     """Compiled (not interpreted) kernels match the reference on a real GPU."""
     h, w, labels, g = _inputs(lead, d, vocab, dtype, i=3)
-    got = _loss_and_grads(lambda h, w, y: ce.linear_cross_entropy(h, w, y, z_loss=z_loss),
-                          h, w, labels, g)
-    want = _loss_and_grads(lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss),
-                           h, w, labels, g)
+    got = _loss_and_grads(
+        lambda h, w, y: ce.linear_cross_entropy(h, w, y, z_loss=z_loss), h, w, labels, g
+    )
+    want = _loss_and_grads(
+        lambda h, w, y: ce.linear_cross_entropy_reference(h, w, y, z_loss), h, w, labels, g
+    )
     _assert_rel_close(got, want, 1e-3 if dtype == jnp.float32 else 3e-2, "gpu")

@@ -24,8 +24,10 @@ def _take(loader, n):
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-               for x, y in zip(a, b, strict=True))
+    return all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.fixture
@@ -35,8 +37,7 @@ def corpus(tmp_path: Path) -> Path:
     for i in range(24):
         sub = root / ("pkg" if i % 3 == 0 else "")
         sub.mkdir(parents=True, exist_ok=True)
-        body = "".join(f"def f{i}_{j}(x):\n    return x * {i} + {j}  # héllo\n"
-                       for j in range(40))
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {i} + {j}  # héllo\n" for j in range(40))
         (sub / f"mod_{i:02d}.py").write_text(body)
     (root / "notes.txt").write_text("not python\n")
     return root
@@ -106,8 +107,9 @@ def test_state_roundtrip_reproduces_next_batches(arange_npy):
 
 def test_lm_windows_and_shifted_targets(arange_npy):
     seq = 32
-    cfg = DataConfig(source="tokens", paths=[str(arange_npy)], seq_len=seq, batch_size=8,
-                     val_fraction=0.1)
+    cfg = DataConfig(
+        source="tokens", paths=[str(arange_npy)], seq_len=seq, batch_size=8, val_fraction=0.1
+    )
     loader, eval_set, meta = make_loaders(cfg)
     batch = next(loader)
     assert batch["inputs"].dtype == np.int32 and batch["inputs"].shape == (8, seq)
@@ -132,8 +134,14 @@ def test_lm_windows_and_shifted_targets(arange_npy):
 
 @pytest.mark.parametrize("source", ["tokens", "synthetic_classification"])
 def test_processes_split_each_global_batch(arange_npy, source):
-    cfg = DataConfig(source=source, paths=[str(arange_npy)], seq_len=16, batch_size=8,
-                     input_shape=[3], num_examples=64)
+    cfg = DataConfig(
+        source=source,
+        paths=[str(arange_npy)],
+        seq_len=16,
+        batch_size=8,
+        input_shape=[3],
+        num_examples=64,
+    )
     single, eval_single, _ = make_loaders(cfg)
     procs = [make_loaders(cfg, process_index=p, process_count=2) for p in range(2)]
     for _ in range(12):  # crosses an epoch boundary for the 64-example classification set
@@ -147,15 +155,15 @@ def test_processes_split_each_global_batch(arange_npy, source):
             assert len(set(starts.tolist())) == len(starts)
     shards = (e.batches(3) for _, e, _ in procs)
     for want, *parts in zip(eval_single.batches(3), *shards, strict=True):
-        np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]),
-                                      want["inputs"])
+        np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), want["inputs"])
     with pytest.raises(DataError, match="divisible"):
         make_loaders(cfg, process_index=0, process_count=3)
 
 
 def test_eval_set_is_deterministic_and_smaller_than_a_batch_is_cycled():
-    cfg = DataConfig(source="synthetic_classification", batch_size=16, num_examples=256,
-                     val_fraction=0.01)
+    cfg = DataConfig(
+        source="synthetic_classification", batch_size=16, num_examples=256, val_fraction=0.01
+    )
     _, eval_set, meta = make_loaders(cfg)
     assert meta["val_examples"] == 16  # at least one global batch
     a, b = list(eval_set.batches(None)), list(eval_set.batches(None))
@@ -198,8 +206,9 @@ def test_stdlib_bytes_decode_to_python_source():
     loader, eval_set, meta = make_loaders(cfg)
     assert meta["vocab_size"] == 256 and meta["bytes_per_token"] == 1.0
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
-    text = "".join(sources.ByteTokenizer().decode(row) for b in _take(loader, 4)
-                   for row in b["inputs"])
+    text = "".join(
+        sources.ByteTokenizer().decode(row) for b in _take(loader, 4) for row in b["inputs"]
+    )
     assert ("def " in text or "import " in text) and "\ufffd" not in text[200:-200]
     assert eval_set.num_batches >= 1
 
@@ -224,8 +233,14 @@ def test_missing_path_and_too_small_corpus(tmp_path, corpus):
 def test_bin_token_file_is_memory_mapped(tmp_path, dtype):
     path = tmp_path / "toks.bin"
     np.arange(5000, dtype=dtype).tofile(path)
-    cfg = DataConfig(source="tokens", paths=[str(path)], token_dtype=dtype, seq_len=10,
-                     batch_size=4, val_fraction=0.0)
+    cfg = DataConfig(
+        source="tokens",
+        paths=[str(path)],
+        token_dtype=dtype,
+        seq_len=10,
+        batch_size=4,
+        val_fraction=0.0,
+    )
     train, _, meta = build_sources(cfg)
     assert isinstance(train.segments[0].data, np.memmap)
     assert meta["vocab_size"] == 5000 and meta["bytes_per_token"] is None
@@ -244,14 +259,14 @@ def test_npy_token_file_is_memory_mapped(arange_npy):
 
 
 def _prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PREPARE), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(PREPARE), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_prepare_data_roundtrip(tmp_path, corpus):
     out, val = tmp_path / "out" / "train.bin", tmp_path / "out" / "val.npy"
-    res = _prepare(str(corpus), "--out", str(out), "--val-out", str(val),
-                   "--val-fraction", "0.2")
+    res = _prepare(str(corpus), "--out", str(out), "--val-out", str(val), "--val-fraction", "0.2")
     assert res.returncode == 0, res.stderr
     files = sources.find_files([str(corpus)])
     is_val = sources.split_by_file([f.key for f in files], 0.2)
@@ -259,16 +274,18 @@ def test_prepare_data_roundtrip(tmp_path, corpus):
     assert np.fromfile(out, dtype=np.uint16).astype(np.uint8).tobytes() == want
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["vocab_size"] == 256 and side["bytes_per_token"] == 1.0
-    cfg = DataConfig(source="tokens", paths=[str(out)], val_paths=[str(val)], seq_len=32,
-                     batch_size=4)
+    cfg = DataConfig(
+        source="tokens", paths=[str(out)], val_paths=[str(val)], seq_len=32, batch_size=4
+    )
     loader, eval_set, meta = make_loaders(cfg)
     assert meta["vocab_size"] == 256 and meta["bytes_per_token"] == 1.0
     assert meta["train_tokens"] <= len(want) and eval_set.num_batches >= 1
     row = next(loader)["inputs"][0]
     assert bytes(row.astype(np.uint8)) in want
     # the same split as the text loader on the same files
-    text_train, _, _ = build_sources(DataConfig(paths=[str(corpus)], val_fraction=0.2,
-                                                seq_len=32, batch_size=4))
+    text_train, _, _ = build_sources(
+        DataConfig(paths=[str(corpus)], val_fraction=0.2, seq_len=32, batch_size=4)
+    )
     assert bytes(text_train.segments[0].data) == want
 
 
@@ -297,8 +314,13 @@ def test_synthetic_lm_is_learnable():
 
 
 def test_synthetic_classification_is_separable():
-    cfg = DataConfig(source="synthetic_classification", num_classes=5, input_shape=[4, 4],
-                     batch_size=64, num_examples=2048)
+    cfg = DataConfig(
+        source="synthetic_classification",
+        num_classes=5,
+        input_shape=[4, 4],
+        batch_size=64,
+        num_examples=2048,
+    )
     loader, eval_set, meta = make_loaders(cfg)
     assert meta["num_classes"] == 5 and meta["vocab_size"] is None
     batch = next(loader)
@@ -342,8 +364,9 @@ def test_hf_tokenizer(tmp_path, corpus):
     tok.train([str(p) for p in sorted(corpus.rglob("*.py"))], trainer)
     tok_path = tmp_path / "tok.json"
     tok.save(str(tok_path))
-    cfg = DataConfig(paths=[str(corpus)], tokenizer=str(tok_path), seq_len=16, batch_size=4,
-                     val_fraction=0.2)
+    cfg = DataConfig(
+        paths=[str(corpus)], tokenizer=str(tok_path), seq_len=16, batch_size=4, val_fraction=0.2
+    )
     loader, _, meta = make_loaders(cfg)
     assert meta["vocab_size"] == tok.get_vocab_size() and meta["bytes_per_token"] > 1.5
     assert next(loader)["inputs"].max() < meta["vocab_size"]
@@ -362,9 +385,21 @@ def test_large_vocab_needs_uint32(tmp_path, corpus):
     tok.save(str(tok_path))
     res = _prepare(str(corpus), "--out", str(tmp_path / "t.bin"), "--tokenizer", str(tok_path))
     assert res.returncode == 2 and "--dtype uint32" in res.stderr
-    res = _prepare(str(corpus), "--out", str(tmp_path / "t.bin"), "--tokenizer", str(tok_path),
-                   "--dtype", "uint32")
+    res = _prepare(
+        str(corpus),
+        "--out",
+        str(tmp_path / "t.bin"),
+        "--tokenizer",
+        str(tok_path),
+        "--dtype",
+        "uint32",
+    )
     assert res.returncode == 0, res.stderr
-    cfg = DataConfig(source="tokens", paths=[str(tmp_path / "t.bin")], token_dtype="uint32",
-                     seq_len=8, batch_size=2)
+    cfg = DataConfig(
+        source="tokens",
+        paths=[str(tmp_path / "t.bin")],
+        token_dtype="uint32",
+        seq_len=8,
+        batch_size=2,
+    )
     assert make_loaders(cfg)[2]["vocab_size"] == 70_000

@@ -98,8 +98,9 @@ def test_parity_f32(case: str):
         if tk != tq:
             kw["kv_segment_ids"] = _segments(seed + 2, b, tk)
     blk = dict(block_q=blocks[0], block_k=blocks[1]) if blocks else {}
-    got = _value_and_grads(lambda q, k, v, **a: flash_attention(q, k, v, **a, **blk),
-                           q, k, v, do, kw)
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, **a, **blk), q, k, v, do, kw
+    )
     want = _value_and_grads(attention_reference, q, k, v, do, kw)
     _assert_close(got, want, jnp.float32)
 
@@ -120,9 +121,9 @@ def test_parity_low_precision(case: str):
     kw = dict(causal=causal)
     if seg:
         kw["segment_ids"] = _segments(seed + 1, b, tq)
-    got = _value_and_grads(lambda q, k, v, **a: flash_attention(q, k, v, block_q=16,
-                                                                block_k=32, **a),
-                           q, k, v, do, kw)
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, block_q=16, block_k=32, **a), q, k, v, do, kw
+    )
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     want = [w.astype(dtype) for w in _value_and_grads(attention_reference, *f32, kw)]
     _assert_close(got, want, dtype)
@@ -135,8 +136,9 @@ def test_reference_matches_framework_xla():
 
     q, k, v, _ = _inputs(7, 2, 24, 40, 4, 2, 32, jnp.float32)
     kw = dict(causal=True, segment_ids=_segments(8, 2, 24), kv_segment_ids=_segments(9, 2, 40))
-    np.testing.assert_allclose(attention_reference(q, k, v, **kw), attention_xla(q, k, v, **kw),
-                               atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(
+        attention_reference(q, k, v, **kw), attention_xla(q, k, v, **kw), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_fully_masked_rows_and_lse():
@@ -150,10 +152,12 @@ def test_fully_masked_rows_and_lse():
     assert np.all(np.asarray(out[:, :8]) == 0.0)
     assert np.all(np.isneginf(np.asarray(lse[:, :, :8])))
     logits = jnp.einsum("bthd,bshd->bhts", q, k) * 0.3
-    np.testing.assert_allclose(lse[:, :, 8:], jax.nn.logsumexp(logits[:, :, 8:], axis=-1),
-                               atol=1e-5, rtol=1e-5)
-    got = _value_and_grads(lambda q, k, v, **a: flash_attention(q, k, v, block_q=16, block_k=16,
-                                                                **a), q, k, v, do, kw)
+    np.testing.assert_allclose(
+        lse[:, :, 8:], jax.nn.logsumexp(logits[:, :, 8:], axis=-1), atol=1e-5, rtol=1e-5
+    )
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, block_q=16, block_k=16, **a), q, k, v, do, kw
+    )
     assert np.all(np.asarray(got[1][:, :8]) == 0.0)
     _assert_close(got, _value_and_grads(attention_reference, q, k, v, do, kw), jnp.float32)
 
@@ -195,8 +199,7 @@ def test_choose_blocks_shrinks_for_short_sequences(device_kind: str):
             assert _is_pow2(cfg.block_q) and cfg.block_q >= 16
             assert _is_pow2(cfg.block_k) and cfg.block_k >= 16
             assert cfg.block_q <= max(16, 1 << math.ceil(math.log2(t)))
-    assert choose_blocks(8192, 8192, 128, jnp.bfloat16, "NVIDIA H100 80GB HBM3") == \
-        (128, 64, 8, 3)
+    assert choose_blocks(8192, 8192, 128, jnp.bfloat16, "NVIDIA H100 80GB HBM3") == (128, 64, 8, 3)
     with pytest.raises(ValueError, match="kernel must be one of"):
         choose_blocks(64, 64, 64, jnp.bfloat16, "cpu", "bogus")
 
@@ -208,10 +211,12 @@ def test_supports():
     assert supports(q, k, k, segment_ids=jnp.zeros((1, 64), jnp.int32))
     assert not supports(q, k, k, mask=jnp.ones((1, 1, 64, 64), bool))
     assert not supports(q, k.astype(jnp.float32), k)
-    assert not supports(q, jnp.zeros((1, 64, 3, 128), jnp.bfloat16),
-                        jnp.zeros((1, 64, 3, 128), jnp.bfloat16))
-    assert not supports(jnp.zeros((1, 64, 2, 512)), jnp.zeros((1, 64, 2, 512)),
-                        jnp.zeros((1, 64, 2, 512)))
+    assert not supports(
+        q, jnp.zeros((1, 64, 3, 128), jnp.bfloat16), jnp.zeros((1, 64, 3, 128), jnp.bfloat16)
+    )
+    assert not supports(
+        jnp.zeros((1, 64, 2, 512)), jnp.zeros((1, 64, 2, 512)), jnp.zeros((1, 64, 2, 512))
+    )
     assert not supports(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32))
 
 
@@ -234,56 +239,91 @@ def test_errors_name_the_constraint():
 # GPU lowering on CPU: the real Pallas -> Triton lowering through jax.export for CUDA.
 
 
-def _export_fwd_bwd(b: int, tq: int, tk: int, h: int, kh: int, d: int, dtype, *, causal: bool,
-                    segments: bool = False, **kw):
+def _export_fwd_bwd(
+    b: int,
+    tq: int,
+    tk: int,
+    h: int,
+    kh: int,
+    d: int,
+    dtype,
+    *,
+    causal: bool,
+    segments: bool = False,
+    **kw,
+):
     """Export forward + backward for CUDA; returns the StableHLO text."""
     q = jax.ShapeDtypeStruct((b, tq, h, d), dtype)
     kv = jax.ShapeDtypeStruct((b, tk, kh, d), dtype)
     seg = jax.ShapeDtypeStruct((b, tq), jnp.int32)
 
     def f(q, k, v, do, seg):
-        fn = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False,
-                                             segment_ids=seg if segments else None, **kw)
+        fn = lambda q, k, v: flash_attention(
+            q, k, v, causal=causal, interpret=False, segment_ids=seg if segments else None, **kw
+        )
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(do)
 
     return export_cuda(f, q, kv, kv, q, seg)
 
 
-_LOWER_CASES = [(fam, kind, d, causal) for fam, kind in sorted(fa.FAMILY_EXAMPLES.items())
-                for d in (64, 128, 256) for causal in (False, True)]
+_LOWER_CASES = [
+    (fam, kind, d, causal)
+    for fam, kind in sorted(fa.FAMILY_EXAMPLES.items())
+    for d in (64, 128, 256)
+    for causal in (False, True)
+]
 
 
 @pytest.mark.parametrize("family,device_kind,head_dim,causal", _LOWER_CASES)
-def test_lowers_for_cuda_every_heuristic_config(family: str, device_kind: str, head_dim: int,
-                                                causal: bool):
+def test_lowers_for_cuda_every_heuristic_config(
+    family: str, device_kind: str, head_dim: int, causal: bool
+):
     """Every table entry (fwd, dq, dkdv kernels), as the heuristics pick it at seq 1024."""
-    text = _export_fwd_bwd(1, 1024, 1024, 4, 4, head_dim, jnp.bfloat16, causal=causal,
-                           device_kind=device_kind)
+    text = _export_fwd_bwd(
+        1, 1024, 1024, 4, 4, head_dim, jnp.bfloat16, causal=causal, device_kind=device_kind
+    )
     assert triton_calls(text) == 3  # fwd, dq, dkdv
 
 
 def test_heuristic_cases_cover_every_config():
     """The lowering parametrization above reaches every HEURISTIC_CONFIGS entry."""
-    picked = {(fa._family(kind), kernel, choose_blocks(1024, 1024, d, jnp.bfloat16, kind, kernel))
-              for _, kind, d, _ in _LOWER_CASES for kernel in fa.KERNELS}
+    picked = {
+        (fa._family(kind), kernel, choose_blocks(1024, 1024, d, jnp.bfloat16, kind, kernel))
+        for _, kind, d, _ in _LOWER_CASES
+        for kernel in fa.KERNELS
+    }
     assert {(c["family"], c["kernel"], c["config"]) for c in HEURISTIC_CONFIGS} <= picked
 
 
-@pytest.mark.parametrize("kw", [
-    dict(h=8, kh=1, d=128, dtype=jnp.bfloat16, causal=True, segments=True),  # MQA + segments
-    dict(h=6, kh=2, d=64, dtype=jnp.float16, causal=False, segments=False),  # GQA 3
-    dict(h=2, kh=2, d=64, dtype=jnp.float32, causal=True, segments=False),  # f32 (TF32 dots)
-    dict(h=2, kh=1, d=256, dtype=jnp.float32, causal=True, segments=False),  # f32 halved blocks
-    dict(h=4, kh=2, d=80, dtype=jnp.bfloat16, causal=True, segments=False),  # padded head dim
-], ids=["mqa-seg", "gqa3-f16", "f32", "f32-d256", "d80"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(h=8, kh=1, d=128, dtype=jnp.bfloat16, causal=True, segments=True),  # MQA + segments
+        dict(h=6, kh=2, d=64, dtype=jnp.float16, causal=False, segments=False),  # GQA 3
+        dict(h=2, kh=2, d=64, dtype=jnp.float32, causal=True, segments=False),  # f32 (TF32 dots)
+        dict(h=2, kh=1, d=256, dtype=jnp.float32, causal=True, segments=False),  # f32 halved blocks
+        dict(h=4, kh=2, d=80, dtype=jnp.bfloat16, causal=True, segments=False),  # padded head dim
+    ],
+    ids=["mqa-seg", "gqa3-f16", "f32", "f32-d256", "d80"],
+)
 def test_lowers_for_cuda_variants(kw):
     """GQA/MQA, segments, dtypes, padded head dim, and short/odd lengths (shrunk blocks)."""
     kw = dict(kw)
     dtype = kw.pop("dtype")
     for t in (1000, 37):
-        text = _export_fwd_bwd(2, t, t, kw["h"], kw["kh"], kw["d"], dtype, causal=kw["causal"],
-                               segments=kw["segments"], device_kind=fa.FAMILY_EXAMPLES["hopper"])
+        text = _export_fwd_bwd(
+            2,
+            t,
+            t,
+            kw["h"],
+            kw["kh"],
+            kw["d"],
+            dtype,
+            causal=kw["causal"],
+            segments=kw["segments"],
+            device_kind=fa.FAMILY_EXAMPLES["hopper"],
+        )
         assert triton_calls(text) == 3
 
 
@@ -306,8 +346,9 @@ def test_compiled_on_gpu_seq1024(causal: bool):
     q, k, v, do = _inputs(0, 2, 1024, 1024, 8, 2, 128, jnp.bfloat16)
     seg = _segments(1, 2, 1024)
     kw = dict(causal=causal, segment_ids=seg)
-    got = _value_and_grads(lambda q, k, v, **a: flash_attention(q, k, v, interpret=False, **a),
-                           q, k, v, do, kw)
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, interpret=False, **a), q, k, v, do, kw
+    )
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     want = [w.astype(jnp.bfloat16) for w in _value_and_grads(attention_reference, *f32, kw)]
     _assert_close(got, want, jnp.bfloat16)

@@ -119,10 +119,9 @@ def test_peak_flops_cpu_and_override(monkeypatch):
 def test_plot_run_writes_pngs(tmp_path):
     with MetricsWriter(tmp_path, tensorboard=False) as w:
         for step in range(10, 110, 10):
-            w.write(step, {"loss": 3.0 / step ** 0.2, "tokens_per_s": 1e4 + step,
-                           "step_time": 0.1})
+            w.write(step, {"loss": 3.0 / step**0.2, "tokens_per_s": 1e4 + step, "step_time": 0.1})
             if step % 50 == 0:
-                w.write(step, {"loss": 3.1 / step ** 0.2, "bits_per_byte": 1.2}, split="eval")
+                w.write(step, {"loss": 3.1 / step**0.2, "bits_per_byte": 1.2}, split="eval")
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 110, "spl')  # a line cut short by a killed run is skipped
     paths = plot_run(tmp_path)
@@ -132,7 +131,11 @@ def test_plot_run_writes_pngs(tmp_path):
 
 
 def test_plot_script_missing_dir_exits_2(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_metrics.py"),
-                          str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "plot_metrics.py"), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "not found" in res.stderr

@@ -16,17 +16,31 @@ HEARTBEAT_S = 5
 
 def test_survivor_exits_when_a_peer_is_killed(tmp_path):
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
 
     def start(i):
         log = open(tmp_path / f"p{i}.log", "w")
         return subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / "configs/tiny/lm.yaml"),
-             f"run.dir={tmp_path}", "train.steps=100000", "train.log_every=1",
-             *distributed_overrides(port, i),
-             f"mesh.distributed.heartbeat_timeout_s={HEARTBEAT_S}"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(ROOT / "scripts/train.py"),
+                str(ROOT / "configs/tiny/lm.yaml"),
+                f"run.dir={tmp_path}",
+                "train.steps=100000",
+                "train.log_every=1",
+                *distributed_overrides(port, i),
+                f"mesh.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     procs = [start(0), start(1)]
     try:

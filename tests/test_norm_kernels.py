@@ -34,6 +34,7 @@ def _inputs(shape, dtype, i=0):
 
 def _vjp(f, args, dy):
     """Output and all input cotangents of f at args, as f32 numpy arrays (one compile, -O0)."""
+
     def run(args, dy):
         y, pull = jax.vjp(f, *args)
         return (y, *pull(dy))
@@ -60,21 +61,34 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,dtype,block_rows", CASES,
-                         ids=[f"{s}-{jnp.dtype(d).name}-br{b}" for s, d, b in CASES])
+@pytest.mark.parametrize(
+    "shape,dtype,block_rows", CASES, ids=[f"{s}-{jnp.dtype(d).name}-br{b}" for s, d, b in CASES]
+)
 def test_parity_forward_and_grads(shape, dtype, block_rows):
     """rms_norm, layer_norm and layer_norm without bias: y, dx, dweight, dbias vs XLA."""
     x, w, b, dy = _inputs(shape, dtype, i=len(shape) * 1000 + shape[-1])
     kw = dict(block_rows=block_rows, interpret=True)
     rms = lambda x, w: norms.rms_norm(x, w, eps=1e-6, **kw)
-    _assert_close(_vjp(rms, (x, w), dy), _vjp(lambda x, w: rms_norm_xla(x, w, eps=1e-6),
-                                              (x, w), dy), dtype, "rms_norm")
+    _assert_close(
+        _vjp(rms, (x, w), dy),
+        _vjp(lambda x, w: rms_norm_xla(x, w, eps=1e-6), (x, w), dy),
+        dtype,
+        "rms_norm",
+    )
     ln = lambda x, w, b: norms.layer_norm(x, w, b, eps=1e-5, **kw)
-    _assert_close(_vjp(ln, (x, w, b), dy), _vjp(lambda x, w, b: layer_norm_xla(x, w, b, eps=1e-5),
-                                                (x, w, b), dy), dtype, "layer_norm")
+    _assert_close(
+        _vjp(ln, (x, w, b), dy),
+        _vjp(lambda x, w, b: layer_norm_xla(x, w, b, eps=1e-5), (x, w, b), dy),
+        dtype,
+        "layer_norm",
+    )
     ln_nb = lambda x, w: norms.layer_norm(x, w, None, **kw)
-    _assert_close(_vjp(ln_nb, (x, w), dy), _vjp(lambda x, w: layer_norm_xla(x, w), (x, w), dy),
-                  dtype, "layer_norm without bias")
+    _assert_close(
+        _vjp(ln_nb, (x, w), dy),
+        _vjp(lambda x, w: layer_norm_xla(x, w), (x, w), dy),
+        dtype,
+        "layer_norm without bias",
+    )
 
 
 def test_backward_with_several_row_blocks_per_program(monkeypatch):
@@ -129,9 +143,11 @@ def test_supports_and_errors():
 EXAMPLES = norms.config_examples()
 
 
-@pytest.mark.parametrize("cfg", list(EXAMPLES),
-                         ids=[f"br{c.block_rows}-bd{c.block_dim}-w{c.num_warps}"
-                              for c in EXAMPLES])
+@pytest.mark.parametrize(
+    "cfg",
+    list(EXAMPLES),
+    ids=[f"br{c.block_rows}-bd{c.block_dim}-w{c.num_warps}" for c in EXAMPLES],
+)
 def test_cuda_lowering_of_every_heuristic_config(cfg):
     """Forward and backward of both norms lower to Triton for each config the heuristic picks."""
     dim, dtype, kind = EXAMPLES[cfg]
@@ -155,8 +171,7 @@ def test_cuda_lowering_rejects_non_power_of_two_tile():
     bad = norms.NormConfig(block_rows=3, block_dim=128, num_warps=4)
     x = jax.ShapeDtypeStruct((7, 100), jnp.float32)
     with pytest.raises(Exception, match="power of 2"):
-        export_cuda(lambda x: norms.rms_norm(x, jnp.ones((100,)), config=bad, interpret=False),
-                    x)
+        export_cuda(lambda x: norms.rms_norm(x, jnp.ones((100,)), config=bad, interpret=False), x)
 
 
 def _assert_rel_close(got, want, tol):

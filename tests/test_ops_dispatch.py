@@ -16,9 +16,20 @@ from framework.parallel import logical
 from framework.parallel.mesh import MeshConfig, make_mesh
 
 KERNELS = dict(attention_impl="pallas", norm_impl="pallas", loss_impl="pallas")
-TINY = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-            max_seq_len=24, position="rope", norm="rmsnorm", activation="swiglu", bias=False,
-            tie_embeddings=False)
+TINY = dict(
+    vocab_size=96,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=64,
+    max_seq_len=24,
+    position="rope",
+    norm="rmsnorm",
+    activation="swiglu",
+    bias=False,
+    tie_embeddings=False,
+)
 
 
 def _loss_grads(cfg, params, batch):
@@ -36,19 +47,26 @@ def _close(a, b, tol):
     chex.assert_trees_all_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("style", [{}, dict(position="learned", norm="layernorm",
-                                            activation="gelu", bias=True,
-                                            tie_embeddings=True)], ids=["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "style",
+    [
+        {},
+        dict(
+            position="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=True
+        ),
+    ],
+    ids=["llama", "gpt2"],
+)
 def test_transformer_pallas_equals_xla(style):
-    cfg_x, params, batch = _setup(**{**style, "attention_impl": "xla", "norm_impl": "xla",
-                                     "loss_impl": "xla"})
+    cfg_x, params, batch = _setup(
+        **{**style, "attention_impl": "xla", "norm_impl": "xla", "loss_impl": "xla"}
+    )
     cfg_p = cfg_x.model_copy(update=KERNELS)
     loss_x, grads_x = _loss_grads(cfg_x, params, batch)
     loss_p, grads_p = _loss_grads(cfg_p, params, batch)
     np.testing.assert_allclose(loss_x, loss_p, rtol=1e-5)
     _close(grads_x, grads_p, 2e-5)
-    loss_c, grads_c = _loss_grads(cfg_x.model_copy(update={"loss_impl": "chunked"}), params,
-                                  batch)
+    loss_c, grads_c = _loss_grads(cfg_x.model_copy(update={"loss_impl": "chunked"}), params, batch)
     np.testing.assert_allclose(loss_x, loss_c, rtol=1e-5)
     _close(grads_x, grads_c, 2e-5)
 

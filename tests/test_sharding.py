@@ -20,8 +20,13 @@ from framework.train.loop import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
 # Dimensions divisible by 8 so every axis can take all 8 devices.
-DIMS = ("model.n_heads=8", "model.d_model=64", "model.d_ff=128", "model.vocab_size=64",
-        "train.steps=3")
+DIMS = (
+    "model.n_heads=8",
+    "model.d_model=64",
+    "model.d_ff=128",
+    "model.vocab_size=64",
+    "train.steps=3",
+)
 # Parity runs use SGD with momentum: its update is linear in the gradient, so reduction-order
 # rounding stays at 1e-7 relative. Adam divides by sqrt(v) and turns the rounding of a
 # near-zero gradient (the key bias's is exactly zero in exact arithmetic) into a full-size step.
@@ -62,12 +67,12 @@ def test_layout_matches_one_device(layout, reference, tmp_path):
     assert trainer.mesh.size == 8
     losses, params = _train(trainer)
     init_params, ref_losses, ref_params = reference
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), init_params,
-                                         ref_params))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), init_params, ref_params))
     assert np.median(moved) > 1e-3  # training really moved the params (the key bias cannot)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 params, ref_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params
+    )
 
 
 def test_fsdp_shards_params_and_optimizer_state(tmp_path):
@@ -88,16 +93,21 @@ def test_fsdp_shards_params_and_optimizer_state(tmp_path):
     assert {s.data.shape for s in embed.addressable_shards} == {(64, 8)}
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (("mesh.data=3",), "mesh sizes data=3 x fsdp=1 x tensor=1 x sequence=1 multiply to 3"),
-    (("mesh.data=1", "mesh.tensor=8", "model.n_heads=4"), "mesh.tensor=8"),
-    (("mesh.data=1", "mesh.fsdp=8", "model.d_model=60", "model.n_heads=4"), "mesh.fsdp=8"),
-    (("data.batch_size=12",), "data.batch_size (12) is not divisible by mesh.data=8"),
-    (("mesh.data=2", "mesh.sequence=4", "data.seq_len=30", "model.max_seq_len=30"),
-     "data.seq_len (30)"),
-    (("mesh.data=-1", "mesh.fsdp=3"), "mesh.data=-1"),
-    (("mesh.across_nodes.data=2",), "mesh.across_nodes data=2"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (("mesh.data=3",), "mesh sizes data=3 x fsdp=1 x tensor=1 x sequence=1 multiply to 3"),
+        (("mesh.data=1", "mesh.tensor=8", "model.n_heads=4"), "mesh.tensor=8"),
+        (("mesh.data=1", "mesh.fsdp=8", "model.d_model=60", "model.n_heads=4"), "mesh.fsdp=8"),
+        (("data.batch_size=12",), "data.batch_size (12) is not divisible by mesh.data=8"),
+        (
+            ("mesh.data=2", "mesh.sequence=4", "data.seq_len=30", "model.max_seq_len=30"),
+            "data.seq_len (30)",
+        ),
+        (("mesh.data=-1", "mesh.fsdp=3"), "mesh.data=-1"),
+        (("mesh.across_nodes.data=2",), "mesh.across_nodes data=2"),
+    ],
+)
 def test_impossible_layout_is_a_config_error(overrides, needle, tmp_path):
     with pytest.raises(ConfigError) as err:
         _trainer(tmp_path, *overrides)
@@ -106,9 +116,21 @@ def test_impossible_layout_is_a_config_error(overrides, needle, tmp_path):
 
 def test_impossible_layout_exits_2_naming_the_axis(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), str(TINY),
-                           "mesh.data=1", "mesh.tensor=8", f"run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/train.py"),
+            str(TINY),
+            "mesh.data=1",
+            "mesh.tensor=8",
+            f"run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "mesh.tensor=8" in lines[0], done.stderr
@@ -116,9 +138,21 @@ def test_impossible_layout_exits_2_naming_the_axis(tmp_path):
 
 
 def test_inspect_prints_specs_and_bytes_per_device():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/inspect_model.py"), str(TINY),
-                           "--devices", "8", "mesh.data=1", "mesh.fsdp=8"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/inspect_model.py"),
+            str(TINY),
+            "--devices",
+            "8",
+            "mesh.data=1",
+            "mesh.fsdp=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "parameters: 20,224" in out and "FLOPs per token" in out
@@ -144,11 +178,15 @@ print(json.dumps({"devices": trainer.mesh.devices.size, "losses": losses}))
 """
 
 
-@pytest.mark.parametrize("layout", [
-    ["mesh.data=2", "mesh.fsdp=4"],
-    # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
-    ["mesh.data=1", "mesh.fsdp=4", "mesh.across_nodes.data=2"],
-], ids=["flat", "across_nodes"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["mesh.data=2", "mesh.fsdp=4"],
+        # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
+        ["mesh.data=1", "mesh.fsdp=4", "mesh.across_nodes.data=2"],
+    ],
+    ids=["flat", "across_nodes"],
+)
 def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
     overrides = [f"run.dir={tmp_path}", "train.steps=5", *layout]
     trainer = _trainer(tmp_path, "train.steps=5", "mesh.data=2", "mesh.fsdp=4")
@@ -158,10 +196,25 @@ def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
         state, metrics = trainer.train_step(state, next(trainer.train_data))
         expected.append(float(metrics["loss"]))
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    outs = run_all([[sys.executable, "-c", _WORKER, str(TINY), *DIMS, *overrides,
-                     *distributed_overrides(port, i)] for i in range(2)], cwd=ROOT, env=env)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    outs = run_all(
+        [
+            [
+                sys.executable,
+                "-c",
+                _WORKER,
+                str(TINY),
+                *DIMS,
+                *overrides,
+                *distributed_overrides(port, i),
+            ]
+            for i in range(2)
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     for out in outs:
         result = json.loads(out.strip().splitlines()[-1])
         assert result["devices"] == 8

@@ -27,8 +27,11 @@ def test_every_shipped_config_validates(path):
 
 
 def test_inheritance_and_overrides_on_real_schema():
-    cfg = load_config(Config, ROOT / "configs/tiny/lm.yaml",
-                      ["optim.learning_rate=0.5", "model.n_layers=3", "train.progress=true"])
+    cfg = load_config(
+        Config,
+        ROOT / "configs/tiny/lm.yaml",
+        ["optim.learning_rate=0.5", "model.n_layers=3", "train.progress=true"],
+    )
     assert cfg.optim.learning_rate == 0.5 and cfg.model.n_layers == 3 and cfg.train.progress
     assert cfg.optim.clip_norm == 1.0  # inherited from base.yaml
     assert cfg.run.name == "tiny_lm"
@@ -39,16 +42,20 @@ def test_schedule_warmup_and_decay():
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
     assert float(lr(10)) == pytest.approx(1.0)
     assert float(lr(110)) == pytest.approx(0.1, abs=1e-6)
-    lin = schedule(OptimConfig(learning_rate=1.0, warmup_steps=0, schedule="linear",
-                               min_lr_ratio=0.0), 100)
+    lin = schedule(
+        OptimConfig(learning_rate=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 100
+    )
     assert float(lin(50)) == pytest.approx(0.5)
 
 
 def test_weight_decay_mask_skips_norms_biases_embeddings():
     params = {"embed": {"embedding": 1}, "ln": {"scale": 1, "bias": 1}, "w": {"kernel": 1}}
     mask = decay_mask(params, OptimConfig())
-    assert mask == {"embed": {"embedding": False}, "ln": {"scale": False, "bias": False},
-                    "w": {"kernel": True}}
+    assert mask == {
+        "embed": {"embedding": False},
+        "ln": {"scale": False, "bias": False},
+        "w": {"kernel": True},
+    }
     assert decay_mask(params, OptimConfig(decay_biases=True))["ln"]["bias"] is True
 
 
@@ -71,10 +78,14 @@ def test_gradient_accumulation_equals_full_batch(name):
     np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-4)
     if name == "sgd":  # an update linear in the gradient: params must agree closely
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-                     full["params"], accum["params"])
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), full["params"],
-                                         state["params"]))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+            full["params"],
+            accum["params"],
+        )
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: jnp.abs(a - b).max(), full["params"], state["params"])
+    )
     assert max(float(x) for x in moved) > 1e-4  # the step really changed the params
 
 
@@ -84,8 +95,9 @@ def _trainer(tmp_path, config="configs/tiny/lm.yaml", *overrides):
 
 
 def test_tiny_lm_learns_and_logs_metrics(tmp_path):
-    trainer = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.tensorboard=true",
-                       "train.plot=true")
+    trainer = _trainer(
+        tmp_path, "configs/tiny/lm.yaml", "train.tensorboard=true", "train.plot=true"
+    )
     summary = trainer.run()
     run_dir = Path(summary["run_dir"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -107,30 +119,50 @@ def test_classifier_eval_reports_accuracy(tmp_path):
 
 
 def test_grad_accum_in_loop_and_sampling(tmp_path):
-    trainer = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.grad_accum=2", "train.steps=6",
-                       "train.sample_tokens=5", "data.source=synthetic_lm")
+    trainer = _trainer(
+        tmp_path,
+        "configs/tiny/lm.yaml",
+        "train.grad_accum=2",
+        "train.steps=6",
+        "train.sample_tokens=5",
+        "data.source=synthetic_lm",
+    )
     summary = trainer.run()
     assert summary["step"] == 6 and isinstance(summary["sample"], str)
 
 
 def test_non_finite_loss_is_reported_with_its_step(tmp_path):
-    trainer = _trainer(tmp_path, "configs/tiny/lm.yaml", "optim.learning_rate=1e30",
-                       "optim.clip_norm=null", "optim.warmup_steps=0", "train.steps=10")
+    trainer = _trainer(
+        tmp_path,
+        "configs/tiny/lm.yaml",
+        "optim.learning_rate=1e30",
+        "optim.clip_norm=null",
+        "optim.warmup_steps=0",
+        "train.steps=10",
+    )
     with pytest.raises(NonFiniteError, match=r"at step \d+"):
         trainer.run()
 
 
 def test_config_reference_is_current():
     from framework.config.docs import reference_markdown
+
     text = (ROOT / "docs/config.md").read_text()
     assert text.strip() == reference_markdown(Config).strip(), (
         "docs/config.md is stale: python -m framework.config.docs "
-        "framework.config.schema:Config -o docs/config.md")
+        "framework.config.schema:Config -o docs/config.md"
+    )
 
 
 def test_profiler_trace_over_configured_steps(tmp_path):
-    trainer = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.steps=5", "train.profile_start=2",
-                       "train.profile_steps=2", "checkpoint.enabled=false")
+    trainer = _trainer(
+        tmp_path,
+        "configs/tiny/lm.yaml",
+        "train.steps=5",
+        "train.profile_start=2",
+        "train.profile_steps=2",
+        "checkpoint.enabled=false",
+    )
     trainer.run()
     traces = list((tmp_path / "tiny_lm" / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
@@ -142,8 +174,17 @@ def test_weight_decay_scales_with_the_learning_rate(name):
     biases/norm scales (catches a decay that ignores the learning rate)."""
     params = {"w": {"kernel": jnp.ones((4, 256)), "bias": jnp.ones((256,))}}
     lr, wd, steps = 1e-2, 0.1, 10
-    tx = make_optimizer(OptimConfig(name=name, learning_rate=lr, warmup_steps=0,
-                                    schedule="constant", weight_decay=wd, clip_norm=None), steps)
+    tx = make_optimizer(
+        OptimConfig(
+            name=name,
+            learning_rate=lr,
+            warmup_steps=0,
+            schedule="constant",
+            weight_decay=wd,
+            clip_norm=None,
+        ),
+        steps,
+    )
     state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     for _ in range(steps):
@@ -155,6 +196,11 @@ def test_weight_decay_scales_with_the_learning_rate(name):
 
 
 def test_no_held_out_data_skips_evaluation(tmp_path):
-    summary = _trainer(tmp_path, "configs/tiny/lm.yaml", "train.steps=4",
-                       "data.val_fraction=0", "checkpoint.enabled=false").run()
+    summary = _trainer(
+        tmp_path,
+        "configs/tiny/lm.yaml",
+        "train.steps=4",
+        "data.val_fraction=0",
+        "checkpoint.enabled=false",
+    ).run()
     assert summary["step"] == 4 and summary["eval"] == {}

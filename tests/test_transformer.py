@@ -11,8 +11,15 @@ from framework.models import transformer
 from framework.models.transformer import TransformerConfig
 
 GPT2 = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, max_seq_len=16)
-LLAMA = dict(GPT2, position="rope", norm="rmsnorm", activation="swiglu", bias=False,
-             tie_embeddings=False, n_kv_heads=2)
+LLAMA = dict(
+    GPT2,
+    position="rope",
+    norm="rmsnorm",
+    activation="swiglu",
+    bias=False,
+    tie_embeddings=False,
+    n_kv_heads=2,
+)
 
 
 def _setup(**kw):
@@ -67,8 +74,11 @@ def test_bf16_policy_keeps_params_f32(output_dtype):
     assert logits.dtype == jnp.dtype(output_dtype)
     loss, grads = _loss_and_grads(cfg, params, tokens)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-    f32_logits, _ = transformer.apply(params, tokens, cfg.model_copy(
-        update={"compute_dtype": "float32", "output_dtype": "float32"}))
+    f32_logits, _ = transformer.apply(
+        params,
+        tokens,
+        cfg.model_copy(update={"compute_dtype": "float32", "output_dtype": "float32"}),
+    )
     np.testing.assert_allclose(logits.astype(jnp.float32), f32_logits, atol=0.1)
 
 

@@ -24,8 +24,14 @@ import pydantic
 from framework.config.loader import _is_model, _is_union, _unwrap, literal_values
 
 _CONSTRAINTS = (
-    ("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("multiple_of", "multiple of"),
-    ("min_length", "min length"), ("max_length", "max length"), ("pattern", "matches"),
+    ("gt", ">"),
+    ("ge", ">="),
+    ("lt", "<"),
+    ("le", "<="),
+    ("multiple_of", "multiple of"),
+    ("min_length", "min length"),
+    ("max_length", "max length"),
+    ("pattern", "matches"),
 )
 
 
@@ -131,14 +137,20 @@ def _union_models(tp: Any) -> list[type[pydantic.BaseModel]] | None:
     return models if len(models) >= 2 else None
 
 
-def _discriminator_field(variants: Sequence[type[pydantic.BaseModel]],
-                         hint: str | None) -> str | None:
+def _discriminator_field(
+    variants: Sequence[type[pydantic.BaseModel]], hint: str | None
+) -> str | None:
     """The field that picks a variant: the declared one, else a Literal field all variants share."""
     if hint:
         return hint
-    shared = [name for name in variants[0].model_fields
-              if all(name in v.model_fields and literal_values(v.model_fields[name].annotation)
-                     for v in variants)]
+    shared = [
+        name
+        for name in variants[0].model_fields
+        if all(
+            name in v.model_fields and literal_values(v.model_fields[name].annotation)
+            for v in variants
+        )
+    ]
     return "name" if "name" in shared else (shared[0] if shared else None)
 
 
@@ -156,8 +168,8 @@ def _container_item(tp: Any) -> tuple[str, Any] | None:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (list, tuple, set, frozenset) or (
-            isinstance(origin, type) and issubclass(origin, Sequence)
-            and not issubclass(origin, str)):
+        isinstance(origin, type) and issubclass(origin, Sequence) and not issubclass(origin, str)
+    ):
         items = [a for a in args if a is not Ellipsis]
         return ("[]", items[0]) if len(items) == 1 else None
     if origin is dict or (isinstance(origin, type) and issubclass(origin, Mapping)):
@@ -171,8 +183,15 @@ class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def section(self, model: type[pydantic.BaseModel], prefix: str, depth: int,
-                heading: str, note: str = "", seen: tuple[type, ...] = ()) -> None:
+    def section(
+        self,
+        model: type[pydantic.BaseModel],
+        prefix: str,
+        depth: int,
+        heading: str,
+        note: str = "",
+        seen: tuple[type, ...] = (),
+    ) -> None:
         """Emit one model's table, then recurse into its nested sections."""
         level = "#" * min(depth + 2, 6)
         self.lines += [f"{level} {heading}", ""]
@@ -211,8 +230,9 @@ class _Writer:
                     disc = _discriminator_field(variants, None)
                     children.append(("union", key + suffix, variants, info, disc))
             desc = info.description or ""
-            rows.append(f"| `{_cell(key)}` | {_cell(kind)} | {_cell(default_text)} "
-                        f"| {_cell(desc)} |")
+            rows.append(
+                f"| `{_cell(key)}` | {_cell(kind)} | {_cell(default_text)} | {_cell(desc)} |"
+            )
         self.lines += [*rows, ""]
         for child in children:
             if child[0] == "model":
@@ -226,16 +246,26 @@ class _Writer:
                 how = f"chosen by `{key}.{disc}`" if disc else "told apart by their keys"
                 self.lines += [f"One of {len(variants)} variants, {how}.", ""]
                 for variant in variants:
-                    self.section(variant, key, depth + 2,
-                                 f"`{key}` ({_cell(_variant_tag(variant, disc))})", "", seen)
+                    self.section(
+                        variant,
+                        key,
+                        depth + 2,
+                        f"`{key}` ({_cell(_variant_tag(variant, disc))})",
+                        "",
+                        seen,
+                    )
 
 
 def reference_markdown(schema_cls: type[pydantic.BaseModel], title: str | None = None) -> str:
     """A markdown reference of every config key (dotted), its type, default and description."""
     writer = _Writer()
-    writer.lines += [f"# {title or 'Configuration reference'}", "",
-                     f"Generated from `{schema_cls.__module__}.{schema_cls.__qualname__}` by "
-                     "`python -m framework.config.docs`; do not edit by hand.", ""]
+    writer.lines += [
+        f"# {title or 'Configuration reference'}",
+        "",
+        f"Generated from `{schema_cls.__module__}.{schema_cls.__qualname__}` by "
+        "`python -m framework.config.docs`; do not edit by hand.",
+        "",
+    ]
     writer.section(schema_cls, "", 0, "Top level")
     return "\n".join(writer.lines).rstrip() + "\n"
 

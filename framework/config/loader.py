@@ -59,8 +59,11 @@ class _Loader(yaml.SafeLoader):
                 ident = (key_node.tag, key_node.value)
                 if ident in seen:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"duplicate key {key_node.value!r}", key_node.start_mark)
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"duplicate key {key_node.value!r}",
+                        key_node.start_mark,
+                    )
                 seen.add(ident)
         return super().construct_mapping(node, deep=deep)
 
@@ -107,8 +110,9 @@ def _read_mapping(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 
@@ -135,15 +139,16 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
     except OSError:
         ident = path.absolute()
     if ident in chain:
-        names = " -> ".join(p.name for p in (*chain[chain.index(ident):], ident))
+        names = " -> ".join(p.name for p in (*chain[chain.index(ident) :], ident))
         raise ConfigError(f"{path}: `{BASE_KEY}:` inheritance cycle: {names}")
     tree = _read_mapping(path)
     base = tree.pop(BASE_KEY, None)
     if base is None:
         return tree
     if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: `{BASE_KEY}:` must be a path to another YAML file, "
-                          f"got {base!r}")
+        raise ConfigError(
+            f"{path}: `{BASE_KEY}:` must be a path to another YAML file, got {base!r}"
+        )
     base_path = Path(base).expanduser()
     if not base_path.is_absolute():
         base_path = path.parent / base_path
@@ -186,8 +191,9 @@ def apply_overrides(tree: Mapping, overrides: Sequence[str]) -> dict:
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 prefix = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {item!r}: {prefix} is a value "
-                                  f"({child!r}), not a section")
+                raise ConfigError(
+                    f"override {item!r}: {prefix} is a value ({child!r}), not a section"
+                )
             node = child
         node[parts[-1]] = value
     return out
@@ -208,8 +214,9 @@ def build(schema_cls: type[pydantic.BaseModel], tree: Any) -> pydantic.BaseModel
         raise ConfigError(format_error(schema_cls, errors[0])) from None
 
 
-def load_config(schema_cls: type[pydantic.BaseModel], path: str | Path,
-                overrides: Sequence[str] = ()) -> pydantic.BaseModel:
+def load_config(
+    schema_cls: type[pydantic.BaseModel], path: str | Path, overrides: Sequence[str] = ()
+) -> pydantic.BaseModel:
     """Load a YAML file (with its bases), apply `key=value` overrides, validate into the schema."""
     return build(schema_cls, apply_overrides(load_yaml_tree(path), list(overrides)))
 
@@ -231,7 +238,7 @@ def format_error(schema_cls: type[pydantic.BaseModel] | None, err: Mapping[str, 
     msg = str(err.get("msg", "invalid value"))
     for prefix in _MESSAGE_PREFIXES:
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     got = err.get("input", None)
     if kind.startswith("union_tag") or isinstance(got, Mapping) or "input" not in err:
         return f"{where}: {msg}"
@@ -330,8 +337,9 @@ def _discriminator_of(info: Any) -> str | None:
     return disc if isinstance(disc, str) else None
 
 
-def _walk_loc(schema_cls: type[pydantic.BaseModel] | None,
-              loc: tuple) -> tuple[str, list[str] | None]:
+def _walk_loc(
+    schema_cls: type[pydantic.BaseModel] | None, loc: tuple
+) -> tuple[str, list[str] | None]:
     """Turn a pydantic error location into a dotted key path, and the valid keys at its end.
 
     Pydantic puts union tags (the discriminator value, or a member type's name) into `loc`;
@@ -368,8 +376,10 @@ def _walk_loc(schema_cls: type[pydantic.BaseModel] | None,
             tp = union_member_for_tag(tp, element, disc)
             disc = None
         elif origin in (list, tuple, set, frozenset) or (
-                isinstance(origin, type) and issubclass(origin, Sequence)
-                and not issubclass(origin, str)):
+            isinstance(origin, type)
+            and issubclass(origin, Sequence)
+            and not issubclass(origin, str)
+        ):
             add(element)
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]
             if origin is tuple and isinstance(element, int) and len(args) > 1:
@@ -427,8 +437,14 @@ def _die(line: str) -> typing.NoReturn:
 def _git(*args: str) -> str | None:
     """Output of a git command in this file's repository, or None without git or a checkout."""
     try:
-        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
@@ -454,8 +470,10 @@ def dump_resolved(config: pydantic.BaseModel, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                    encoding="utf-8")
-    (run_dir / "versions.yaml").write_text(yaml.safe_dump(versions(), sort_keys=False),
-                                           encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    )
+    (run_dir / "versions.yaml").write_text(
+        yaml.safe_dump(versions(), sort_keys=False), encoding="utf-8"
+    )
     return path

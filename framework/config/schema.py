@@ -17,8 +17,10 @@ from framework.train.optimizer import OptimConfig
 
 _FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-ModelSection = Annotated[Union[tuple(m.config for m in REGISTRY.values())],  # noqa: UP007
-                         pydantic.Field(discriminator="name")]
+ModelSection = Annotated[
+    Union[tuple(m.config for m in REGISTRY.values())],  # noqa: UP007
+    pydantic.Field(discriminator="name"),
+]
 
 
 class RunConfig(pydantic.BaseModel):
@@ -48,11 +50,16 @@ class TrainConfig(pydantic.BaseModel):
     sample_prompt: str = pydantic.Field("def ", description="prompt for the final sample")
     sample_temperature: float = pydantic.Field(0.8, gt=0, description="sampling temperature")
     nonfinite: Literal["stop", "skip"] = pydantic.Field(
-        "stop", description="non-finite loss/gradient/param: stop (name the first bad leaf, "
-                            "keep the last good checkpoint) or skip the update (counted)")
+        "stop",
+        description="non-finite loss/gradient/param: stop (name the first bad leaf, "
+        "keep the last good checkpoint) or skip the update (counted)",
+    )
     stop_at: int | None = pydantic.Field(
-        None, gt=0, description="stop after this step with a checkpoint, as a preemption "
-                                "would (the schedule still spans train.steps)")
+        None,
+        gt=0,
+        description="stop after this step with a checkpoint, as a preemption "
+        "would (the schedule still spans train.steps)",
+    )
 
 
 class Config(pydantic.BaseModel):
@@ -70,6 +77,8 @@ class Config(pydantic.BaseModel):
     @pydantic.model_validator(mode="after")
     def _check_batch(self):
         if self.data.batch_size % self.train.grad_accum:
-            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
-                             f"train.grad_accum ({self.train.grad_accum})")
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"train.grad_accum ({self.train.grad_accum})"
+            )
         return self

@@ -68,18 +68,25 @@ class Loader:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serializable position: the next `next()` after `set_state` repeats from here."""
-        return {"version": _STATE_VERSION, "step": self._step, "workers": self._workers,
-                "grain": copy.deepcopy(self._it.get_state())}
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "workers": self._workers,
+            "grain": copy.deepcopy(self._it.get_state()),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume at a position returned by `get_state` (of this or an equivalent Loader)."""
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise DataError(f"not a data loader state of version {_STATE_VERSION}: "
-                            f"{str(state)[:200]}")
+            raise DataError(
+                f"not a data loader state of version {_STATE_VERSION}: {str(state)[:200]}"
+            )
         if state.get("workers") != self._workers:
-            raise DataError(f"the data loader state was saved with data.worker_count="
-                            f"{state.get('workers')}, this loader has {self._workers}; "
-                            "grain's state format depends on it")
+            raise DataError(
+                f"the data loader state was saved with data.worker_count="
+                f"{state.get('workers')}, this loader has {self._workers}; "
+                "grain's state format depends on it"
+            )
         self._it.set_state(copy.deepcopy(state["grain"]))
         self._step = int(state["step"])
 
@@ -102,8 +109,9 @@ class EvalSet:
     Batches are full global batches (static shapes); a held-out set smaller than one batch is
     cycled to fill exactly one, a larger one drops its last partial batch."""
 
-    def __init__(self, source: Any | None, *, batch_size: int, process_index: int,
-                 process_count: int):
+    def __init__(
+        self, source: Any | None, *, batch_size: int, process_index: int, process_count: int
+    ):
         self.source = source
         self.batch_size, self.process_index = batch_size, process_index
         self.local_batch = batch_size // process_count
@@ -128,16 +136,19 @@ class EvalSet:
             yield self.source.take((first + rows) % self.num_examples)
 
 
-def _split_tail(segments: list[TokenArray], seq_len: int,
-                val_fraction: float) -> tuple[WindowSource, WindowSource | None]:
+def _split_tail(
+    segments: list[TokenArray], seq_len: int, val_fraction: float
+) -> tuple[WindowSource, WindowSource | None]:
     """Train on the leading windows of one stream and hold out the last `val_fraction`."""
     whole = WindowSource(segments, seq_len)
     n = len(whole)
     n_val = math.ceil(n * val_fraction) if val_fraction > 0 and n >= 2 else 0
     if n_val == 0:
         return whole, None
-    return (WindowSource(segments, seq_len, 0, n - n_val),
-            WindowSource(segments, seq_len, n - n_val, n))
+    return (
+        WindowSource(segments, seq_len, 0, n - n_val),
+        WindowSource(segments, seq_len, n - n_val, n),
+    )
 
 
 def _text_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -161,8 +172,15 @@ def _text_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
         bytes_per_token = 1.0
     else:
         bytes_per_token = measured_bytes / max(measured_tokens, 1)
-    return train, val, {"vocab_size": tok.vocab_size, "bytes_per_token": bytes_per_token,
-                        "corpus_tokens": len(train_tokens) + (len(val_tokens) if val_docs else 0)}
+    return (
+        train,
+        val,
+        {
+            "vocab_size": tok.vocab_size,
+            "bytes_per_token": bytes_per_token,
+            "corpus_tokens": len(train_tokens) + (len(val_tokens) if val_docs else 0),
+        },
+    )
 
 
 def _token_files(paths: list[str], dtype: str) -> list[TokenArray]:
@@ -184,8 +202,15 @@ def _token_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
     vocab = side.get("vocab_size")
     if vocab is None:  # no metadata written: one streaming pass over the memmaps
         vocab = 1 + max(int(a.data.max()) for a in train_arrays + val_arrays if len(a))
-    return train, val, {"vocab_size": int(vocab), "bytes_per_token": side.get("bytes_per_token"),
-                        "corpus_tokens": sum(len(a) for a in train_arrays + val_arrays)}
+    return (
+        train,
+        val,
+        {
+            "vocab_size": int(vocab),
+            "bytes_per_token": side.get("bytes_per_token"),
+            "corpus_tokens": sum(len(a) for a in train_arrays + val_arrays),
+        },
+    )
 
 
 def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -193,11 +218,13 @@ def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
     n_val = n_val if cfg.val_fraction > 0 else 0
     if cfg.source == "synthetic_lm":
         make = lambda n, split: sources.SequenceSource(
-            sources.synthetic_lm(cfg.vocab_size, n, cfg.seq_len + 1, split))
+            sources.synthetic_lm(cfg.vocab_size, n, cfg.seq_len + 1, split)
+        )
         meta = {"vocab_size": cfg.vocab_size}
     else:
-        make = lambda n, split: sources.ExampleSource(*sources.synthetic_classification(
-            cfg.num_classes, cfg.input_shape, n, split))
+        make = lambda n, split: sources.ExampleSource(
+            *sources.synthetic_classification(cfg.num_classes, cfg.input_shape, n, split)
+        )
         meta = {"num_classes": cfg.num_classes}
     return make(cfg.num_examples, 0), (make(n_val, 1) if n_val else None), meta
 
@@ -212,18 +239,27 @@ def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
         train, val, extra = _synthetic_sources(cfg)
     meta = {"vocab_size": None, "num_classes": None, "bytes_per_token": None}
     meta.update({k: v for k, v in extra.items() if k in meta})
-    meta.update({"train_tokens": int(train.num_tokens),
-                 "val_tokens": int(val.num_tokens) if val is not None else 0,
-                 "train_examples": len(train), "val_examples": len(val) if val is not None else 0})
+    meta.update(
+        {
+            "train_tokens": int(train.num_tokens),
+            "val_tokens": int(val.num_tokens) if val is not None else 0,
+            "train_examples": len(train),
+            "val_examples": len(val) if val is not None else 0,
+        }
+    )
     if len(train) < cfg.batch_size:
         if isinstance(train, WindowSource):
-            what = (f"{len(train)} windows of seq_len+1={cfg.seq_len + 1} tokens (from "
-                    f"{extra.get('corpus_tokens', 0)} tokens before the held-out split)")
+            what = (
+                f"{len(train)} windows of seq_len+1={cfg.seq_len + 1} tokens (from "
+                f"{extra.get('corpus_tokens', 0)} tokens before the held-out split)"
+            )
         else:
             what = f"{len(train)} examples"
-        raise DataError(f"the training data has {what}, fewer than one global batch "
-                        f"(data.batch_size={cfg.batch_size}); add data or lower "
-                        f"data.batch_size / data.seq_len")
+        raise DataError(
+            f"the training data has {what}, fewer than one global batch "
+            f"(data.batch_size={cfg.batch_size}); add data or lower "
+            f"data.batch_size / data.seq_len"
+        )
     return train, val, meta
 
 
@@ -236,28 +272,33 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_loaders(cfg: DataConfig, *, process_index: int = 0,
-                 process_count: int = 1) -> tuple[Loader, EvalSet, dict[str, Any]]:
+def make_loaders(
+    cfg: DataConfig, *, process_index: int = 0, process_count: int = 1
+) -> tuple[Loader, EvalSet, dict[str, Any]]:
     """Build this process's train Loader, EvalSet and the data's metadata from a config."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise DataError(f"process_index={process_index} is not in [0, {process_count})")
     if cfg.batch_size % process_count:
-        raise DataError(f"data.batch_size ({cfg.batch_size}) is not divisible by the "
-                        f"{process_count} processes")
+        raise DataError(
+            f"data.batch_size ({cfg.batch_size}) is not divisible by the {process_count} processes"
+        )
     local = cfg.batch_size // process_count
     train, val, meta = build_sources(cfg)
-    ds = (grain.MapDataset.range(len(train))
-          .shuffle(seed=cfg.shuffle_seed)
-          .repeat()
-          .batch(local, drop_remainder=True)
-          .slice(slice(process_index, None, process_count))
-          .map(_Take(train)))
+    ds = (
+        grain.MapDataset.range(len(train))
+        .shuffle(seed=cfg.shuffle_seed)
+        .repeat()
+        .batch(local, drop_remainder=True)
+        .slice(slice(process_index, None, process_count))
+        .map(_Take(train))
+    )
     # Reads are in-memory or memmap gathers: a couple of threads hide them behind the step.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
     if cfg.worker_count:
         _mark_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     loader = Loader(it_ds, local_batch=local, workers=cfg.worker_count)
-    eval_set = EvalSet(val, batch_size=cfg.batch_size, process_index=process_index,
-                       process_count=process_count)
+    eval_set = EvalSet(
+        val, batch_size=cfg.batch_size, process_index=process_index, process_count=process_count
+    )
     return loader, eval_set, meta

@@ -166,8 +166,10 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError as e:
-            raise DataError(f"tokenizer {path!r} needs the optional 'tokenizers' package "
-                            "(pip install tokenizers), or use tokenizer: byte") from e
+            raise DataError(
+                f"tokenizer {path!r} needs the optional 'tokenizers' package "
+                "(pip install tokenizers), or use tokenizer: byte"
+            ) from e
         if not Path(path).is_file():
             raise DataError(f"tokenizer file {path!r} does not exist")
         try:
@@ -207,8 +209,9 @@ class TokenArray:
     File-backed arrays map lazily and travel to grain worker processes as (path, dtype),
     never as their contents (an np.memmap would otherwise be copied whole)."""
 
-    def __init__(self, data: np.ndarray | None = None, *, path: str | None = None,
-                 dtype: str = "uint16"):
+    def __init__(
+        self, data: np.ndarray | None = None, *, path: str | None = None, dtype: str = "uint16"
+    ):
         self.path, self.dtype = path, dtype
         self._data = data
         if data is None:
@@ -226,8 +229,10 @@ class TokenArray:
             except ValueError as e:
                 raise DataError(f"token file {path!r} is not a readable .npy array: {e}") from e
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise DataError(f"token file {path!r} must hold a 1-D integer array, "
-                                f"got shape {arr.shape} dtype {arr.dtype}")
+                raise DataError(
+                    f"token file {path!r} must hold a 1-D integer array, "
+                    f"got shape {arr.shape} dtype {arr.dtype}"
+                )
             return arr
         if p.suffix != ".bin":
             raise DataError(f"token file {path!r}: expected a .bin or .npy file")
@@ -235,8 +240,10 @@ class TokenArray:
         if size == 0:
             raise DataError(f"token file {path!r} is empty")
         if size % itemsize:
-            raise DataError(f"token file {path!r} has {size} bytes, not a multiple of "
-                            f"{itemsize} ({self.dtype}); is data.token_dtype right?")
+            raise DataError(
+                f"token file {path!r} has {size} bytes, not a multiple of "
+                f"{itemsize} ({self.dtype}); is data.token_dtype right?"
+            )
         return np.memmap(p, dtype=self.dtype, mode="r")
 
     @property
@@ -282,8 +289,9 @@ class WindowSource:
     Windows never cross a segment (file) boundary. `start`/`stop` select a range of the
     window indices, which is how a single stream is split into train and held-out tails."""
 
-    def __init__(self, segments: Sequence[TokenArray], seq_len: int,
-                 start: int = 0, stop: int | None = None):
+    def __init__(
+        self, segments: Sequence[TokenArray], seq_len: int, start: int = 0, stop: int | None = None
+    ):
         self.segments, self.seq_len = list(segments), seq_len
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.segments]
         self._ends = np.cumsum(counts, dtype=np.int64)
@@ -315,8 +323,10 @@ class WindowSource:
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """{"inputs", "targets"}: int32 [n, L], targets are inputs shifted left by one."""
         w = self.windows(indices)
-        return {"inputs": np.ascontiguousarray(w[:, :-1]),
-                "targets": np.ascontiguousarray(w[:, 1:])}
+        return {
+            "inputs": np.ascontiguousarray(w[:, :-1]),
+            "targets": np.ascontiguousarray(w[:, 1:]),
+        }
 
 
 class SequenceSource:
@@ -336,8 +346,10 @@ class SequenceSource:
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """{"inputs", "targets"}: int32 [n, L], targets are inputs shifted left by one."""
         w = self.sequences[np.asarray(indices, dtype=np.int64)]
-        return {"inputs": np.ascontiguousarray(w[:, :-1], dtype=np.int32),
-                "targets": np.ascontiguousarray(w[:, 1:], dtype=np.int32)}
+        return {
+            "inputs": np.ascontiguousarray(w[:, :-1], dtype=np.int32),
+            "targets": np.ascontiguousarray(w[:, 1:], dtype=np.int32),
+        }
 
 
 class ExampleSource:
@@ -391,8 +403,9 @@ def synthetic_lm(vocab_size: int, num: int, length: int, split: int) -> np.ndarr
     return out
 
 
-def synthetic_classification(num_classes: int, shape: Sequence[int], num: int,
-                             split: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_classification(
+    num_classes: int, shape: Sequence[int], num: int, split: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian clusters around fixed random class means (unit noise), labels uniform."""
     dim = int(np.prod(shape))
     means = _rng(2, num_classes, dim).normal(size=(num_classes, dim))

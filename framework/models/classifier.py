@@ -15,8 +15,9 @@ from framework.nn.errors import check_int
 def classifier_loss(apply: Callable[..., Any]) -> Callable[..., Any]:
     """A model `loss` for `apply` over batch["inputs"] and integer batch["labels"] [batch]."""
 
-    def loss(params: dict, batch: dict, cfg: Any, *, key: jax.Array | None = None,
-             state: Any = None) -> tuple[jax.Array, dict]:
+    def loss(
+        params: dict, batch: dict, cfg: Any, *, key: jax.Array | None = None, state: Any = None
+    ) -> tuple[jax.Array, dict]:
         labels = batch["labels"]
         check_int(labels, "labels")
         logits, state = apply(params, batch["inputs"], cfg, key=key, state=state)

@@ -26,19 +26,24 @@ class CNNConfig(ModelConfig):
     image_size: int = pydantic.Field(28, gt=0, description="height and width of input images")
     in_channels: int = pydantic.Field(1, gt=0, description="channels of input images (NHWC)")
     channels: list[Annotated[int, pydantic.Field(gt=0)]] = pydantic.Field(
-        default_factory=lambda: [16, 32], min_length=1,
-        description="output channels of each conv stage, in order")
+        default_factory=lambda: [16, 32],
+        min_length=1,
+        description="output channels of each conv stage, in order",
+    )
     num_classes: int = pydantic.Field(10, gt=1, description="number of output classes (logits)")
     batch_norm: bool = pydantic.Field(True, description="batch norm after each conv")
     dropout: float = pydantic.Field(
-        0.0, ge=0.0, lt=1.0, description="dropout rate before the head (training only)")
+        0.0, ge=0.0, lt=1.0, description="dropout rate before the head (training only)"
+    )
 
     @pydantic.model_validator(mode="after")
     def _fits(self) -> CNNConfig:
         """Each stage halves the image with a 2x2 pool, so the image must survive every one."""
         if self.image_size < 2 ** len(self.channels):
-            raise ValueError(f"image_size {self.image_size} is too small for "
-                             f"{len(self.channels)} stages of 2x2 pooling")
+            raise ValueError(
+                f"image_size {self.image_size} is too small for "
+                f"{len(self.channels)} stages of 2x2 pooling"
+            )
         return self
 
 
@@ -69,8 +74,14 @@ def state_spec(cfg: CNNConfig) -> dict:
     return {f"stage_{i}": {"bn": batch_norm_state_spec(c)} for i, c in enumerate(cfg.channels)}
 
 
-def apply(params: dict, inputs: jax.Array, cfg: CNNConfig, *, key: jax.Array | None = None,
-          state: dict | None = None) -> tuple[jax.Array, dict]:
+def apply(
+    params: dict,
+    inputs: jax.Array,
+    cfg: CNNConfig,
+    *,
+    key: jax.Array | None = None,
+    state: dict | None = None,
+) -> tuple[jax.Array, dict]:
     """[batch, size, size, in_channels] images -> ([batch, classes] logits, new state).
 
     key given means training: batch statistics, updated running statistics, dropout. key=None
@@ -80,8 +91,10 @@ def apply(params: dict, inputs: jax.Array, cfg: CNNConfig, *, key: jax.Array | N
     check_rank(inputs, 4, layout=NHWC)
     size = (cfg.image_size, cfg.image_size)
     if tuple(inputs.shape[1:3]) != size:
-        raise ShapeError(f"input images must be {size[0]}x{size[1]} (image_size), got shape "
-                         f"{tuple(inputs.shape)}")
+        raise ShapeError(
+            f"input images must be {size[0]}x{size[1]} (image_size), got shape "
+            f"{tuple(inputs.shape)}"
+        )
     if cfg.batch_norm and state is None:
         raise ValueError("cnn with batch_norm needs state=init(state_spec(cfg), key)")
     training = key is not None
@@ -96,8 +109,9 @@ def apply(params: dict, inputs: jax.Array, cfg: CNNConfig, *, key: jax.Array | N
                 x = conv2d(params[name]["conv"], x)
             if cfg.batch_norm:
                 with scope("bn"):
-                    x, bn_state = batch_norm(params[name]["bn"], state[name]["bn"], x,
-                                             training=training)
+                    x, bn_state = batch_norm(
+                        params[name]["bn"], state[name]["bn"], x, training=training
+                    )
                 new_state[name] = {"bn": bn_state}
             x = max_pool(jax.nn.relu(x), window=2)
     x = jnp.mean(x, axis=(1, 2))
@@ -110,5 +124,6 @@ def apply(params: dict, inputs: jax.Array, cfg: CNNConfig, *, key: jax.Array | N
 loss = classifier_loss(apply)
 
 
-MODEL = register(Model(name="cnn", config=CNNConfig, spec=spec, apply=apply, loss=loss,
-                       state_spec=state_spec))
+MODEL = register(
+    Model(name="cnn", config=CNNConfig, spec=spec, apply=apply, loss=loss, state_spec=state_spec)
+)

@@ -20,12 +20,15 @@ class MLPConfig(ModelConfig):
 
     name: Literal["mlp"] = pydantic.Field("mlp", description="model family; selects this model")
     input_dim: int = pydantic.Field(
-        gt=0, description="features per example (images are flattened to this many)")
+        gt=0, description="features per example (images are flattened to this many)"
+    )
     hidden: list[Annotated[int, pydantic.Field(gt=0)]] = pydantic.Field(
-        default_factory=lambda: [128, 128], description="width of each hidden layer, in order")
+        default_factory=lambda: [128, 128], description="width of each hidden layer, in order"
+    )
     num_classes: int = pydantic.Field(gt=1, description="number of output classes (logits)")
     dropout: float = pydantic.Field(
-        0.0, ge=0.0, lt=1.0, description="dropout rate after each hidden activation (training)")
+        0.0, ge=0.0, lt=1.0, description="dropout rate after each hidden activation (training)"
+    )
 
 
 def _with_param_dtype(spec: Any, dtype: Any) -> Any:
@@ -43,16 +46,23 @@ def spec(cfg: MLPConfig) -> dict:
     return _with_param_dtype(layers, cfg.policy.param_dtype)
 
 
-def apply(params: dict, inputs: jax.Array, cfg: MLPConfig, *, key: jax.Array | None = None,
-          state: Any = None) -> tuple[jax.Array, Any]:
+def apply(
+    params: dict,
+    inputs: jax.Array,
+    cfg: MLPConfig,
+    *,
+    key: jax.Array | None = None,
+    state: Any = None,
+) -> tuple[jax.Array, Any]:
     """[batch, input_dim] (or [batch, ...] flattened) floats -> ([batch, classes] logits, state).
 
     Params and inputs are cast to the compute dtype; logits come back in the output dtype.
     key=None is evaluation (no dropout). The MLP has no state; `state` is returned as given."""
     check_float(inputs)
     if inputs.ndim < 2:
-        raise ShapeError(f"input must have rank >= 2 (batch, features...), got shape "
-                         f"{tuple(inputs.shape)}")
+        raise ShapeError(
+            f"input must have rank >= 2 (batch, features...), got shape {tuple(inputs.shape)}"
+        )
     policy = cfg.policy
     x = policy.cast_to_compute(inputs.reshape(inputs.shape[0], -1))
     params = policy.cast_to_compute(params)

@@ -36,7 +36,8 @@ class TransformerConfig(ModelConfig):
     n_layers: int = pydantic.Field(4, gt=0, description="number of transformer blocks")
     n_heads: int = pydantic.Field(4, gt=0, description="query heads per block")
     n_kv_heads: int | None = pydantic.Field(
-        None, gt=0, description="key/value heads (GQA; 1 = multi-query); default n_heads")
+        None, gt=0, description="key/value heads (GQA; 1 = multi-query); default n_heads"
+    )
     head_dim: int | None = pydantic.Field(None, gt=0, description="default d_model // n_heads")
     d_ff: int = pydantic.Field(1024, gt=0, description="hidden width of the MLP")
     max_seq_len: int = pydantic.Field(256, gt=0, description="longest sequence (learned pos.)")
@@ -50,23 +51,28 @@ class TransformerConfig(ModelConfig):
     dropout: float = pydantic.Field(0.0, ge=0, lt=1, description="residual dropout rate")
     scan_layers: bool = pydantic.Field(True, description="lax.scan over blocks (else unroll)")
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch"] = pydantic.Field(
-        "none", description="activation checkpointing policy per block")
+        "none", description="activation checkpointing policy per block"
+    )
     attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = pydantic.Field(
-        "auto", description="attention kernel; auto = pallas on GPU where supported, else xla")
+        "auto", description="attention kernel; auto = pallas on GPU where supported, else xla"
+    )
     norm_impl: Literal["auto", "xla", "pallas"] = pydantic.Field(
-        "auto", description="norm kernel; auto = pallas on GPU where supported, else xla")
+        "auto", description="norm kernel; auto = pallas on GPU where supported, else xla"
+    )
     loss_impl: Literal["auto", "xla", "chunked", "pallas"] = pydantic.Field(
-        "auto", description="unembedding + cross-entropy; chunked/pallas never hold full logits")
+        "auto", description="unembedding + cross-entropy; chunked/pallas never hold full logits"
+    )
     z_loss: float = pydantic.Field(0.0, ge=0, description="weight of logsumexp**2 in the loss")
 
     @pydantic.model_validator(mode="after")
     def _check_heads(self):
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
-                             "unless head_dim is set")
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) "
+                "unless head_dim is set"
+            )
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads "
-                             f"({self.n_heads})")
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         return self
 
 
@@ -85,8 +91,9 @@ def _norm(params: dict, x: jax.Array, cfg: TransformerConfig) -> jax.Array:
 def block_spec(cfg: TransformerConfig) -> dict:
     return {
         "attn_norm": _norm_spec(cfg),
-        "attn": nn.attention_spec(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                                  bias=cfg.bias),
+        "attn": nn.attention_spec(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.bias
+        ),
         "mlp_norm": _norm_spec(cfg),
         "mlp": nn.mlp_spec(cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.bias),
     }
@@ -99,23 +106,36 @@ def spec(cfg: TransformerConfig) -> dict:
         "final_norm": _norm_spec(cfg),
     }
     if cfg.position == "learned":
-        tree["pos_embed"] = nn.embedding_spec(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"),
-                                              std=0.01)
+        tree["pos_embed"] = nn.embedding_spec(
+            cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), std=0.01
+        )
     if not cfg.tie_embeddings:
-        tree["unembed"] = nn.linear_spec(cfg.d_model, cfg.vocab_size, ("embed", "vocab"),
-                                         bias=False)
+        tree["unembed"] = nn.linear_spec(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), bias=False
+        )
     return tree
 
 
-def block(params: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Array | None,
-          segment_ids: jax.Array | None, positions: jax.Array) -> jax.Array:
+def block(
+    params: dict,
+    x: jax.Array,
+    cfg: TransformerConfig,
+    key: jax.Array | None,
+    segment_ids: jax.Array | None,
+    positions: jax.Array,
+) -> jax.Array:
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
     k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
     with scope("attn"):
-        h = nn.attention(params["attn"], _norm(params["attn_norm"], x, cfg), causal=True,
-                         segment_ids=segment_ids, positions=positions,
-                         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
-                         impl=cfg.attention_impl)
+        h = nn.attention(
+            params["attn"],
+            _norm(params["attn_norm"], x, cfg),
+            causal=True,
+            segment_ids=segment_ids,
+            positions=positions,
+            rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+            impl=cfg.attention_impl,
+        )
     x = x + nn.dropout(h, cfg.dropout, k_attn)
     with scope("mlp"):
         h = nn.mlp(params["mlp"], _norm(params["mlp_norm"], x, cfg))
@@ -123,8 +143,14 @@ def block(params: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Array | N
     return constrain(x, ("batch", "seq", "embed"))
 
 
-def _run_blocks(blocks: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Array | None,
-                segment_ids: jax.Array | None, positions: jax.Array) -> jax.Array:
+def _run_blocks(
+    blocks: dict,
+    x: jax.Array,
+    cfg: TransformerConfig,
+    key: jax.Array | None,
+    segment_ids: jax.Array | None,
+    positions: jax.Array,
+) -> jax.Array:
     keys = None if key is None else jax.random.split(key, cfg.n_layers)
     policy = REMAT_POLICIES[cfg.remat]
 
@@ -135,6 +161,7 @@ def _run_blocks(blocks: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Arr
         one = jax.checkpoint(one, policy=policy, prevent_cse=not cfg.scan_layers)
 
     if cfg.scan_layers:
+
         def body(h, layer):
             p, k = layer
             return one(p, h, k), None
@@ -144,14 +171,19 @@ def _run_blocks(blocks: dict, x: jax.Array, cfg: TransformerConfig, key: jax.Arr
         return x
     for i in range(cfg.n_layers):
         with scope(f"blocks/{i}"):
-            x = one(jax.tree.map(lambda a, i=i: a[i], blocks), x,
-                    None if keys is None else keys[i])
+            x = one(jax.tree.map(lambda a, i=i: a[i], blocks), x, None if keys is None else keys[i])
     return x
 
 
-def hidden_states(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
-                  key: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def hidden_states(
+    params: dict,
+    tokens: jax.Array,
+    cfg: TransformerConfig,
+    *,
+    key: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """tokens [batch, seq] -> (final-norm hidden states [batch, seq, d_model], unembedding
     [d_model, vocab]), both in the compute dtype."""
     check_int(tokens, "tokens")
@@ -160,8 +192,11 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
     if cfg.position == "learned" and seq > cfg.max_seq_len:
         raise ShapeError(f"tokens have seq length {seq} > max_seq_len {cfg.max_seq_len}")
     if positions is None:
-        positions = (nn.segment_positions(segment_ids) if segment_ids is not None
-                     else jnp.broadcast_to(jnp.arange(seq), tokens.shape))
+        positions = (
+            nn.segment_positions(segment_ids)
+            if segment_ids is not None
+            else jnp.broadcast_to(jnp.arange(seq), tokens.shape)
+        )
     p = cfg.policy.cast_to_compute(params)
     k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
     x = nn.embed(p["embed"], tokens)
@@ -174,38 +209,56 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
     return x, unembed
 
 
-def apply(params: dict, tokens: jax.Array, cfg: TransformerConfig, *,
-          key: jax.Array | None = None, state: dict | None = None,
-          segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+def apply(
+    params: dict,
+    tokens: jax.Array,
+    cfg: TransformerConfig,
+    *,
+    key: jax.Array | None = None,
+    state: dict | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+):
     """tokens [batch, seq] int -> (logits [batch, seq, vocab] in the output dtype, state).
 
     segment_ids [batch, seq] restricts attention to each packed document; positions default
     to the position within each segment."""
     with scope("transformer"):
-        x, unembed = hidden_states(params, tokens, cfg, key=key, segment_ids=segment_ids,
-                                   positions=positions)
+        x, unembed = hidden_states(
+            params, tokens, cfg, key=key, segment_ids=segment_ids, positions=positions
+        )
         logits = constrain(jnp.einsum("btd,dv->btv", x, unembed), ("batch", "seq", "vocab"))
     return cfg.policy.cast_to_output(logits), state if state is not None else {}
 
 
-def loss(params: dict, batch: dict, cfg: TransformerConfig, *, key: jax.Array | None = None,
-         state: dict | None = None):
+def loss(
+    params: dict,
+    batch: dict,
+    cfg: TransformerConfig,
+    *,
+    key: jax.Array | None = None,
+    state: dict | None = None,
+):
     """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set.
 
     batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}.
     The unembedding and the loss are one op (`loss_impl`), so fused kernels never hold the
     full f32 logits."""
     with scope("transformer"):
-        x, unembed = hidden_states(params, batch["inputs"], cfg, key=key,
-                                   segment_ids=batch.get("segment_ids"))
-    per_token = ops.linear_cross_entropy(x, unembed, batch["targets"], z_loss=cfg.z_loss,
-                                         impl=cfg.loss_impl)
+        x, unembed = hidden_states(
+            params, batch["inputs"], cfg, key=key, segment_ids=batch.get("segment_ids")
+        )
+    per_token = ops.linear_cross_entropy(
+        x, unembed, batch["targets"], z_loss=cfg.z_loss, impl=cfg.loss_impl
+    )
     mask = batch.get("mask")
     weights = jnp.ones_like(per_token) if mask is None else mask.astype(jnp.float32)
     n_tokens = jnp.maximum(weights.sum(), 1.0)
     mean = (per_token * weights).sum() / n_tokens
-    return mean, {"metrics": {"loss": mean, "tokens": weights.sum()},
-                  "state": state if state is not None else {}}
+    return mean, {
+        "metrics": {"loss": mean, "tokens": weights.sum()},
+        "state": state if state is not None else {},
+    }
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
@@ -220,5 +273,6 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
 
 
-MODEL = register(Model("transformer", TransformerConfig, spec, apply, loss,
-                       flops_per_token=flops_per_token))
+MODEL = register(
+    Model("transformer", TransformerConfig, spec, apply, loss, flops_per_token=flops_per_token)
+)

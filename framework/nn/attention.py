@@ -13,24 +13,43 @@ from framework.nn.rope import apply_rope
 from framework.parallel.logical import constrain
 
 
-def attention_spec(d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                   head_dim: int | None = None, bias: bool = False) -> dict:
+def attention_spec(
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    bias: bool = False,
+) -> dict:
     """Q [embed, heads, head_dim], K/V [embed, kv_heads, head_dim], O [heads, head_dim, embed]."""
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
     head_dim = d_model // n_heads if head_dim is None else head_dim
     spec = {
-        "q": {"kernel": Param((d_model, n_heads, head_dim), ("embed", "heads", "head_dim"),
-                              fan_in_init)},
-        "k": {"kernel": Param((d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                              fan_in_init)},
-        "v": {"kernel": Param((d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                              fan_in_init)},
-        "o": {"kernel": Param((n_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
-                              jax.nn.initializers.variance_scaling(1.0, "fan_in",
-                                                                   "truncated_normal",
-                                                                   in_axis=(0, 1), out_axis=2))},
+        "q": {
+            "kernel": Param(
+                (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), fan_in_init
+            )
+        },
+        "k": {
+            "kernel": Param(
+                (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), fan_in_init
+            )
+        },
+        "v": {
+            "kernel": Param(
+                (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), fan_in_init
+            )
+        },
+        "o": {
+            "kernel": Param(
+                (n_heads, head_dim, d_model),
+                ("heads", "head_dim", "embed"),
+                jax.nn.initializers.variance_scaling(
+                    1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+                ),
+            )
+        },
     }
     if bias:
         spec["q"]["bias"] = Param((n_heads, head_dim), ("heads", "head_dim"), zeros)
@@ -45,10 +64,17 @@ def _project(p: dict, x: jax.Array) -> jax.Array:
     return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 
-def attention(params: dict, x: jax.Array, *, causal: bool = True,
-              segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-              rope_theta: float | None = None, mask: jax.Array | None = None,
-              impl: str = "auto") -> jax.Array:
+def attention(
+    params: dict,
+    x: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    rope_theta: float | None = None,
+    mask: jax.Array | None = None,
+    impl: str = "auto",
+) -> jax.Array:
     """Self-attention over x [batch, seq, d_model] -> [batch, seq, d_model].
 
     rope_theta=None means no rotary embedding (e.g. GPT-2's learned positions); positions

@@ -14,8 +14,13 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
-def linear_spec(d_in: int, d_out: int, axes: tuple[str | None, str | None] = (None, None),
-                bias: bool = True, init=fan_in_init) -> dict:
+def linear_spec(
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None] = (None, None),
+    bias: bool = True,
+    init=fan_in_init,
+) -> dict:
     """y = x @ kernel (+ bias); kernel [d_in, d_out] with logical `axes`."""
     spec = {"kernel": Param((d_in, d_out), axes, init)}
     if bias:

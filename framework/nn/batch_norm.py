@@ -16,18 +16,23 @@ from framework.nn.param import Param
 
 def batch_norm_spec(ch: int) -> dict:
     """Learned per-channel affine transform applied after normalization."""
-    return {"scale": Param((ch,), ("conv_out",), ones),
-            "bias": Param((ch,), ("conv_out",), zeros)}
+    return {"scale": Param((ch,), ("conv_out",), ones), "bias": Param((ch,), ("conv_out",), zeros)}
 
 
 def batch_norm_state_spec(ch: int) -> dict:
     """Running per-channel mean (starts at 0) and variance (starts at 1), used in evaluation."""
-    return {"mean": Param((ch,), ("conv_out",), zeros),
-            "var": Param((ch,), ("conv_out",), ones)}
+    return {"mean": Param((ch,), ("conv_out",), zeros), "var": Param((ch,), ("conv_out",), ones)}
 
 
-def batch_norm(params: dict, state: dict, x: jax.Array, *, training: bool,
-               momentum: float = 0.9, eps: float = 1e-5) -> tuple[jax.Array, dict]:
+def batch_norm(
+    params: dict,
+    state: dict,
+    x: jax.Array,
+    *,
+    training: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, dict]:
     """Normalize x [..., ch] per channel; returns (y in x's dtype, new state).
 
     training=True uses the (biased) statistics of this batch over every axis but the last and
@@ -37,8 +42,9 @@ def batch_norm(params: dict, state: dict, x: jax.Array, *, training: bool,
     """
     check_float(x)
     if x.ndim < 2:
-        raise ShapeError(f"input must have rank >= 2 (batch, ..., channels), got shape "
-                         f"{tuple(x.shape)}")
+        raise ShapeError(
+            f"input must have rank >= 2 (batch, ..., channels), got shape {tuple(x.shape)}"
+        )
     check_last_dim(x, params["scale"].shape[0], "input channels")
     xf = x.astype(jnp.float32)
     if training:

@@ -28,23 +28,27 @@ def _pair(v: Pair, what: str) -> tuple[int, int]:
 def conv2d_spec(in_ch: int, out_ch: int, kernel: Pair = (3, 3), bias: bool = True) -> dict:
     """Declare an HWIO kernel [kh, kw, in, out] (fan-in init over kh*kw*in) and optional bias."""
     kh, kw = _pair(kernel, "kernel")
-    spec = {"kernel": Param((kh, kw, in_ch, out_ch), (None, None, "conv_in", "conv_out"),
-                            fan_in_init)}
+    spec = {
+        "kernel": Param((kh, kw, in_ch, out_ch), (None, None, "conv_in", "conv_out"), fan_in_init)
+    }
     if bias:
         spec["bias"] = Param((out_ch,), ("conv_out",), zeros)
     return spec
 
 
-def conv2d(params: dict, x: jax.Array, *, stride: Pair = 1, padding: Padding = "SAME"
-           ) -> jax.Array:
+def conv2d(params: dict, x: jax.Array, *, stride: Pair = 1, padding: Padding = "SAME") -> jax.Array:
     """[batch, h, w, in] -> [batch, h', w', out] cross-correlation, computed in x's dtype."""
     check_float(x)
     check_rank(x, 4, layout=NHWC)
     kernel = params["kernel"]
     check_last_dim(x, kernel.shape[2], "input channels")
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=_pair(stride, "stride"), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x,
+        kernel.astype(x.dtype),
+        window_strides=_pair(stride, "stride"),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     if "bias" in params:
         y = y + params["bias"].astype(y.dtype)
     return y
@@ -67,16 +71,18 @@ def _padding(padding: Padding) -> str | tuple:
     return ((0, 0), tuple(ph), tuple(pw), (0, 0))
 
 
-def max_pool(x: jax.Array, window: Pair = 2, stride: Pair | None = None,
-             padding: Padding = "VALID") -> jax.Array:
+def max_pool(
+    x: jax.Array, window: Pair = 2, stride: Pair | None = None, padding: Padding = "VALID"
+) -> jax.Array:
     """Spatial max over windows (stride defaults to the window); padding never wins the max."""
     dims, strides = _window(x, window, stride)
     lowest = np.array(-np.inf, x.dtype)  # a concrete identity selects max's VJP rule
     return jax.lax.reduce_window(x, lowest, jax.lax.max, dims, strides, _padding(padding))
 
 
-def avg_pool(x: jax.Array, window: Pair = 2, stride: Pair | None = None,
-             padding: Padding = "VALID") -> jax.Array:
+def avg_pool(
+    x: jax.Array, window: Pair = 2, stride: Pair | None = None, padding: Padding = "VALID"
+) -> jax.Array:
     """Spatial mean over windows; with padding each output divides by its count of real inputs."""
     dims, strides = _window(x, window, stride)
     pad = _padding(padding)

@@ -24,6 +24,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     idx = jnp.arange(seq)
     starts = jnp.concatenate(
         [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
-        axis=-1)
+        axis=-1,
+    )
     start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
     return idx - start_idx

@@ -14,8 +14,10 @@ ACTIVATIONS = ("gelu", "swiglu")
 def mlp_spec(d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True) -> dict:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown mlp activation {activation!r}; expected one of {ACTIVATIONS}")
-    spec = {"up": linear_spec(d_model, d_ff, ("embed", "mlp"), bias),
-            "down": linear_spec(d_ff, d_model, ("mlp", "embed"), bias)}
+    spec = {
+        "up": linear_spec(d_model, d_ff, ("embed", "mlp"), bias),
+        "down": linear_spec(d_ff, d_model, ("mlp", "embed"), bias),
+    }
     if activation == "swiglu":
         spec["gate"] = linear_spec(d_model, d_ff, ("embed", "mlp"), bias)
     return spec

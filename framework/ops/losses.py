@@ -22,23 +22,28 @@ def cross_entropy_xla(logits, labels, *, z_loss=0.0):
 registry.register("cross_entropy", "xla", cross_entropy_xla)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, *, z_loss: float = 0.0,
-                  impl: str = "auto") -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, z_loss: float = 0.0, impl: str = "auto"
+) -> jax.Array:
     """Loss per position: logsumexp(logits) - logits[label] (+ z_loss * logsumexp**2).
 
     logits: [..., vocab]; labels: [...] integer class ids. Returns f32 [...]."""
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"cross_entropy: logits {logits.shape} and labels {labels.shape} "
-                         "disagree on the leading dimensions")
-    fn = registry.resolve("cross_entropy", impl, (logits.shape, str(logits.dtype)),
-                          logits, labels, z_loss=z_loss)
+        raise ValueError(
+            f"cross_entropy: logits {logits.shape} and labels {labels.shape} "
+            "disagree on the leading dimensions"
+        )
+    fn = registry.resolve(
+        "cross_entropy", impl, (logits.shape, str(logits.dtype)), logits, labels, z_loss=z_loss
+    )
     return fn(logits, labels, z_loss=z_loss)
 
 
 def linear_cross_entropy_xla(h, w, labels, *, z_loss=0.0):
     """Naive path: the full logits h @ w, then cross_entropy (the ground truth)."""
-    return cross_entropy_xla(jnp.einsum("...d,dv->...v", h, w.astype(h.dtype)), labels,
-                             z_loss=z_loss)
+    return cross_entropy_xla(
+        jnp.einsum("...d,dv->...v", h, w.astype(h.dtype)), labels, z_loss=z_loss
+    )
 
 
 def linear_cross_entropy_chunked(h, w, labels, *, z_loss=0.0):
@@ -69,17 +74,22 @@ def _ce_pallas_ok(h, w, labels, **_):
 
 registry.register("linear_cross_entropy", "xla", linear_cross_entropy_xla)
 registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked)
-registry.register("linear_cross_entropy", "pallas", linear_cross_entropy_pallas,
-                  auto_if=_ce_pallas_ok)
+registry.register(
+    "linear_cross_entropy", "pallas", linear_cross_entropy_pallas, auto_if=_ce_pallas_ok
+)
 
 
-def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, z_loss: float = 0.0,
-                         impl: str = "auto") -> jax.Array:
+def linear_cross_entropy(
+    h: jax.Array, w: jax.Array, labels: jax.Array, *, z_loss: float = 0.0, impl: str = "auto"
+) -> jax.Array:
     """cross_entropy(h @ w, labels) per position; `chunked` and `pallas` never hold the full
     f32 logits. h: [..., d]; w: [d, vocab]; labels: [...] ints. Returns f32 [...]."""
     if h.shape[:-1] != labels.shape or w.ndim != 2 or h.shape[-1] != w.shape[0]:
-        raise ValueError(f"linear_cross_entropy: h {h.shape}, w {w.shape}, labels "
-                         f"{labels.shape} must be [..., d], [d, vocab], [...]")
-    fn = registry.resolve("linear_cross_entropy", impl, (h.shape, w.shape, str(h.dtype)),
-                          h, w, labels, z_loss=z_loss)
+        raise ValueError(
+            f"linear_cross_entropy: h {h.shape}, w {w.shape}, labels "
+            f"{labels.shape} must be [..., d], [d, vocab], [...]"
+        )
+    fn = registry.resolve(
+        "linear_cross_entropy", impl, (h.shape, w.shape, str(h.dtype)), h, w, labels, z_loss=z_loss
+    )
     return fn(h, w, labels, z_loss=z_loss)

@@ -28,6 +28,7 @@ def layer_norm_xla(x, weight, bias=None, *, eps=1e-5):
 registry.register("rms_norm", "xla", rms_norm_xla)
 registry.register("layer_norm", "xla", layer_norm_xla)
 
+
 # Rows are independent: under a mesh each shard normalizes its own rows; the feature (last)
 # dimension is gathered, and so is the weight.
 def _rows(x):
@@ -43,8 +44,9 @@ def rms_norm_pallas(x, weight, *, eps=1e-6):
 def layer_norm_pallas(x, weight, bias=None, *, eps=1e-5):
     from pallas_kernels.norms import layer_norm as kernel
 
-    return per_shard(lambda x, w, b: kernel(x, w, b, eps=eps), [_rows(x), None, None],
-                     _rows(x))(x, weight, bias)
+    return per_shard(lambda x, w, b: kernel(x, w, b, eps=eps), [_rows(x), None, None], _rows(x))(
+        x, weight, bias
+    )
 
 
 def _norm_pallas_ok(x, weight, bias=None, **_):
@@ -57,15 +59,22 @@ registry.register("rms_norm", "pallas", rms_norm_pallas, auto_if=_norm_pallas_ok
 registry.register("layer_norm", "pallas", layer_norm_pallas, auto_if=_norm_pallas_ok)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
-             impl: str = "auto") -> jax.Array:
+def rms_norm(
+    x: jax.Array, weight: jax.Array, *, eps: float = 1e-6, impl: str = "auto"
+) -> jax.Array:
     """x / rms(x) * weight over the last axis."""
     fn = registry.resolve("rms_norm", impl, (x.shape, str(x.dtype)), x, weight, eps=eps)
     return fn(x, weight, eps=eps)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
-               eps: float = 1e-5, impl: str = "auto") -> jax.Array:
+def layer_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    eps: float = 1e-5,
+    impl: str = "auto",
+) -> jax.Array:
     """(x - mean) / std * weight + bias over the last axis."""
     fn = registry.resolve("layer_norm", impl, (x.shape, str(x.dtype)), x, weight, bias, eps=eps)
     return fn(x, weight, bias, eps=eps)

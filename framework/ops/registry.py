@@ -16,8 +16,9 @@ _AUTO_ORDER: dict[str, list[tuple[str, Callable[..., bool]]]] = {}
 _LOGGED: set[tuple] = set()
 
 
-def register(op: str, impl: str, fn: Callable[..., Any],
-             auto_if: Callable[..., bool] | None = None) -> None:
+def register(
+    op: str, impl: str, fn: Callable[..., Any], auto_if: Callable[..., bool] | None = None
+) -> None:
     """Register `fn` as `impl` of `op`; with `auto_if`, `auto` prefers it where that says yes."""
     _IMPLS.setdefault(op, {})[impl] = fn
     if auto_if is not None:

@@ -29,5 +29,10 @@ def per_shard(fn: Callable[..., Any], in_axes: Sequence[Axes], out_axes: Any) ->
         return PartitionSpec() if axes is None else logical.partition_spec(axes, rules)
 
     out_specs = jax.tree.map(spec, out_axes, is_leaf=lambda x: x is None or isinstance(x, tuple))
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes),
-                         out_specs=out_specs, check_vma=False)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(spec(a) for a in in_axes),
+        out_specs=out_specs,
+        check_vma=False,
+    )

@@ -21,14 +21,18 @@ class DistributedConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     enabled: bool | None = pydantic.Field(
-        None, description="true: initialize; false: never; null: when set here or detected")
+        None, description="true: initialize; false: never; null: when set here or detected"
+    )
     coordinator_address: str | None = pydantic.Field(None, description="host:port of process 0")
     num_processes: int | None = pydantic.Field(None, gt=0, description="processes in the run")
     process_id: int | None = pydantic.Field(None, ge=0, description="this process's index")
     timeout_s: int = pydantic.Field(300, gt=0, description="initialization timeout (seconds)")
     heartbeat_timeout_s: int = pydantic.Field(
-        60, gt=0, description="a process silent this long counts as dead: the others exit "
-                              "with an error instead of hanging")
+        60,
+        gt=0,
+        description="a process silent this long counts as dead: the others exit "
+        "with an error instead of hanging",
+    )
 
 
 def wanted(cfg: DistributedConfig) -> bool:
@@ -45,15 +49,23 @@ def initialize(cfg: DistributedConfig) -> None:
     if not wanted(cfg) or jax.distributed.is_initialized():
         return
     if cfg.process_id is not None and cfg.num_processes and cfg.process_id >= cfg.num_processes:
-        raise ConfigError(f"mesh.distributed.process_id ({cfg.process_id}) must be < "
-                          f"mesh.distributed.num_processes ({cfg.num_processes})")
+        raise ConfigError(
+            f"mesh.distributed.process_id ({cfg.process_id}) must be < "
+            f"mesh.distributed.num_processes ({cfg.num_processes})"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
-                                   initialization_timeout=cfg.timeout_s,
-                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+        jax.distributed.initialize(
+            cfg.coordinator_address,
+            cfg.num_processes,
+            cfg.process_id,
+            initialization_timeout=cfg.timeout_s,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
+        )
     except Exception as e:  # jax raises RuntimeError / ValueError with long messages
-        raise RuntimeError(f"jax.distributed.initialize failed (coordinator "
-                           f"{cfg.coordinator_address or 'auto-detected'}, "
-                           f"{cfg.num_processes or '?'} processes, timeout {cfg.timeout_s}s): "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise RuntimeError(
+            f"jax.distributed.initialize failed (coordinator "
+            f"{cfg.coordinator_address or 'auto-detected'}, "
+            f"{cfg.num_processes or '?'} processes, timeout {cfg.timeout_s}s): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e

@@ -64,10 +64,12 @@ class MeshConfig(pydantic.BaseModel):
     rules: dict[str, str | list[str] | None] = pydantic.Field(
         default_factory=lambda: dict(DEFAULT_RULES),
         description="logical axis name -> mesh axis, list of axes, or null (replicated); "
-                    "entries given are merged over the defaults")
+        "entries given are merged over the defaults",
+    )
     across_nodes: AcrossNodes = pydantic.Field(
         default_factory=AcrossNodes,
-        description="node counts per axis; all 1 = sizes above span every device")
+        description="node counts per axis; all 1 = sizes above span every device",
+    )
     distributed: DistributedConfig = DistributedConfig()
 
     @pydantic.field_validator("rules", mode="before")
@@ -103,12 +105,15 @@ def resolve_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     free = [a for a, s in sizes.items() if s == -1]
     if free:
         if n_devices % fixed:
-            raise ConfigError(f"mesh.{free[0]}=-1 cannot absorb the devices: {shown} leaves "
-                              f"{n_devices} devices / {fixed} not a whole number")
+            raise ConfigError(
+                f"mesh.{free[0]}=-1 cannot absorb the devices: {shown} leaves "
+                f"{n_devices} devices / {fixed} not a whole number"
+            )
         sizes[free[0]] = n_devices // fixed
     elif fixed != n_devices:
-        raise ConfigError(f"mesh sizes {shown} multiply to {fixed}, but there are "
-                          f"{n_devices} devices")
+        raise ConfigError(
+            f"mesh sizes {shown} multiply to {fixed}, but there are {n_devices} devices"
+        )
     return sizes
 
 
@@ -124,16 +129,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     n_nodes = math.prod(across.values())
     if n_nodes == 1:
         sizes = resolve_sizes(cfg, len(devices))
-        return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=auto,
-                             devices=devices)
+        return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=auto, devices=devices)
     n_procs = len({d.process_index for d in devices})
     if n_nodes != n_procs:
         shown = " x ".join(f"{a}={s}" for a, s in across.items())
-        raise ConfigError(f"mesh.across_nodes {shown} multiply to {n_nodes}, but the run has "
-                          f"{n_procs} processes")
+        raise ConfigError(
+            f"mesh.across_nodes {shown} multiply to {n_nodes}, but the run has {n_procs} processes"
+        )
     within = resolve_sizes(cfg, len(devices) // n_nodes)
     grid = mesh_utils.create_hybrid_device_mesh(
-        [within[a] for a in AXES], [across[a] for a in AXES], devices, process_is_granule=True)
+        [within[a] for a in AXES], [across[a] for a in AXES], devices, process_is_granule=True
+    )
     return Mesh(grid, AXES, axis_types=auto)
 
 
@@ -143,8 +149,13 @@ def axis_size(mesh: Mesh, target: Any) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def check_divisible(what: str, shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
-                    rules: Mapping[str, Any]) -> None:
+def check_divisible(
+    what: str,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Mapping[str, Any],
+) -> None:
     """Raise ConfigError if a dimension of `what` is not divisible by its mesh axes."""
     spec = partition_spec(axes, rules)
     for dim, name, target in zip(shape, axes, spec, strict=False):
@@ -152,6 +163,7 @@ def check_divisible(what: str, shape: Sequence[int], axes: Sequence[str | None],
         if dim % n:
             names = (target,) if isinstance(target, str) else tuple(target)
             sizes = " x ".join(f"mesh.{t}={mesh.shape[t]}" for t in names)
-            raise ConfigError(f"{what}: dimension {name!r} of size {dim} is not divisible by "
-                              f"{sizes} ({n} devices)")
-
+            raise ConfigError(
+                f"{what}: dimension {name!r} of size {dim} is not divisible by "
+                f"{sizes} ({n} devices)"
+            )

@@ -36,8 +36,9 @@ def spec_shardings(spec: PyTree, mesh: Mesh, rules: Mapping[str, Any], what: str
     return jax.tree_util.tree_map_with_path(one, spec, is_leaf=nn.param.is_param)
 
 
-def mirror_shardings(tree_shapes: PyTree, params_spec: PyTree, param_sh: PyTree,
-                     mesh: Mesh) -> PyTree:
+def mirror_shardings(
+    tree_shapes: PyTree, params_spec: PyTree, param_sh: PyTree, mesh: Mesh
+) -> PyTree:
     """Shardings for a tree (e.g. optimizer state) whose leaves mirror params by path suffix."""
     by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
     flat_spec = jax.tree_util.tree_flatten_with_path(params_spec, is_leaf=nn.param.is_param)[0]
@@ -57,8 +58,13 @@ def mirror_shardings(tree_shapes: PyTree, params_spec: PyTree, param_sh: PyTree,
     return jax.tree_util.tree_map_with_path(one, tree_shapes)
 
 
-def state_shardings(model: Any, mcfg: Any, init_fn: Callable[[jax.Array], dict],
-                    mesh: Mesh, rules: Mapping[str, Any]) -> dict:
+def state_shardings(
+    model: Any,
+    mcfg: Any,
+    init_fn: Callable[[jax.Array], dict],
+    mesh: Mesh,
+    rules: Mapping[str, Any],
+) -> dict:
     """Shardings for the state dict {"step", "params", "opt_state", "model_state"}."""
     spec = model.spec(mcfg)
     params = spec_shardings(spec, mesh, rules, "param")
@@ -78,15 +84,16 @@ def batch_spec(ndim: int, rules: Mapping[str, Any], *, sequence: bool) -> Partit
     return partition_spec(axes + (None,) * (ndim - len(axes)), rules)
 
 
-def check_batch(mesh: Mesh, rules: Mapping[str, Any], batch_size: int,
-                seq_len: int | None) -> None:
+def check_batch(mesh: Mesh, rules: Mapping[str, Any], batch_size: int, seq_len: int | None) -> None:
     """ConfigError unless the global batch (and sequence) divide over their mesh axes."""
     spec = partition_spec(("batch", "seq"), rules)
     n = axis_size(mesh, spec[0])
     if batch_size % n:
         names = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in _names(spec[0]))
-        raise ConfigError(f"data.batch_size ({batch_size}) is not divisible by {names} "
-                          f"({n} devices share the batch)")
+        raise ConfigError(
+            f"data.batch_size ({batch_size}) is not divisible by {names} "
+            f"({n} devices share the batch)"
+        )
     if seq_len is not None and seq_len % axis_size(mesh, spec[1]):
         names = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in _names(spec[1]))
         raise ConfigError(f"data.seq_len ({seq_len}) is not divisible by {names}")
@@ -96,8 +103,9 @@ def _names(target: Any) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target or ())
 
 
-def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str, Any], *,
-              sequence: bool) -> dict[str, jax.Array]:
+def put_batch(
+    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str, Any], *, sequence: bool
+) -> dict[str, jax.Array]:
     """Process-local numpy rows -> global arrays sharded over the mesh (no host gathers)."""
     out = {}
     for k, v in batch.items():
@@ -106,11 +114,14 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str, A
     return out
 
 
-def batch_shardings(batch_like: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any], *,
-                    sequence: bool) -> dict[str, NamedSharding]:
+def batch_shardings(
+    batch_like: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any], *, sequence: bool
+) -> dict[str, NamedSharding]:
     """The shardings `put_batch` gives, for jit's in_shardings."""
-    return {k: NamedSharding(mesh, batch_spec(np.ndim(v), rules, sequence=sequence))
-            for k, v in batch_like.items()}
+    return {
+        k: NamedSharding(mesh, batch_spec(np.ndim(v), rules, sequence=sequence))
+        for k, v in batch_like.items()
+    }
 
 
 def bytes_per_device(tree: PyTree) -> dict[Any, int]:

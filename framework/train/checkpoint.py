@@ -43,23 +43,30 @@ class CheckpointConfig(pydantic.BaseModel):
     every: int = pydantic.Field(100, gt=0, description="steps between saves (and at the end)")
     keep: int = pydantic.Field(3, gt=0, description="most recent checkpoints kept")
     keep_every: int | None = pydantic.Field(
-        None, gt=0, description="also keep every checkpoint whose step is a multiple of this")
+        None, gt=0, description="also keep every checkpoint whose step is a multiple of this"
+    )
     async_save: bool = pydantic.Field(True, description="write in the background (orbax async)")
     resume: str = pydantic.Field(
-        "auto", min_length=1,
+        "auto",
+        min_length=1,
         description="auto: continue from the newest complete checkpoint in the run directory; "
-                    "never: refuse to run over existing checkpoints; fresh: delete them and "
-                    "start over; a path: start from another run's newest checkpoint")
+        "never: refuse to run over existing checkpoints; fresh: delete them and "
+        "start over; a path: start from another run's newest checkpoint",
+    )
     resume_params_only: bool = pydantic.Field(
-        False, description="with a resume path: take params (and model state) only, fresh "
-                           "optimizer, step 0 and data order (fine-tuning)")
+        False,
+        description="with a resume path: take params (and model state) only, fresh "
+        "optimizer, step 0 and data order (fine-tuning)",
+    )
 
 
 def _flat_paths(tree: Any) -> list[str]:
     """'/'-joined key path of every leaf, in jax's flattening order."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                     for k in path) for path, _ in flat]
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        for path, _ in flat
+    ]
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -82,8 +89,9 @@ def step_dirs(directory: Path) -> list[int]:
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings (restore reshards onto them)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class Checkpointer:
@@ -105,11 +113,16 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=cfg.async_save and not read_only,
-                create=not read_only, cleanup_tmp_directories=not read_only,
-                read_only=read_only)
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=ARRAY_ITEMS + JSON_ITEMS,
-                                                 item_handlers=handlers)
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                read_only=read_only,
+            )
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_names=ARRAY_ITEMS + JSON_ITEMS,
+                item_handlers=handlers,
+            )
         finally:
             absl.setLevel(level)
 
@@ -123,10 +136,14 @@ class Checkpointer:
         if step in self.steps():
             return
         # An empty tree (a model without mutable state) is not an orbax item: it is rebuilt.
-        args = {k: ocp.args.StandardSave(state[k]) for k in ARRAY_ITEMS
-                if jax.tree.leaves(state[k])}
-        args |= {"data": ocp.args.JsonSave(data_state), "config": ocp.args.JsonSave(config),
-                 "meta": ocp.args.JsonSave(meta)}
+        args = {
+            k: ocp.args.StandardSave(state[k]) for k in ARRAY_ITEMS if jax.tree.leaves(state[k])
+        }
+        args |= {
+            "data": ocp.args.JsonSave(data_state),
+            "config": ocp.args.JsonSave(config),
+            "meta": ocp.args.JsonSave(meta),
+        }
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def wait(self) -> None:
@@ -137,8 +154,9 @@ class Checkpointer:
         """Finish pending writes and deletions."""
         self.manager.close()
 
-    def restore(self, step: int, abstract: dict, *, params_only: bool = False
-                ) -> tuple[dict, dict | None, dict]:
+    def restore(
+        self, step: int, abstract: dict, *, params_only: bool = False
+    ) -> tuple[dict, dict | None, dict]:
         """(arrays restored onto `abstract`'s shardings, data state, meta) of one step."""
         items = ("params", "model_state") if params_only else ARRAY_ITEMS
         empty = {k: abstract[k] for k in items if not jax.tree.leaves(abstract[k])}
@@ -150,9 +168,13 @@ class Checkpointer:
         arrays = {k: empty[k] if k in empty else out[k] for k in items}
         return arrays, (None if params_only else out["data"]), out["meta"]
 
-    def restore_newest(self, abstract: dict, *, params_only: bool = False,
-                       warn: Callable[[str], None] = log.warning
-                       ) -> tuple[int, dict, dict | None, dict] | None:
+    def restore_newest(
+        self,
+        abstract: dict,
+        *,
+        params_only: bool = False,
+        warn: Callable[[str], None] = log.warning,
+    ) -> tuple[int, dict, dict | None, dict] | None:
         """Newest readable checkpoint (warning about each unreadable newer one); None if there
         are no checkpoints; CheckpointError if there are some and none can be read."""
         steps = self.steps()
@@ -167,17 +189,21 @@ class Checkpointer:
                         f"checkpoint {self.directory / str(step)} does not fit this config's "
                         f"model/optimizer state ({reason}); was model.* or optim.* changed? "
                         "Use checkpoint.resume_params_only with a resume path to fine-tune "
-                        "with another optimizer") from e
+                        "with another optimizer"
+                    ) from e
                 failures.append(f"step {step}: {type(e).__name__}: {reason}")
-                warn(f"checkpoint {self.directory / str(step)} is unreadable ({reason}); "
-                     "falling back to the one before")
+                warn(
+                    f"checkpoint {self.directory / str(step)} is unreadable ({reason}); "
+                    "falling back to the one before"
+                )
                 continue
             return step, arrays, data, meta
         if failures or step_dirs(self.directory):
             raise CheckpointError(
                 f"{self.directory} holds checkpoints but none can be restored "
                 f"({'; '.join(failures) or 'no complete step directory'}); move them aside "
-                "or set checkpoint.resume=fresh to start over")
+                "or set checkpoint.resume=fresh to start over"
+            )
         return None
 
     def read_numpy(self, item: str = "params", step: int | None = None) -> tuple[int, Any]:
@@ -186,16 +212,21 @@ class Checkpointer:
         steps = self.steps()
         step = steps[-1] if step is None and steps else step
         if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                                  f"(steps: {steps})")
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory} (steps: {steps})"
+            )
         if item in JSON_ITEMS:
-            return step, self.manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.JsonRestore()}))[item]
+            return step, self.manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+            )[item]
         one = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                              self.manager.item_metadata(step)[item])
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(target)}))
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+            self.manager.item_metadata(step)[item],
+        )
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        )
         return step, jax.device_get(out[item])
 
 
@@ -246,8 +277,7 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def save_safetensors(params: Any, path: str | Path, metadata: dict[str, str] | None = None
-                     ) -> Path:
+def save_safetensors(params: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write params as one safetensors file with '/'-joined keys."""
     from safetensors.numpy import save_file
 

@@ -48,20 +48,32 @@ def _check_compatible(cfg: Config, meta: dict[str, Any]) -> None:
     """User mistakes that need the data's metadata to see: one line naming the key."""
     vocab = meta.get("vocab_size")
     if vocab is not None and getattr(cfg.model, "vocab_size", vocab) < vocab:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
-                          f"data's vocabulary ({vocab})")
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+            f"data's vocabulary ({vocab})"
+        )
     max_len = getattr(cfg.model, "max_seq_len", None)
-    if (vocab is not None and max_len is not None and getattr(cfg.model, "position", "") ==
-            "learned" and cfg.data.seq_len > max_len):
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len "
-                          f"({max_len}) of the learned position table")
+    if (
+        vocab is not None
+        and max_len is not None
+        and getattr(cfg.model, "position", "") == "learned"
+        and cfg.data.seq_len > max_len
+    ):
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len "
+            f"({max_len}) of the learned position table"
+        )
     if "cudnn" in (getattr(cfg.model, "attention_impl", ""),) and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (backend is "
-                          f"{jax.default_backend()}); use auto, pallas or xla")
+        raise ConfigError(
+            f"model.attention_impl=cudnn needs a GPU (backend is "
+            f"{jax.default_backend()}); use auto, pallas or xla"
+        )
     n_classes = meta.get("num_classes")
     if n_classes is not None and getattr(cfg.model, "num_classes", n_classes) < n_classes:
-        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the "
-                          f"data's {n_classes} classes")
+        raise ConfigError(
+            f"model.num_classes ({cfg.model.num_classes}) is smaller than the "
+            f"data's {n_classes} classes"
+        )
 
 
 def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
@@ -69,12 +81,14 @@ def _mean_metrics(per_step: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
 
 
-def evaluate(eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | None,
-             put=lambda b: b) -> dict:
+def evaluate(
+    eval_fn, state, eval_set, n_batches: int, bytes_per_token: float | None, put=lambda b: b
+) -> dict:
     """Average the model's metrics over `n_batches` held-out batches (same batches each time);
     `put` places a process-local host batch on the devices."""
-    results = [eval_fn(state["params"], state["model_state"], put(b))
-               for b in eval_set.batches(n_batches)]
+    results = [
+        eval_fn(state["params"], state["model_state"], put(b)) for b in eval_set.batches(n_batches)
+    ]
     if not results:  # no held-out data (e.g. data.val_fraction=0)
         return {}
     out = _mean_metrics(jax.device_get(results))
@@ -93,37 +107,51 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.model = models.get(cfg.model.name)
         self.train_data, self.eval_set, self.meta = make_loaders(
-            cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         _check_compatible(cfg, self.meta)
         self.is_lm = self.meta.get("vocab_size") is not None
         # Layout: the mesh, then every sharding; all layout errors surface here, before compile.
         self.mesh = make_mesh(cfg.mesh, devices)
         self.rules = dict(cfg.mesh.rules)
-        check_batch(self.mesh, self.rules, cfg.data.batch_size,
-                    cfg.data.seq_len if self.is_lm else None)
+        check_batch(
+            self.mesh, self.rules, cfg.data.batch_size, cfg.data.seq_len if self.is_lm else None
+        )
         self.lr = schedule(cfg.optim, cfg.train.steps)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
         self._init = lambda k: init_state(self.model, cfg.model, self.tx, k)
-        self.state_sharding = state_shardings(self.model, cfg.model, self._init, self.mesh,
-                                              self.rules)
+        self.state_sharding = state_shardings(
+            self.model, cfg.model, self._init, self.mesh, self.rules
+        )
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.step_fn = jax.jit(
-            self._traced(make_train_step(self.model, cfg.model, self.tx, seed=cfg.run.seed,
-                                         grad_accum=cfg.train.grad_accum, lr_schedule=self.lr,
-                                         nonfinite=cfg.train.nonfinite)),
-            in_shardings=(self.state_sharding, None), out_shardings=(self.state_sharding,
-                                                                     replicated),
-            donate_argnums=0)
+            self._traced(
+                make_train_step(
+                    self.model,
+                    cfg.model,
+                    self.tx,
+                    seed=cfg.run.seed,
+                    grad_accum=cfg.train.grad_accum,
+                    lr_schedule=self.lr,
+                    nonfinite=cfg.train.nonfinite,
+                )
+            ),
+            in_shardings=(self.state_sharding, None),
+            out_shardings=(self.state_sharding, replicated),
+            donate_argnums=0,
+        )
         self.eval_fn = jax.jit(
             self._traced(make_eval_step(self.model, cfg.model)),
-            in_shardings=(self.state_sharding["params"], self.state_sharding["model_state"],
-                          None), out_shardings=replicated)
+            in_shardings=(self.state_sharding["params"], self.state_sharding["model_state"], None),
+            out_shardings=replicated,
+        )
         items = cfg.data.batch_size * (cfg.data.seq_len if self.is_lm else 1)
         self.items_per_step = items
         flops = self.model.flops_per_token
         self.flops_per_token = flops(cfg.model, cfg.data.seq_len) if flops and self.is_lm else None
         self.peak_flops, self.peak_source = peak_flops_per_device(
-            jax.devices()[0], cfg.model.compute_dtype)
+            jax.devices()[0], cfg.model.compute_dtype
+        )
         self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
         self._resume_source = self._plan_resume()
         self.checkpointer: ckpt.Checkpointer | None = None
@@ -139,7 +167,8 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint.resume=never, but the run directory {self.run_dir} already has "
                 f"checkpoints (steps {existing}); use checkpoint.resume=auto to continue it, "
-                "checkpoint.resume=fresh to delete them and start over, or another run.name")
+                "checkpoint.resume=fresh to delete them and start over, or another run.name"
+            )
         if cc.resume == "fresh":
             if existing and self.is_main:
                 log.warning("checkpoint.resume=fresh: deleting %s", self.ckpt_dir)
@@ -151,8 +180,10 @@ class Trainer:
             return None
         source = ckpt.checkpoint_dir(Path(cc.resume).expanduser())
         if not ckpt.step_dirs(source):
-            raise ConfigError(f"checkpoint.resume: {cc.resume!r} is neither auto/never/fresh "
-                              f"nor a run directory with checkpoints (looked in {source})")
+            raise ConfigError(
+                f"checkpoint.resume: {cc.resume!r} is neither auto/never/fresh "
+                f"nor a run directory with checkpoints (looked in {source})"
+            )
         return source
 
     def _traced(self, fn):
@@ -184,8 +215,9 @@ class Trainer:
         reader = ckpt.Checkpointer(source, self.cfg.checkpoint, read_only=True)
         shapes = jax.eval_shape(self._init, jax.random.key(0))
         try:
-            found = reader.restore_newest(ckpt.abstract_state(shapes, self.state_sharding),
-                                          params_only=params_only)
+            found = reader.restore_newest(
+                ckpt.abstract_state(shapes, self.state_sharding), params_only=params_only
+            )
         finally:
             reader.close()
         if found is None:  # only temporary (unfinished) step directories: nothing to resume
@@ -197,16 +229,19 @@ class Trainer:
         if params_only:
             fresh = self.init_state()
             state = fresh | {"params": arrays["params"], "model_state": arrays["model_state"]}
-            state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_sharding[
-                "opt_state"])(arrays["params"])
-            log.warning("initialized params from %s step %d (fine-tuning from step 0)",
-                        source, step)
+            state["opt_state"] = jax.jit(
+                self.tx.init, out_shardings=self.state_sharding["opt_state"]
+            )(arrays["params"])
+            log.warning(
+                "initialized params from %s step %d (fine-tuning from step 0)", source, step
+            )
             return state
         self.train_data.set_state(data_state)
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         log.warning("resumed from %s step %d", source, step)
-        return arrays | {"step": jax.device_put(np.int32(meta["step"]),
-                                                self.state_sharding["step"])}
+        return arrays | {
+            "step": jax.device_put(np.int32(meta["step"]), self.state_sharding["step"])
+        }
 
     def _drop_unreadable_after(self, step: int) -> None:
         """Delete checkpoints newer than the one restored (they failed to read), so the run
@@ -218,6 +253,7 @@ class Trainer:
                 shutil.rmtree(self.ckpt_dir / str(s), ignore_errors=True)
         if newer and jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("framework-drop-unreadable-checkpoints")
 
     def train_step(self, state, batch: dict):
@@ -226,8 +262,10 @@ class Trainer:
 
     def _throughput(self, n_steps: int, seconds: float) -> dict[str, float]:
         rate = n_steps * self.items_per_step / seconds
-        out = {"step_time": seconds / n_steps,
-               ("tokens_per_s" if self.is_lm else "examples_per_s"): rate}
+        out = {
+            "step_time": seconds / n_steps,
+            ("tokens_per_s" if self.is_lm else "examples_per_s"): rate,
+        }
         if self.flops_per_token:
             out["mfu"] = mfu(rate, self.flops_per_token, jax.device_count(), self.peak_flops)
         return out
@@ -237,8 +275,10 @@ class Trainer:
         if self._stop_signal is not None:  # a second one: stop now
             raise KeyboardInterrupt
         self._stop_signal = signum
-        log.warning("%s received: finishing the step, saving a checkpoint, exiting",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing the step, saving a checkpoint, exiting",
+            signal.Signals(signum).name,
+        )
 
     def _install_signals(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -254,6 +294,7 @@ class Trainer:
         if step % self.cfg.train.log_every:
             return False
         from jax.experimental import multihost_utils
+
         return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
     def _check_finite(self, pending: list[tuple[int, Any]]) -> list[tuple[int, dict]]:
@@ -270,15 +311,19 @@ class Trainer:
             if int(m["bad_grad"]) >= 0:
                 where = f"first non-finite gradient: {paths[int(m['bad_grad'])]}"
             elif int(m["bad_param"]) >= 0:
-                where = f"first non-finite parameter after the update: " \
-                        f"{paths[int(m['bad_param'])]}"
+                where = f"first non-finite parameter after the update: {paths[int(m['bad_param'])]}"
             else:
                 where = "non-finite loss, finite gradients"
             steps = ckpt.step_dirs(self.ckpt_dir)
-            kept = (f"last good checkpoint: step {steps[-1]} in {self.ckpt_dir}" if steps
-                    else "no checkpoint was written")
-            raise NonFiniteError(f"non-finite loss or gradient at step {s}: {where} "
-                                 f"(loss={m['loss']}, grad_norm={m['grad_norm']}); {kept}")
+            kept = (
+                f"last good checkpoint: step {steps[-1]} in {self.ckpt_dir}"
+                if steps
+                else "no checkpoint was written"
+            )
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {s}: {where} "
+                f"(loss={m['loss']}, grad_norm={m['grad_norm']}); {kept}"
+            )
         return out
 
     def _save(self, state, unlogged: list[tuple[int, dict]]) -> None:
@@ -290,24 +335,30 @@ class Trainer:
         step = int(state["step"])
         skipped = self.skipped_steps + sum(int(m.get("skipped", 0)) for _, m in unlogged)
         meta = {"step": step, "skipped_steps": skipped}
-        self.checkpointer.save(state, self.train_data.get_state(),
-                               self.cfg.model_dump(mode="json"), meta)
+        self.checkpointer.save(
+            state, self.train_data.get_state(), self.cfg.model_dump(mode="json"), meta
+        )
 
     def run(self, state=None) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"run.dir: cannot create run directory {self.run_dir} "
-                              f"({e.strerror})") from e
+            raise ConfigError(
+                f"run.dir: cannot create run directory {self.run_dir} ({e.strerror})"
+            ) from e
         if self.is_main:
             dump_resolved(cfg, self.run_dir)
         state = self.restore_or_init() if state is None else state
         start = int(state["step"])
         if start >= tc.steps:
-            log.warning("the run in %s already reached train.steps=%d (checkpoint.resume=auto); "
-                        "raise train.steps to continue, or use checkpoint.resume=fresh or "
-                        "another run.name to train again", self.run_dir, tc.steps)
+            log.warning(
+                "the run in %s already reached train.steps=%d (checkpoint.resume=auto); "
+                "raise train.steps to continue, or use checkpoint.resume=fresh or "
+                "another run.name to train again",
+                self.run_dir,
+                tc.steps,
+            )
         if cfg.checkpoint.enabled:
             self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint)
         every = cfg.checkpoint.every
@@ -348,15 +399,24 @@ class Trainer:
                     pending = self._check_finite(pending)  # never checkpoint a bad state
                     self._save(state, pending)
                 if (step + 1) % tc.eval_every == 0 or done:
-                    last_eval = evaluate(self.eval_fn, state, self.eval_set, tc.eval_batches,
-                                         self.meta.get("bytes_per_token"), self.put)
+                    last_eval = evaluate(
+                        self.eval_fn,
+                        state,
+                        self.eval_set,
+                        tc.eval_batches,
+                        self.meta.get("bytes_per_token"),
+                        self.put,
+                    )
                     if last_eval:
                         writer.write(step + 1, last_eval, "eval")
                     # evaluation time is not step time: restart the throughput window
                     t_last, steps_since = time.perf_counter(), 0
                 if interrupt:
-                    stopped = (signal.Signals(self._stop_signal).name if self._stop_signal
-                               else f"train.stop_at={tc.stop_at}")
+                    stopped = (
+                        signal.Signals(self._stop_signal).name
+                        if self._stop_signal
+                        else f"train.stop_at={tc.stop_at}"
+                    )
                     break
         finally:
             for sig, handler in previous_handlers.items():
@@ -367,8 +427,13 @@ class Trainer:
                 self.checkpointer.close()  # waits for the in-flight save
             progress.close()
             writer.close()
-        summary = {"step": int(state["step"]), "eval": last_eval, "run_dir": str(self.run_dir),
-                   "stopped": stopped, "skipped_steps": self.skipped_steps}
+        summary = {
+            "step": int(state["step"]),
+            "eval": last_eval,
+            "run_dir": str(self.run_dir),
+            "stopped": stopped,
+            "skipped_steps": self.skipped_steps,
+        }
         if stopped:
             self.state = state
             return summary
@@ -376,6 +441,7 @@ class Trainer:
             summary["sample"] = self.sample(state, tc.sample_prompt, tc.sample_tokens)
         if tc.plot and self.is_main:
             from framework.train.plots import plot_run
+
             plot_run(self.run_dir)
         self.state = state
         return summary
@@ -384,8 +450,14 @@ class Trainer:
         """Sample `n` tokens after `prompt` and decode them to text."""
         tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         window = min(self.cfg.data.seq_len, getattr(self.cfg.model, "max_seq_len", 1 << 30))
-        tokens = sample_tokens(self.model, state["params"], self.cfg.model,
-                               tokenizer.encode(prompt), n,
-                               window=window, temperature=self.cfg.train.sample_temperature,
-                               key=jax.random.key(self.cfg.run.seed + 1))
+        tokens = sample_tokens(
+            self.model,
+            state["params"],
+            self.cfg.model,
+            tokenizer.encode(prompt),
+            n,
+            window=window,
+            temperature=self.cfg.train.sample_temperature,
+            key=jax.random.key(self.cfg.run.seed + 1),
+        )
         return tokenizer.decode(tokens)

@@ -64,8 +64,9 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                warnings.warn("tensorboardX is not installed; writing metrics.jsonl only",
-                              stacklevel=2)
+                warnings.warn(
+                    "tensorboardX is not installed; writing metrics.jsonl only", stacklevel=2
+                )
             else:
                 self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
 
@@ -87,8 +88,9 @@ class MetricsWriter:
         if self._tb is not None:  # non-finite values go only to the JSONL (as null)
             for name, number in numbers.items():
                 if name not in nonfinite:
-                    self._tb.add_scalar(f"{split}/{name}", float(number), global_step=step,
-                                        walltime=now)
+                    self._tb.add_scalar(
+                        f"{split}/{name}", float(number), global_step=step, walltime=now
+                    )
         if nonfinite:
             record["nonfinite"] = nonfinite
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -154,8 +156,13 @@ class Progress:
         if callable(isatty) and isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=self.start_step, file=self.stream,
-                             unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=self.start_step,
+                file=self.stream,
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def _eta(self, step: int, metrics: Mapping[str, float]) -> float:
         """Seconds left, from the wall-clock rate since the first update (excludes compile)."""
@@ -187,8 +194,9 @@ class Progress:
             self._bar.set_postfix_str(" | ".join(fields), refresh=True)
             return
         eta = self._eta(step, metrics)
-        line = " | ".join([f"step {step}/{self.total_steps}", *fields,
-                           f"eta {_format_duration(eta)}"])
+        line = " | ".join(
+            [f"step {step}/{self.total_steps}", *fields, f"eta {_format_duration(eta)}"]
+        )
         print(line, file=self.stream, flush=True)
 
     def log(self, message: str) -> None:
@@ -219,28 +227,57 @@ class Progress:
 # match wins, so more specific names come first ("GH200"/"H200 NVL" before "H200", "L40S"/"L40"
 # before "L4", "H100 PCIe" before "H100").
 _ACCEL_PEAKS: tuple[tuple[str, str, dict[str, float]], ...] = (
-    ("GH200", "NVIDIA GH200",
-     {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12}),
-    ("H200 NVL", "NVIDIA H200 NVL",
-     {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12}),
-    ("H200", "NVIDIA H200 SXM",
-     {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12}),
-    ("H100 PCIe", "NVIDIA H100 PCIe",
-     {"bfloat16": 756e12, "float16": 756e12, "tfloat32": 378e12, "float32": 51e12}),
-    ("H100 NVL", "NVIDIA H100 NVL",
-     {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12}),
-    ("H100", "NVIDIA H100 SXM",
-     {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12}),
-    ("A100", "NVIDIA A100",
-     {"bfloat16": 312e12, "float16": 312e12, "tfloat32": 156e12, "float32": 19.5e12}),
-    ("L40S", "NVIDIA L40S",
-     {"bfloat16": 362e12, "float16": 362e12, "tfloat32": 183e12, "float32": 91.6e12}),
-    ("L40", "NVIDIA L40",
-     {"bfloat16": 181e12, "float16": 181e12, "tfloat32": 90.5e12, "float32": 90.5e12}),
-    ("L4", "NVIDIA L4",
-     {"bfloat16": 121e12, "float16": 121e12, "tfloat32": 60e12, "float32": 30.3e12}),
-    ("V100", "NVIDIA V100 (no bf16 tensor cores)",
-     {"float16": 125e12, "float32": 15.7e12}),
+    (
+        "GH200",
+        "NVIDIA GH200",
+        {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12},
+    ),
+    (
+        "H200 NVL",
+        "NVIDIA H200 NVL",
+        {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    ),
+    (
+        "H200",
+        "NVIDIA H200 SXM",
+        {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12},
+    ),
+    (
+        "H100 PCIe",
+        "NVIDIA H100 PCIe",
+        {"bfloat16": 756e12, "float16": 756e12, "tfloat32": 378e12, "float32": 51e12},
+    ),
+    (
+        "H100 NVL",
+        "NVIDIA H100 NVL",
+        {"bfloat16": 835.5e12, "float16": 835.5e12, "tfloat32": 417.5e12, "float32": 60e12},
+    ),
+    (
+        "H100",
+        "NVIDIA H100 SXM",
+        {"bfloat16": 989e12, "float16": 989e12, "tfloat32": 494.7e12, "float32": 67e12},
+    ),
+    (
+        "A100",
+        "NVIDIA A100",
+        {"bfloat16": 312e12, "float16": 312e12, "tfloat32": 156e12, "float32": 19.5e12},
+    ),
+    (
+        "L40S",
+        "NVIDIA L40S",
+        {"bfloat16": 362e12, "float16": 362e12, "tfloat32": 183e12, "float32": 91.6e12},
+    ),
+    (
+        "L40",
+        "NVIDIA L40",
+        {"bfloat16": 181e12, "float16": 181e12, "tfloat32": 90.5e12, "float32": 90.5e12},
+    ),
+    (
+        "L4",
+        "NVIDIA L4",
+        {"bfloat16": 121e12, "float16": 121e12, "tfloat32": 60e12, "float32": 30.3e12},
+    ),
+    ("V100", "NVIDIA V100 (no bf16 tensor cores)", {"float16": 125e12, "float32": 15.7e12}),
     ("TPU v6 lite", "Google TPU v6e", {"bfloat16": 918e12, "float16": 918e12}),
     ("TPU v5 lite", "Google TPU v5e", {"bfloat16": 197e12, "float16": 197e12}),
     ("TPU v5", "Google TPU v5p", {"bfloat16": 459e12, "float16": 459e12}),

@@ -19,7 +19,8 @@ class OptimConfig(pydantic.BaseModel):
     learning_rate: float = pydantic.Field(3e-4, gt=0, description="peak learning rate")
     warmup_steps: int = pydantic.Field(100, ge=0, description="linear warmup from 0")
     schedule: Literal["cosine", "linear", "constant"] = pydantic.Field(
-        "cosine", description="decay after warmup, down to min_lr_ratio * learning_rate")
+        "cosine", description="decay after warmup, down to min_lr_ratio * learning_rate"
+    )
     min_lr_ratio: float = pydantic.Field(0.1, ge=0, le=1, description="final lr / peak lr")
     b1: float = pydantic.Field(0.9, ge=0, lt=1, description="adam beta1")
     b2: float = pydantic.Field(0.95, ge=0, lt=1, description="adam beta2")
@@ -71,21 +72,22 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     lr = schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg)  # noqa: E731
     if cfg.name == "adamw":
-        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          mask=mask)
+        opt = optax.adamw(
+            lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+        )
     elif cfg.name == "sgd":
         # Momentum on the gradient only; decay added after it and scaled by the lr, so it is
         # decoupled (lr * wd * param per step) as in adamw, not amplified by the momentum.
         opt = optax.chain(
             optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
             optax.add_decayed_weights(cfg.weight_decay, mask),
-            optax.scale_by_learning_rate(lr))
+            optax.scale_by_learning_rate(lr),
+        )
     else:
         # optax adds adafactor's decay after the lr scaling: scale it by the schedule so it is
         # decoupled weight decay like adamw's (lr * wd * param), not wd * param per step.
         decay = (lambda step: cfg.weight_decay * lr(step)) if cfg.weight_decay else None
-        opt = optax.adafactor(lr, weight_decay_rate=decay,
-                              weight_decay_mask=mask)
+        opt = optax.adafactor(lr, weight_decay_rate=decay, weight_decay_mask=mask)
     if cfg.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt

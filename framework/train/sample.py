@@ -10,8 +10,17 @@ import numpy as np
 from framework.models.registry import Model, ModelConfig
 
 
-def sample_tokens(model: Model, params, mcfg: ModelConfig, prompt: list[int], n: int, *,
-                  window: int, temperature: float = 0.8, key: jax.Array) -> list[int]:
+def sample_tokens(
+    model: Model,
+    params,
+    mcfg: ModelConfig,
+    prompt: list[int],
+    n: int,
+    *,
+    window: int,
+    temperature: float = 0.8,
+    key: jax.Array,
+) -> list[int]:
     """Append `n` sampled tokens to `prompt`; the model sees at most the last `window`."""
 
     @jax.jit

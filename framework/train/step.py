@@ -21,8 +21,9 @@ from framework.models.registry import Model, ModelConfig
 State = dict[str, Any]
 
 
-def init_state(model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation,
-               key: jax.Array) -> State:
+def init_state(
+    model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array
+) -> State:
     """Fresh params (per-path keys), model state (e.g. batch-norm statistics), optimizer state."""
     params = nn.init(model.spec(mcfg), key)
     return {
@@ -53,10 +54,16 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation, *,
-                    seed: int, grad_accum: int = 1,
-                    lr_schedule: Callable[[Any], Any] | None = None,
-                    nonfinite: str = "stop") -> Callable:
+def make_train_step(
+    model: Model,
+    mcfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    grad_accum: int = 1,
+    lr_schedule: Callable[[Any], Any] | None = None,
+    nonfinite: str = "stop",
+) -> Callable:
     """`step(state, batch) -> (state, metrics)`; gradients are averaged over `grad_accum`
     micro-batches inside one jitted call (lax.scan), equal to the full batch's gradient when
     micro-batches carry equal token counts. `nonfinite="skip"` keeps the old params, optimizer
@@ -85,17 +92,22 @@ def make_train_step(model: Model, mcfg: ModelConfig, tx: optax.GradientTransform
                 i, mb = xs
                 _, aux, g = loss_and_grad(params, mstate, mb, jax.random.fold_in(key, i))
                 add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
-                return (jax.tree.map(add, grads_sum, g),
-                        jax.tree.map(add, metrics_sum, aux["metrics"]), aux["state"]), None
+                return (
+                    jax.tree.map(add, grads_sum, g),
+                    jax.tree.map(add, metrics_sum, aux["metrics"]),
+                    aux["state"],
+                ), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, params)
             metric_shapes = jax.eval_shape(
-                lambda: loss_and_grad(params, state["model_state"],
-                                      jax.tree.map(lambda x: x[0], micro), key)[1]["metrics"])
+                lambda: loss_and_grad(
+                    params, state["model_state"], jax.tree.map(lambda x: x[0], micro), key
+                )[1]["metrics"]
+            )
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
             (grads, metrics, model_state), _ = jax.lax.scan(
-                body, (zeros_g, zeros_m, state["model_state"]),
-                (jnp.arange(grad_accum), micro))
+                body, (zeros_g, zeros_m, state["model_state"]), (jnp.arange(grad_accum), micro)
+            )
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
             metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
             loss = metrics["loss"]
@@ -107,17 +119,26 @@ def make_train_step(model: Model, mcfg: ModelConfig, tx: optax.GradientTransform
             "opt_state": opt_state,
             "model_state": model_state,
         }
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                 for g in jax.tree.leaves(grads)))
+        grad_norm = jnp.sqrt(
+            sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+        )
         bad_grad, bad_param = first_nonfinite(grads), first_nonfinite(new_params)
         finite = jnp.isfinite(loss) & (bad_grad < 0) & (bad_param < 0)
-        out = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
-                   bad_grad=bad_grad, bad_param=bad_param)
+        out = dict(
+            metrics,
+            loss=loss,
+            grad_norm=grad_norm,
+            finite=finite,
+            bad_grad=bad_grad,
+            bad_param=bad_param,
+        )
         if nonfinite == "skip":
             kept = {k: v for k, v in state.items() if k != "step"}
             new_state = {"step": new_state["step"]} | jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
-                {k: v for k, v in new_state.items() if k != "step"}, kept)
+                {k: v for k, v in new_state.items() if k != "step"},
+                kept,
+            )
             out["skipped"] = (~finite).astype(jnp.int32)
         if lr_schedule is not None:
             out["learning_rate"] = lr_schedule(state["step"])
