@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from framework.config import exit_on_config_error, load_config
-    from framework.config.schema import Config
+    from framework.train.config import Config
     from framework.train.metrics import peak_flops_per_device
 
     with exit_on_config_error():

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from framework import models, nn
     from framework.config import exit_on_config_error, load_config
-    from framework.config.schema import Config
+    from framework.train.config import Config
     from framework.parallel.logical import partition_spec
     from framework.parallel.mesh import make_mesh
     from framework.parallel.sharding import check_batch, shard_bytes, state_shardings

@@ -43,23 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     _log_framework_messages()
     from framework.config import exit_on_config_error, load_config
     from framework.config.loader import _die
-    from framework.config.schema import Config
-    from framework.data import DataError
-    from framework.train.checkpoint import CheckpointError
-    from framework.train.loop import NonFiniteError, Trainer
+    from framework.errors import CheckpointError, DataError, NonFiniteError
+    from framework.train import build, train
+    from framework.train.config import Config
 
     with exit_on_config_error():
         cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
         try:
-            trainer = Trainer(cfg)
+            run = build(cfg)
         except DataError as e:
             _die(f"data error: {e}")
-    try:
-        summary = trainer.run()
-    except (CheckpointError, NonFiniteError) as e:
-        kind = "checkpoint error" if isinstance(e, CheckpointError) else "non-finite"
-        sys.stderr.write(f"{kind}: {e}\n")
-        return 1
+        try:
+            summary = train(run)
+        except (CheckpointError, NonFiniteError) as e:
+            kind = "checkpoint error" if isinstance(e, CheckpointError) else "non-finite"
+            sys.stderr.write(f"{kind}: {e}\n")
+            return 1
     if summary["stopped"]:
         print(
             f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "

@@ -19,17 +19,19 @@ import numpy as np
 import pytest
 from mp_launch import distributed_overrides, free_port, run_all
 
-from framework.config import ConfigError, load_config
-from framework.config.schema import Config
+from framework.config import load_config
+from framework.errors import CheckpointError, ConfigError, NonFiniteError
+from framework.train import Run, build, train
 from framework.train.checkpoint import (
     CheckpointConfig,
     Checkpointer,
-    CheckpointError,
     flatten_params,
     load_safetensors,
     step_dirs,
 )
-from framework.train.loop import NonFiniteError, Trainer, evaluate
+from framework.train.config import Config
+from framework.train.hooks import evaluate
+from framework.train.resume import Start, plan_resume, restore_or_init
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
@@ -193,9 +195,14 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
     _assert_same(_read(tmp_path, "params")[1], _read(straight, "params")[1])
 
 
-def _trainer(run_dir: Path, *overrides: str) -> Trainer:
+def _build(run_dir: Path, *overrides: str) -> Run:
     cfg = load_config(Config, TINY, [f"run.dir={run_dir}", *RUN, *overrides])
-    return Trainer(cfg)
+    return build(cfg)
+
+
+def _start_state(run: Run):
+    """The state `train` would start from (checkpoint.resume applied)."""
+    return restore_or_init(run, plan_resume(run)).state
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:
@@ -215,12 +222,14 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     ckpts = run_dir / "tiny_lm/checkpoints"
     newest, before = step_dirs(ckpts)[-1], step_dirs(ckpts)[-2]
     _damage(ckpts / str(newest))
-    trainer = _trainer(run_dir)
-    state = trainer.restore_or_init()
+    run = _build(run_dir)
+    state = _start_state(run)
     assert int(state["step"]) == before
     assert f"{ckpts / str(newest)}" in caplog.text and "unreadable" in caplog.text
     _assert_same(jax.device_get(state["params"]), _read(straight, "params", before)[1])
-    trainer.run(state)  # trains the lost steps again and rewrites the damaged checkpoint
+    train(
+        run, start=Start(state)
+    )  # trains the lost steps again and rewrites the damaged checkpoint
     step, params = _read(run_dir, "params")
     assert step == newest
     _assert_same(params, _read(straight, "params")[1])
@@ -232,31 +241,32 @@ def test_only_unreadable_checkpoints_is_an_error(straight, tmp_path):
     for step in step_dirs(ckpts):
         _damage(ckpts / str(step))
     with pytest.raises(CheckpointError, match="none can be restored"):
-        _trainer(run_dir).restore_or_init()
+        _start_state(_build(run_dir))
 
 
 def test_resume_never_refuses_and_fresh_starts_over(straight, tmp_path):
     run_dir = _copy(straight, tmp_path)
     with pytest.raises(ConfigError, match=f"checkpoint.resume=never.*{run_dir}"):
-        _trainer(run_dir, "checkpoint.resume=never")
-    trainer = _trainer(run_dir, "checkpoint.resume=fresh")
+        plan_resume(_build(run_dir, "checkpoint.resume=never"))
+    run = _build(run_dir, "checkpoint.resume=fresh")
+    assert plan_resume(run) is None
     assert not step_dirs(run_dir / "tiny_lm/checkpoints")
-    assert int(trainer.restore_or_init()["step"]) == 0
+    assert int(_start_state(run)["step"]) == 0
     with pytest.raises(ConfigError, match="neither auto/never/fresh"):
-        _trainer(tmp_path / "other", "checkpoint.resume=atuo")
+        plan_resume(_build(tmp_path / "other", "checkpoint.resume=atuo"))
 
 
 def test_changed_optimizer_structure_is_a_clear_error(at_half, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this config"):
-        _trainer(_copy(at_half, tmp_path), "optim.clip_norm=null").restore_or_init()
+        _start_state(_build(_copy(at_half, tmp_path), "optim.clip_norm=null"))
 
 
 def test_params_only_resume_from_another_run(straight, tmp_path):
-    trainer = _trainer(
+    run = _build(
         tmp_path, f"checkpoint.resume={straight / 'tiny_lm'}", "checkpoint.resume_params_only=true"
     )
-    state = trainer.restore_or_init()
-    assert int(state["step"]) == 0 and trainer.train_data.get_state()["step"] == 0
+    state = _start_state(run)
+    assert int(state["step"]) == 0 and run.train_data.get_state()["step"] == 0
     _assert_same(jax.device_get(state["params"]), _read(straight, "params")[1])
     assert not any(np.any(x) for x in jax.tree.leaves(jax.device_get(state["opt_state"])))
 
@@ -269,12 +279,10 @@ def test_params_only_resume_from_another_run(straight, tmp_path):
 def test_restore_onto_another_layout_gives_the_same_loss(straight, layout, tmp_path):
     losses = []
     for overrides in ((), layout):
-        trainer = _trainer(_copy(straight, tmp_path / str(len(losses))), *overrides)
-        state = trainer.restore_or_init()
+        run = _build(_copy(straight, tmp_path / str(len(losses))), *overrides)
+        state = _start_state(run)
         assert int(state["step"]) == STEPS
-        losses.append(
-            evaluate(trainer.eval_fn, state, trainer.eval_set, 2, None, trainer.put)["loss"]
-        )
+        losses.append(evaluate(run, state, 2)["loss"])
         if overrides and "mesh.fsdp=2" in overrides:
             assert not state["params"]["embed"]["embedding"].sharding.is_fully_replicated
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
@@ -288,9 +296,9 @@ def at_half(halves) -> Path:
 
 def test_nonfinite_stop_names_the_leaf_and_keeps_the_last_good_checkpoint(at_half, tmp_path):
     run_dir = _copy(at_half, tmp_path)
-    trainer = _trainer(run_dir, "optim.learning_rate=1e39")  # inf in float32
+    run = _build(run_dir, "optim.learning_rate=1e39")  # inf in float32
     with pytest.raises(NonFiniteError) as info:
-        trainer.run()
+        train(run)
     msg = str(info.value)
     assert f"at step {STEPS // 2 + 1}" in msg and "first non-finite parameter" in msg
     assert f"last good checkpoint: step {STEPS // 2}" in msg
@@ -299,13 +307,13 @@ def test_nonfinite_stop_names_the_leaf_and_keeps_the_last_good_checkpoint(at_hal
 
 def test_nonfinite_skip_drops_updates_and_counts_them(at_half, tmp_path):
     run_dir = _copy(at_half, tmp_path)
-    trainer = _trainer(
+    run = _build(
         run_dir,
         "optim.learning_rate=1e39",
         "train.nonfinite=skip",
         f"train.stop_at={STEPS // 2 + 4}",
     )
-    summary = trainer.run()
+    summary = train(run)
     assert summary["step"] == STEPS // 2 + 4 and summary["skipped_steps"] == 4
     last = json.loads((run_dir / "tiny_lm/metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_steps"] == 4
@@ -317,7 +325,7 @@ def test_nonfinite_skip_drops_updates_and_counts_them(at_half, tmp_path):
 def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
     """A checkpoint written between log lines still counts the skips since the last line."""
     run_dir = _copy(at_half, tmp_path)
-    trainer = _trainer(
+    run = _build(
         run_dir,
         "optim.learning_rate=1e39",
         "train.nonfinite=skip",
@@ -325,7 +333,7 @@ def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
         "checkpoint.every=2",
         f"train.stop_at={STEPS // 2 + 4}",
     )
-    trainer.run()
+    train(run)
     step, meta = _read(run_dir, "meta")
     assert step == STEPS // 2 + 4 and meta["skipped_steps"] == 4
     step, meta = _read(run_dir, "meta", STEPS // 2 + 2)

@@ -14,8 +14,8 @@ from jax.test_util import check_grads
 
 from framework.models import cnn, get, mlp
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
+from framework.nn.checks import ShapeError
 from framework.nn.conv import avg_pool, conv2d, conv2d_spec, max_pool
-from framework.nn.errors import ShapeError
 from framework.nn.param import init, logical_axes
 
 # Finite differences in float32: central differences with step EPS, compared along a random

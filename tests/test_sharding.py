@@ -13,9 +13,9 @@ import pytest
 from mp_launch import distributed_overrides, free_port, run_all
 
 from framework.config import ConfigError, load_config
-from framework.config.schema import Config
 from framework.parallel.sharding import bytes_per_device
-from framework.train.loop import Trainer
+from framework.train import Run, build
+from framework.train.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
@@ -41,31 +41,31 @@ LAYOUTS = {
 }
 
 
-def _trainer(tmp_path, *overrides, devices=None) -> Trainer:
+def _build(tmp_path, *overrides, devices=None) -> Run:
     cfg = load_config(Config, TINY, [f"run.dir={tmp_path}", *DIMS, *overrides])
-    return Trainer(cfg, devices=devices)
+    return build(cfg, devices=devices)
 
 
-def _train(trainer: Trainer, steps: int = 3):
-    state = trainer.init_state()
+def _train(run: Run, steps: int = 3):
+    state = run.init_state()
     losses = []
     for _ in range(steps):
-        state, metrics = trainer.train_step(state, next(trainer.train_data))
+        state, metrics = run.train_step(state, run.put(next(run.train_data)))
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state["params"])
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    trainer = _trainer(tmp_path_factory.mktemp("one"), *SGD, *ONE, devices=jax.devices()[:1])
-    return trainer.init_state()["params"], *_train(trainer)
+    run = _build(tmp_path_factory.mktemp("one"), *SGD, *ONE, devices=jax.devices()[:1])
+    return run.init_state()["params"], *_train(run)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_device(layout, reference, tmp_path):
-    trainer = _trainer(tmp_path, *SGD, *LAYOUTS[layout])
-    assert trainer.mesh.size == 8
-    losses, params = _train(trainer)
+    run = _build(tmp_path, *SGD, *LAYOUTS[layout])
+    assert run.mesh.size == 8
+    losses, params = _train(run)
     init_params, ref_losses, ref_params = reference
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), init_params, ref_params))
     assert np.median(moved) > 1e-3  # training really moved the params (the key bias cannot)
@@ -76,9 +76,9 @@ def test_layout_matches_one_device(layout, reference, tmp_path):
 
 
 def test_fsdp_shards_params_and_optimizer_state(tmp_path):
-    trainer = _trainer(tmp_path, *LAYOUTS["fsdp8"])
-    state = trainer.init_state()
-    state, _ = trainer.train_step(state, next(trainer.train_data))
+    run = _build(tmp_path, *LAYOUTS["fsdp8"])
+    state = run.init_state()
+    state, _ = run.train_step(state, run.put(next(run.train_data)))
     for part in ("params", "opt_state"):
         tree = state[part]
         leaves = jax.tree.leaves(tree)
@@ -110,7 +110,7 @@ def test_fsdp_shards_params_and_optimizer_state(tmp_path):
 )
 def test_impossible_layout_is_a_config_error(overrides, needle, tmp_path):
     with pytest.raises(ConfigError) as err:
-        _trainer(tmp_path, *overrides)
+        _build(tmp_path, *overrides)
     assert needle in err.value.message
 
 
@@ -165,16 +165,15 @@ def test_inspect_prints_specs_and_bytes_per_device():
 _WORKER = """
 import json, sys
 from framework.config import load_config
-from framework.config.schema import Config
-from framework.train.loop import Trainer
-cfg = load_config(Config, sys.argv[1], sys.argv[2:])
-trainer = Trainer(cfg)
-state = trainer.init_state()
+from framework.train.config import Config
+from framework.train import build
+run = build(load_config(Config, sys.argv[1], sys.argv[2:]))
+state = run.init_state()
 losses = []
 for _ in range(5):
-    state, metrics = trainer.train_step(state, next(trainer.train_data))
+    state, metrics = run.train_step(state, run.put(next(run.train_data)))
     losses.append(float(metrics["loss"]))
-print(json.dumps({"devices": trainer.mesh.devices.size, "losses": losses}))
+print(json.dumps({"devices": run.mesh.devices.size, "losses": losses}))
 """
 
 
@@ -189,12 +188,7 @@ print(json.dumps({"devices": trainer.mesh.devices.size, "losses": losses}))
 )
 def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
     overrides = [f"run.dir={tmp_path}", "train.steps=5", *layout]
-    trainer = _trainer(tmp_path, "train.steps=5", "mesh.data=2", "mesh.fsdp=4")
-    state = trainer.init_state()
-    expected = []
-    for _ in range(5):
-        state, metrics = trainer.train_step(state, next(trainer.train_data))
-        expected.append(float(metrics["loss"]))
+    expected, _ = _train(_build(tmp_path, "train.steps=5", "mesh.data=2", "mesh.fsdp=4"), 5)
     port = free_port()
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"

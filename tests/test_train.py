@@ -11,8 +11,9 @@ import pytest
 
 from framework import models
 from framework.config import load_config
-from framework.config.schema import Config
-from framework.train.loop import NonFiniteError, Trainer
+from framework.errors import NonFiniteError
+from framework.train import build, train
+from framework.train.config import Config
 from framework.train.optimizer import OptimConfig, decay_mask, make_optimizer, schedule
 from framework.train.step import init_state, make_train_step
 
@@ -89,16 +90,13 @@ def test_gradient_accumulation_equals_full_batch(name):
     assert max(float(x) for x in moved) > 1e-4  # the step really changed the params
 
 
-def _trainer(tmp_path, config="configs/tiny/lm.yaml", *overrides):
+def _train(tmp_path, config="configs/tiny/lm.yaml", *overrides):
     cfg = load_config(Config, ROOT / config, [f"run.dir={tmp_path}", *overrides])
-    return Trainer(cfg)
+    return train(build(cfg))
 
 
 def test_tiny_lm_learns_and_logs_metrics(tmp_path):
-    trainer = _trainer(
-        tmp_path, "configs/tiny/lm.yaml", "train.tensorboard=true", "train.plot=true"
-    )
-    summary = trainer.run()
+    summary = _train(tmp_path, "configs/tiny/lm.yaml", "train.tensorboard=true", "train.plot=true")
     run_dir = Path(summary["run_dir"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
@@ -114,12 +112,12 @@ def test_tiny_lm_learns_and_logs_metrics(tmp_path):
 
 
 def test_classifier_eval_reports_accuracy(tmp_path):
-    summary = _trainer(tmp_path, "configs/tiny/mlp.yaml").run()
+    summary = _train(tmp_path, "configs/tiny/mlp.yaml")
     assert summary["eval"]["accuracy"] > 0.5
 
 
 def test_grad_accum_in_loop_and_sampling(tmp_path):
-    trainer = _trainer(
+    summary = _train(
         tmp_path,
         "configs/tiny/lm.yaml",
         "train.grad_accum=2",
@@ -127,21 +125,19 @@ def test_grad_accum_in_loop_and_sampling(tmp_path):
         "train.sample_tokens=5",
         "data.source=synthetic_lm",
     )
-    summary = trainer.run()
     assert summary["step"] == 6 and isinstance(summary["sample"], str)
 
 
 def test_non_finite_loss_is_reported_with_its_step(tmp_path):
-    trainer = _trainer(
-        tmp_path,
-        "configs/tiny/lm.yaml",
-        "optim.learning_rate=1e30",
-        "optim.clip_norm=null",
-        "optim.warmup_steps=0",
-        "train.steps=10",
-    )
     with pytest.raises(NonFiniteError, match=r"at step \d+"):
-        trainer.run()
+        _train(
+            tmp_path,
+            "configs/tiny/lm.yaml",
+            "optim.learning_rate=1e30",
+            "optim.clip_norm=null",
+            "optim.warmup_steps=0",
+            "train.steps=10",
+        )
 
 
 def test_config_reference_is_current():
@@ -150,12 +146,12 @@ def test_config_reference_is_current():
     text = (ROOT / "docs/config.md").read_text()
     assert text.strip() == reference_markdown(Config).strip(), (
         "docs/config.md is stale: python -m framework.config.docs "
-        "framework.config.schema:Config -o docs/config.md"
+        "framework.train.config:Config -o docs/config.md"
     )
 
 
 def test_profiler_trace_over_configured_steps(tmp_path):
-    trainer = _trainer(
+    _train(
         tmp_path,
         "configs/tiny/lm.yaml",
         "train.steps=5",
@@ -163,7 +159,6 @@ def test_profiler_trace_over_configured_steps(tmp_path):
         "train.profile_steps=2",
         "checkpoint.enabled=false",
     )
-    trainer.run()
     traces = list((tmp_path / "tiny_lm" / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
 
@@ -196,11 +191,11 @@ def test_weight_decay_scales_with_the_learning_rate(name):
 
 
 def test_no_held_out_data_skips_evaluation(tmp_path):
-    summary = _trainer(
+    summary = _train(
         tmp_path,
         "configs/tiny/lm.yaml",
         "train.steps=4",
         "data.val_fraction=0",
         "checkpoint.enabled=false",
-    ).run()
+    )
     assert summary["step"] == 4 and summary["eval"] == {}

@@ -3,7 +3,7 @@
 One table per section (dotted key, type, default, description); a discriminated union of
 model configs (for instance `model:` chosen by `name`) gets one sub-table per variant.
 
-    python -m framework.config.docs framework.config.schema:Config -o docs/config.md
+    python -m framework.config.docs framework.train.config:Config -o docs/config.md
 """
 
 from __future__ import annotations

@@ -24,20 +24,10 @@ from typing import Any
 import pydantic
 import yaml
 
+from framework.errors import ConfigError
+
 BASE_KEY = "base"
 VERSIONED_PACKAGES = ("framework", "jax", "jaxlib", "optax", "numpy", "pydantic")
-
-
-class ConfigError(Exception):
-    """A user mistake in a config file or override: one line, shown without a traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-    @property
-    def message(self) -> str:
-        """The one-line message (no prefix), for callers that format it themselves."""
-        return self.args[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
         make = lambda n, split: sources.ExampleSource(
             *sources.synthetic_classification(cfg.num_classes, cfg.input_shape, n, split)
         )
-        meta = {"num_classes": cfg.num_classes}
+        meta = {"num_classes": cfg.num_classes, "input_shape": list(cfg.input_shape)}
     return make(cfg.num_examples, 0), (make(n_val, 1) if n_val else None), meta
 
 
@@ -237,8 +237,9 @@ def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
         train, val, extra = _token_sources(cfg)
     else:
         train, val, extra = _synthetic_sources(cfg)
-    meta = {"vocab_size": None, "num_classes": None, "bytes_per_token": None}
+    meta = {"vocab_size": None, "num_classes": None, "input_shape": None, "bytes_per_token": None}
     meta.update({k: v for k, v in extra.items() if k in meta})
+    meta["seq_len"] = cfg.seq_len if meta["vocab_size"] is not None else None
     meta.update(
         {
             "train_tokens": int(train.num_tokens),

@@ -21,16 +21,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from framework.data.config import STDLIB
+from framework.errors import DataError
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _SYNTHETIC_SEED = 20240229  # the synthetic tasks are fixed data; shuffle_seed only orders them
-
-
-class DataError(ValueError):
-    """A data problem the user can fix (missing path, corpus too small): one line, no trace."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,23 +3,23 @@ average pool and a linear head. Batch-norm running statistics are the model's st
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import pydantic
 
-from framework.models.classifier import classifier_loss
-from framework.models.registry import Model, ModelConfig, register
+from framework.errors import ConfigError
+from framework.models.classifier import ClassifierConfig, classifier_loss
+from framework.models.registry import Model, register
 from framework.nn.basic import dropout, linear, linear_spec
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
+from framework.nn.checks import ShapeError, check_float, check_rank, scope
 from framework.nn.conv import NHWC, conv2d, conv2d_spec, max_pool
-from framework.nn.errors import ShapeError, check_float, check_rank, scope
-from framework.nn.param import is_param
 
 
-class CNNConfig(ModelConfig):
+class CNNConfig(ClassifierConfig):
     """Sizes of a small CNN; each entry of `channels` is one stage that halves the image."""
 
     name: Literal["cnn"] = pydantic.Field("cnn", description="model family; selects this model")
@@ -30,7 +30,6 @@ class CNNConfig(ModelConfig):
         min_length=1,
         description="output channels of each conv stage, in order",
     )
-    num_classes: int = pydantic.Field(10, gt=1, description="number of output classes (logits)")
     batch_norm: bool = pydantic.Field(True, description="batch norm after each conv")
     dropout: float = pydantic.Field(
         0.0, ge=0.0, lt=1.0, description="dropout rate before the head (training only)"
@@ -46,10 +45,17 @@ class CNNConfig(ModelConfig):
             )
         return self
 
-
-def _with_param_dtype(spec: Any, dtype: Any) -> Any:
-    """Store every Param of the tree in the policy's parameter dtype."""
-    return jax.tree.map(lambda p: dataclasses.replace(p, dtype=dtype), spec, is_leaf=is_param)
+    def for_data(self, meta: Mapping[str, Any]) -> CNNConfig:
+        """Classes as any classifier; the data's examples must be the configured images."""
+        cfg = super().for_data(meta)
+        shape = meta.get("input_shape")
+        want = [cfg.image_size, cfg.image_size, cfg.in_channels]
+        if shape is not None and list(shape) != want:
+            raise ConfigError(
+                f"the data's examples have shape {list(shape)}, but model.image_size and "
+                f"model.in_channels expect {want} (height, width, channels)"
+            )
+        return cfg
 
 
 def spec(cfg: CNNConfig) -> dict:
@@ -64,7 +70,7 @@ def spec(cfg: CNNConfig) -> dict:
         tree[f"stage_{i}"] = stage
         c_in = c_out
     tree["head"] = linear_spec(c_in, cfg.num_classes, ("conv_out", None))
-    return _with_param_dtype(tree, cfg.policy.param_dtype)
+    return tree
 
 
 def state_spec(cfg: CNNConfig) -> dict:
@@ -127,3 +133,4 @@ loss = classifier_loss(apply)
 MODEL = register(
     Model(name="cnn", config=CNNConfig, spec=spec, apply=apply, loss=loss, state_spec=state_spec)
 )
+spec = MODEL.spec  # the registered spec: Params in cfg.param_dtype

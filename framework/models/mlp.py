@@ -2,38 +2,52 @@
 
 from __future__ import annotations
 
-import dataclasses
+import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import jax
 import pydantic
 
-from framework.models.classifier import classifier_loss
-from framework.models.registry import Model, ModelConfig, register
+from framework.errors import ConfigError
+from framework.models.classifier import ClassifierConfig, classifier_loss
+from framework.models.registry import Model, register
 from framework.nn.basic import dropout, linear, linear_spec
-from framework.nn.errors import ShapeError, check_float, scope
-from framework.nn.param import is_param
+from framework.nn.checks import ShapeError, check_float, scope
 
 
-class MLPConfig(ModelConfig):
+class MLPConfig(ClassifierConfig):
     """Sizes of an MLP classifier; every layer but the last is followed by ReLU and dropout."""
 
     name: Literal["mlp"] = pydantic.Field("mlp", description="model family; selects this model")
-    input_dim: int = pydantic.Field(
-        gt=0, description="features per example (images are flattened to this many)"
+    input_dim: int | None = pydantic.Field(
+        None, gt=0, description="features per example (flattened); null = from the data's shape"
     )
     hidden: list[Annotated[int, pydantic.Field(gt=0)]] = pydantic.Field(
         default_factory=lambda: [128, 128], description="width of each hidden layer, in order"
     )
-    num_classes: int = pydantic.Field(gt=1, description="number of output classes (logits)")
     dropout: float = pydantic.Field(
         0.0, ge=0.0, lt=1.0, description="dropout rate after each hidden activation (training)"
     )
 
+    def unset(self) -> list[str]:
+        return super().unset() + (["input_dim"] if self.input_dim is None else [])
 
-def _with_param_dtype(spec: Any, dtype: Any) -> Any:
-    """Store every Param of the tree in the policy's parameter dtype."""
-    return jax.tree.map(lambda p: dataclasses.replace(p, dtype=dtype), spec, is_leaf=is_param)
+    def for_data(self, meta: Mapping[str, Any]) -> MLPConfig:
+        """Classes as any classifier; input_dim is the data's flattened example size."""
+        cfg = super().for_data(meta)
+        shape = meta.get("input_shape")
+        if shape is None:
+            return cfg
+        features = math.prod(shape)
+        if cfg.input_dim is None:
+            return cfg.model_copy(update={"input_dim": features})
+        if cfg.input_dim != features:
+            raise ConfigError(
+                f"model.input_dim ({cfg.input_dim}) does not match the data's examples of shape "
+                f"{list(shape)} ({features} features); set it to {features} or leave it unset"
+            )
+        return cfg
 
 
 def spec(cfg: MLPConfig) -> dict:
@@ -43,7 +57,7 @@ def spec(cfg: MLPConfig) -> dict:
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         axes = (None if i == 0 else "mlp", None if i == len(dims) - 2 else "mlp")
         layers[f"layer_{i}"] = linear_spec(d_in, d_out, axes)
-    return _with_param_dtype(layers, cfg.policy.param_dtype)
+    return layers
 
 
 def apply(
@@ -80,3 +94,4 @@ loss = classifier_loss(apply)
 
 
 MODEL = register(Model(name="mlp", config=MLPConfig, spec=spec, apply=apply, loss=loss))
+spec = MODEL.spec  # the registered spec: Params in cfg.param_dtype

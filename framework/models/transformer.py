@@ -8,15 +8,17 @@ params when `scan_layers` is false), each under the remat policy named in the co
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import pydantic
 
 from framework import nn, ops
-from framework.models.registry import Model, ModelConfig, register
-from framework.nn.errors import ShapeError, check_int, check_rank, scope
+from framework.errors import ConfigError
+from framework.models.registry import Model, ModelConfig, data_kind_error, register
+from framework.nn.checks import ShapeError, check_int, check_rank, scope
 from framework.parallel.logical import constrain
 
 REMAT_POLICIES = {
@@ -31,7 +33,9 @@ class TransformerConfig(ModelConfig):
     """Decoder-only language model; defaults are a small GPT-2 style byte-level model."""
 
     name: Literal["transformer"] = "transformer"
-    vocab_size: int = pydantic.Field(256, gt=0, description="number of token ids")
+    vocab_size: int | None = pydantic.Field(
+        None, gt=0, description="token ids the model embeds; null = the data's vocabulary"
+    )
     d_model: int = pydantic.Field(256, gt=0, description="residual stream width")
     n_layers: int = pydantic.Field(4, gt=0, description="number of transformer blocks")
     n_heads: int = pydantic.Field(4, gt=0, description="query heads per block")
@@ -74,6 +78,35 @@ class TransformerConfig(ModelConfig):
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         return self
+
+    def unset(self) -> list[str]:
+        return ["vocab_size"] if self.vocab_size is None else []
+
+    def for_data(self, meta: Mapping[str, Any]) -> TransformerConfig:
+        """Vocabulary from the data unless set (then at least the data's); learned positions
+        cover data.seq_len; cudnn attention only on a GPU."""
+        vocab = meta.get("vocab_size")
+        if vocab is None:
+            raise data_kind_error(self, "token", meta)
+        if self.vocab_size is not None and self.vocab_size < vocab:
+            raise ConfigError(
+                f"model.vocab_size ({self.vocab_size}) is smaller than the data's vocabulary "
+                f"({vocab}); raise it or leave it unset to take the data's"
+            )
+        seq_len = meta.get("seq_len")
+        if self.position == "learned" and seq_len is not None and seq_len > self.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({seq_len}) is longer than model.max_seq_len "
+                f"({self.max_seq_len}) of the learned position table"
+            )
+        if self.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ConfigError(
+                f"model.attention_impl=cudnn needs a GPU (backend is {jax.default_backend()}); "
+                "use auto, pallas or xla"
+            )
+        return (
+            self if self.vocab_size is not None else self.model_copy(update={"vocab_size": vocab})
+        )
 
 
 def _norm_spec(cfg: TransformerConfig) -> dict:
@@ -239,7 +272,8 @@ def loss(
     key: jax.Array | None = None,
     state: dict | None = None,
 ):
-    """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set.
+    """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set;
+    aux["weight"] is the number of those positions (the train step weights micro-batches by it).
 
     batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}.
     The unembedding and the loss are one op (`loss_impl`), so fused kernels never hold the
@@ -256,23 +290,28 @@ def loss(
     n_tokens = jnp.maximum(weights.sum(), 1.0)
     mean = (per_token * weights).sum() / n_tokens
     return mean, {
-        "metrics": {"loss": mean, "tokens": weights.sum()},
+        "metrics": {"loss": mean},
+        "weight": weights.sum(),
         "state": state if state is not None else {},
     }
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * non-embedding matmul params + 12 * layers * seq * width
-    for attention scores (forward 1x, backward 2x), as in the PaLM appendix."""
+    """Model FLOPs per trained token: 6 x matmul params (embedding lookups excluded, the
+    unembedding included) plus the attention scores and weighted sum, 12 x layers x seq x
+    heads x head_dim for dense attention (PaLM appendix B), halved because attention is causal
+    (each query sees on average half the keys; MaxText counts it the same way)."""
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
     kv_heads = cfg.n_kv_heads or cfg.n_heads
     attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
     mlp = cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
     unembed = cfg.d_model * cfg.vocab_size
     matmul_params = cfg.n_layers * (attn + mlp) + unembed
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
+    causal_attention = 0.5 * 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
+    return 6.0 * matmul_params + causal_attention
 
 
 MODEL = register(
     Model("transformer", TransformerConfig, spec, apply, loss, flops_per_token=flops_per_token)
 )
+spec = MODEL.spec  # the registered spec: Params in cfg.param_dtype

@@ -2,7 +2,7 @@
 
 from framework.nn.attention import attention, attention_spec
 from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
-from framework.nn.errors import ShapeError, scope
+from framework.nn.checks import ShapeError, scope
 from framework.nn.masks import causal_mask, padding_mask, segment_positions
 from framework.nn.mlp import mlp, mlp_spec
 from framework.nn.norm import layer_norm, layer_norm_spec, rms_norm, rms_norm_spec

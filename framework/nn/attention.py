@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from framework import ops
 from framework.nn.basic import fan_in_init, zeros
-from framework.nn.errors import check_float, check_last_dim, check_rank
+from framework.nn.checks import check_float, check_last_dim, check_rank
 from framework.nn.param import Param
 from framework.nn.rope import apply_rope
 from framework.parallel.logical import constrain

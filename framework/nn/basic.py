@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from framework.nn.errors import check_float, check_int, check_last_dim
+from framework.nn.checks import check_float, check_int, check_last_dim
 from framework.nn.param import Param
 from framework.parallel.logical import constrain
 

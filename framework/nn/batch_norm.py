@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.nn.basic import ones, zeros
-from framework.nn.errors import ShapeError, check_float, check_last_dim
+from framework.nn.checks import ShapeError, check_float, check_last_dim
 from framework.nn.param import Param
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from framework.nn.basic import fan_in_init, zeros
-from framework.nn.errors import check_float, check_last_dim, check_rank
+from framework.nn.checks import check_float, check_last_dim, check_rank
 from framework.nn.param import Param
 
 NHWC = "batch, height, width, channels"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from framework.nn.basic import linear, linear_spec
-from framework.nn.errors import scope
+from framework.nn.checks import scope
 from framework.parallel.logical import constrain
 
 ACTIVATIONS = ("gelu", "swiglu")

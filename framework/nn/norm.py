@@ -6,7 +6,7 @@ import jax
 
 from framework import ops
 from framework.nn.basic import ones, zeros
-from framework.nn.errors import check_float, check_last_dim
+from framework.nn.checks import check_float, check_last_dim
 from framework.nn.param import Param
 
 

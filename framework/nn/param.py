@@ -41,10 +41,6 @@ def is_param(x: Any) -> bool:
     return isinstance(x, Param)
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def path_key(key: jax.Array, path: str) -> jax.Array:
     """A key that depends only on the root key and the leaf's path (crc32 is stable across runs,
     unlike Python's salted `hash`)."""
@@ -56,7 +52,9 @@ def init(spec: PyTree, key: jax.Array) -> PyTree:
     layer never changes the initial values of the others."""
 
     def make(path, p: Param):
-        return p.init(path_key(key, _path_str(path)), p.shape, p.dtype).astype(p.dtype)
+        return p.init(
+            path_key(key, jax.tree_util.keystr(path, simple=True, separator="/")), p.shape, p.dtype
+        ).astype(p.dtype)
 
     return jax.tree_util.tree_map_with_path(make, spec, is_leaf=is_param)
 

@@ -10,7 +10,7 @@ import os
 import jax
 import pydantic
 
-from framework.config.loader import ConfigError
+from framework.errors import ConfigError
 
 # More than one task launched by srun / mpirun, or jax's own variables: a multi-process run.
 _ENV_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")

@@ -16,7 +16,7 @@ import pydantic
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from framework.config.loader import ConfigError
+from framework.errors import ConfigError
 from framework.parallel.distributed import DistributedConfig
 from framework.parallel.logical import partition_spec
 

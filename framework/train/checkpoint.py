@@ -24,15 +24,13 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
+from framework.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "model_state")
 JSON_ITEMS = ("data", "config", "meta")
 KEYWORDS = ("auto", "never", "fresh")
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be restored: never silently start from scratch."""
 
 
 class CheckpointConfig(pydantic.BaseModel):
@@ -60,20 +58,6 @@ class CheckpointConfig(pydantic.BaseModel):
     )
 
 
-def _flat_paths(tree: Any) -> list[str]:
-    """'/'-joined key path of every leaf, in jax's flattening order."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-        for path, _ in flat
-    ]
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """Leaf paths of a tree (for naming the first non-finite parameter or gradient)."""
-    return _flat_paths(tree)
-
-
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints; a path to a checkpoints folder is taken as is."""
     run_dir = Path(run_dir)
@@ -85,13 +69,6 @@ def step_dirs(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (restore reshards onto them)."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
 
 
 class Checkpointer:
@@ -237,11 +214,6 @@ def remove_checkpoints(run_dir: str | Path) -> bool:
         shutil.rmtree(directory)
         return True
     return False
-
-
-def abstract_state(shapes: dict, shardings: dict) -> dict:
-    """Restore targets for the array items from eval_shape'd state and its shardings."""
-    return {k: _abstract(shapes[k], shardings[k]) for k in ARRAY_ITEMS}
 
 
 # ----------------------------------------------------------------------------------------------

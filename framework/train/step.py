@@ -1,9 +1,12 @@
-"""Train state and the jitted train / eval steps.
+"""Train state and the train / eval step functions (jitted by the builder).
 
 The state is a plain dict {"step", "params", "opt_state", "model_state"}; the step's dropout
 key is `fold_in(key(seed), step)`, so a resumed run draws exactly the keys it would have.
-Every step reports which gradient / new parameter leaf is first non-finite (-1: none), and with
-`nonfinite="skip"` a non-finite update is dropped inside the jitted step (the step still
+A model's loss is a mean over its counted items (tokens under the mask, examples) and reports
+their count as `aux["weight"]`; micro-batches are combined weighted by that count, so the
+gradient is the gradient of the mean over every counted item of the step, however the batch is
+split. Every step reports which gradient / new parameter leaf is first non-finite (-1: none),
+and with `nonfinite="skip"` a non-finite update is dropped inside the step (the step still
 advances, so data order and dropout keys stay those of an uninterrupted run)."""
 
 from __future__ import annotations
@@ -54,6 +57,66 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def gradients(
+    model: Model,
+    mcfg: ModelConfig,
+    params: Any,
+    model_state: Any,
+    batch: dict,
+    key: jax.Array,
+    grad_accum: int = 1,
+) -> tuple[Any, dict, Any]:
+    """(gradients, metrics, new model state) of the mean loss over every counted item of
+    `batch`, accumulated over `grad_accum` micro-batches in a lax.scan. Each micro-batch's
+    mean loss and metrics are weighted by its count (`aux["weight"]`), so uneven masks give the
+    same result as one full batch."""
+
+    def loss_fn(p, mstate, mb, k):
+        loss, aux = model.loss(p, mb, mcfg, key=k, state=mstate)
+        return loss, (
+            dict(aux["metrics"], loss=loss),
+            jnp.asarray(aux["weight"], jnp.float32),
+            aux["state"],
+        )
+
+    if grad_accum == 1:
+        (_, (metrics, _, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model_state, batch, key
+        )
+        return grads, metrics, model_state
+
+    def weighted(p, mstate, mb, k):  # the micro-batch's loss sum: mean x count
+        loss, aux = loss_fn(p, mstate, mb, k)
+        return loss * aux[1], aux
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
+    micro = _split_micro(batch, grad_accum)
+
+    def body(carry, xs):
+        grads_sum, metrics_sum, weight_sum, mstate = carry
+        i, mb = xs
+        (_, (metrics, w, mstate)), g = grad_fn(params, mstate, mb, jax.random.fold_in(key, i))
+        grads_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads_sum, g)
+        metrics_sum = jax.tree.map(lambda a, m: a + w * m.astype(a.dtype), metrics_sum, metrics)
+        return (grads_sum, metrics_sum, weight_sum + w, mstate), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(weighted, params, model_state, first, key)[1][0]
+    carry = (
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda _: jnp.zeros((), jnp.float32), metric_shapes),
+        jnp.zeros((), jnp.float32),
+        model_state,
+    )
+    (grads, metrics, weight, model_state), _ = jax.lax.scan(
+        body, carry, (jnp.arange(grad_accum), micro)
+    )
+    total = jnp.maximum(weight, 1.0)  # every item masked out: zero gradient, not NaN
+    grads = jax.tree.map(lambda g: (g / total).astype(g.dtype), grads)
+    metrics = {k: v / total for k, v in metrics.items()}
+    return grads, metrics, model_state
+
+
 def make_train_step(
     model: Model,
     mcfg: ModelConfig,
@@ -64,53 +127,18 @@ def make_train_step(
     lr_schedule: Callable[[Any], Any] | None = None,
     nonfinite: str = "stop",
 ) -> Callable:
-    """`step(state, batch) -> (state, metrics)`; gradients are averaged over `grad_accum`
-    micro-batches inside one jitted call (lax.scan), equal to the full batch's gradient when
-    micro-batches carry equal token counts. `nonfinite="skip"` keeps the old params, optimizer
-    and model state when the loss, a gradient or a new parameter is not finite."""
+    """`step(state, batch) -> (state, metrics)` (see `gradients` for micro-batching).
+    `nonfinite="skip"` keeps the old params, optimizer and model state when the loss, a
+    gradient or a new parameter is not finite."""
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-
-    def loss_and_grad(params, model_state, batch, key):
-        def f(p):
-            return model.loss(p, batch, mcfg, key=key, state=model_state)
-
-        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, aux, grads
 
     def step(state: State, batch: dict) -> tuple[State, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         params = state["params"]
-        if grad_accum == 1:
-            loss, aux, grads = loss_and_grad(params, state["model_state"], batch, key)
-            metrics, model_state = aux["metrics"], aux["state"]
-        else:
-            micro = _split_micro(batch, grad_accum)
-
-            def body(carry, xs):
-                grads_sum, metrics_sum, mstate = carry
-                i, mb = xs
-                _, aux, g = loss_and_grad(params, mstate, mb, jax.random.fold_in(key, i))
-                add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
-                return (
-                    jax.tree.map(add, grads_sum, g),
-                    jax.tree.map(add, metrics_sum, aux["metrics"]),
-                    aux["state"],
-                ), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, params)
-            metric_shapes = jax.eval_shape(
-                lambda: loss_and_grad(
-                    params, state["model_state"], jax.tree.map(lambda x: x[0], micro), key
-                )[1]["metrics"]
-            )
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
-            (grads, metrics, model_state), _ = jax.lax.scan(
-                body, (zeros_g, zeros_m, state["model_state"]), (jnp.arange(grad_accum), micro)
-            )
-            grads = jax.tree.map(lambda g: g / grad_accum, grads)
-            metrics = jax.tree.map(lambda m: m / grad_accum, metrics)
-            loss = metrics["loss"]
+        grads, metrics, model_state = gradients(
+            model, mcfg, params, state["model_state"], batch, key, grad_accum
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {
@@ -119,26 +147,19 @@ def make_train_step(
             "opt_state": opt_state,
             "model_state": model_state,
         }
-        grad_norm = jnp.sqrt(
-            sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-        )
         bad_grad, bad_param = first_nonfinite(grads), first_nonfinite(new_params)
-        finite = jnp.isfinite(loss) & (bad_grad < 0) & (bad_param < 0)
+        finite = jnp.isfinite(metrics["loss"]) & (bad_grad < 0) & (bad_param < 0)
         out = dict(
             metrics,
-            loss=loss,
-            grad_norm=grad_norm,
+            grad_norm=optax.tree.norm(grads),
             finite=finite,
             bad_grad=bad_grad,
             bad_param=bad_param,
         )
         if nonfinite == "skip":
-            kept = {k: v for k, v in state.items() if k != "step"}
-            new_state = {"step": new_state["step"]} | jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                {k: v for k, v in new_state.items() if k != "step"},
-                kept,
-            )
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), new_state, state
+            ) | {"step": new_state["step"]}
             out["skipped"] = (~finite).astype(jnp.int32)
         if lr_schedule is not None:
             out["learning_rate"] = lr_schedule(state["step"])
@@ -149,10 +170,10 @@ def make_train_step(
 
 def make_eval_step(model: Model, mcfg: ModelConfig) -> Callable:
     """`eval_step(params, model_state, batch) -> metrics` with key=None (no dropout, frozen
-    statistics)."""
+    statistics); metrics include "loss" and the batch's count "weight" for weighted means."""
 
     def eval_step(params, model_state, batch):
-        _, aux = model.loss(params, batch, mcfg, key=None, state=model_state)
-        return aux["metrics"]
+        loss, aux = model.loss(params, batch, mcfg, key=None, state=model_state)
+        return dict(aux["metrics"], loss=loss, weight=jnp.asarray(aux["weight"], jnp.float32))
 
     return eval_step

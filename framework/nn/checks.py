@@ -1,37 +1,25 @@
-"""Shape and dtype errors that name the layer path, built up as the error leaves each scope."""
+"""Input checks that raise ShapeError, and `scope`, which names the layer path in those errors
+and in the compiled program (jax.named_scope)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-
-class ShapeError(ValueError):
-    """A wrong input shape or dtype; `path` lists the layer scopes from outermost to innermost."""
-
-    def __init__(self, message: str, path: Sequence[str] = ()):
-        self.message = message
-        self.path = list(path)
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        where = "/".join(self.path) or "<root>"
-        return f"{where}: {self.message}"
-
-    def with_prefix(self, name: str) -> ShapeError:
-        self.path.insert(0, name)
-        self.args = (self._render(),)
-        return self
+from framework.errors import ShapeError
 
 
 @contextlib.contextmanager
 def scope(name: str) -> Iterator[None]:
-    """Prefix `name` to the path of any ShapeError raised inside (at trace time, so free)."""
+    """Name a layer: prefix `name` to the path of any ShapeError raised inside, and open
+    `jax.named_scope(name)` so HLO op names and profiler traces carry the same path."""
     try:
-        yield
+        with jax.named_scope(name):
+            yield
     except ShapeError as e:
         raise e.with_prefix(name) from None
 

@@ -1,0 +1,56 @@
+"""The framework's error types, in one leaf module that every package may import.
+
+User mistakes (`ConfigError`, `DataError`, `ShapeError`) carry one line naming the key, path or
+layer; scripts print that line and exit with status 2. Run failures the user did not type
+(`CheckpointError`, `NonFiniteError`) exit with status 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class _OneLine(Exception):
+    """An exception whose message is collapsed onto one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        """The one-line message (no prefix), for callers that format it themselves."""
+        return self.args[0]
+
+
+class ConfigError(_OneLine):
+    """A user mistake in a config file or override: one line, shown without a traceback."""
+
+
+class DataError(_OneLine, ValueError):
+    """A data problem the user can fix (missing path, corpus too small): one line, no trace."""
+
+
+class CheckpointError(_OneLine, RuntimeError):
+    """Checkpoints exist but none can be restored: never silently start from scratch."""
+
+
+class NonFiniteError(_OneLine, RuntimeError):
+    """Loss, a gradient or a parameter became NaN/inf; the message names the step and leaf."""
+
+
+class ShapeError(ValueError):
+    """A wrong input shape or dtype; `path` lists the layer scopes from outermost to innermost."""
+
+    def __init__(self, message: str, path: Sequence[str] = ()):
+        self.message = message
+        self.path = list(path)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = "/".join(self.path) or "<root>"
+        return f"{where}: {self.message}"
+
+    def with_prefix(self, name: str) -> ShapeError:
+        """Prepend an enclosing scope's name (called as the error leaves each scope)."""
+        self.path.insert(0, name)
+        self.args = (self._render(),)
+        return self

@@ -1,0 +1,205 @@
+"""`build(cfg) -> Run`: everything a run needs, decided once, before anything trains.
+
+Every script (train, bench, inspect, tests) builds through this, so a benchmark measures the
+exact sharded program that training runs. Building reads the data's metadata, fits the model
+config to it (the model owns that check), lays out the mesh and every sharding (layout errors
+surface here, before any compile), and jits the train and eval steps. It touches no file on
+disk: the run directory is the loop's business."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from framework import models, nn
+from framework.data import EvalSet, Loader, make_loaders
+from framework.models.registry import Model
+from framework.parallel import logical
+from framework.parallel.distributed import initialize
+from framework.parallel.mesh import make_mesh
+from framework.parallel.sharding import check_batch, logical_shardings, put_batch
+from framework.train.config import Config
+from framework.train.optimizer import make_optimizer, schedule
+from framework.train.step import State, init_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A built run: the resolved config and the objects derived from it (frozen)."""
+
+    cfg: Config  # resolved: fields the data decides (e.g. model.vocab_size) are filled in
+    model: Model
+    mesh: Mesh
+    rules: Mapping[str, Any]
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    shardings: dict  # of the state {"step", "params", "opt_state", "model_state"}
+    abstract_state: dict  # jax.ShapeDtypeStruct per leaf, carrying those shardings
+    train_step: Callable  # jit: (state, placed batch) -> (state, metrics); donates the state
+    eval_step: Callable  # jit: (params, model_state, placed batch) -> metrics
+    train_data: Loader  # this process's rows of each global batch, checkpointable position
+    eval_set: EvalSet
+    data_meta: Mapping[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.dir) / self.cfg.run.name
+
+    @property
+    def is_lm(self) -> bool:
+        """Token data (batches of sequences) rather than examples."""
+        return self.data_meta.get("vocab_size") is not None
+
+    @property
+    def items_per_step(self) -> int:
+        """Tokens (language models) or examples trained on per optimizer step."""
+        return self.cfg.data.batch_size * (self.cfg.data.seq_len if self.is_lm else 1)
+
+    @property
+    def flops_per_token(self) -> float | None:
+        """The model's FLOPs per trained token (for MFU), where the model defines them."""
+        if self.model.flops_per_token is None or not self.is_lm:
+            return None
+        return self.model.flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def init_state(self, seed: int | None = None) -> State:
+        """Fresh state, created already sharded (never whole on one device)."""
+        key = jax.random.key(self.cfg.run.seed if seed is None else seed)
+        fresh = lambda k: init_state(self.model, self.cfg.model, self.tx, k)  # noqa: E731
+        return jax.jit(fresh, out_shardings=self.shardings)(key)
+
+    def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's host batch -> global arrays sharded over the mesh."""
+        return put_batch(batch, self.mesh, self.rules, sequence=self.is_lm)
+
+
+def _traced(fn: Callable, mesh: Mesh, rules: Mapping[str, Any]) -> Callable:
+    """`fn` traced with the mesh's logical rules active, so layers constrain activations."""
+
+    def wrapped(*args):
+        with logical.activate(mesh, rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def state_shardings(
+    model: Model,
+    mcfg: Any,
+    tx: optax.GradientTransformation,
+    shapes: State,
+    mesh: Mesh,
+    rules: Mapping[str, Any],
+) -> dict:
+    """Shardings of the state dict: params and model state from the model's logical axes; each
+    optimizer-state tree shaped like the params (optax's tree_map_params finds them) takes the
+    params' shardings leaf by leaf where shapes agree; the rest (counts, factored moments) is
+    replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = logical_shardings(
+        nn.logical_axes(model.spec(mcfg)), shapes["params"], mesh, rules, "param"
+    )
+
+    def like_param(leaf, param_sharding, param_shape):
+        return param_sharding if leaf.shape == param_shape.shape else replicated
+
+    opt_state = optax.tree_utils.tree_map_params(
+        tx,
+        like_param,
+        shapes["opt_state"],
+        params,
+        shapes["params"],
+        transform_non_params=lambda _: replicated,
+    )
+    model_state = logical_shardings(
+        nn.logical_axes(model.state_spec(mcfg)), shapes["model_state"], mesh, rules, "model state"
+    )
+    return {
+        "step": replicated,
+        "params": params,
+        "opt_state": opt_state,
+        "model_state": model_state,
+    }
+
+
+def build(cfg: Config, devices: list | None = None) -> Run:
+    """Build a run from a validated config; ConfigError/DataError for user mistakes."""
+    initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
+    model = models.get(cfg.model.name)
+    train_data, eval_set, meta = make_loaders(
+        cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    cfg = cfg.model_copy(update={"model": cfg.model.for_data(meta)})
+    is_lm = meta.get("vocab_size") is not None
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = dict(cfg.mesh.rules)
+    check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    lr = schedule(cfg.optim, cfg.train.steps)
+    shapes = jax.eval_shape(lambda k: init_state(model, cfg.model, tx, k), jax.random.key(0))
+    shardings = state_shardings(model, cfg.model, tx, shapes, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = make_train_step(
+        model,
+        cfg.model,
+        tx,
+        seed=cfg.run.seed,
+        grad_accum=cfg.train.grad_accum,
+        lr_schedule=lr,
+        nonfinite=cfg.train.nonfinite,
+    )
+    train_step = jax.jit(
+        _traced(step, mesh, rules),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        _traced(make_eval_step(model, cfg.model), mesh, rules),
+        in_shardings=(shardings["params"], shardings["model_state"], None),
+        out_shardings=replicated,
+    )
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return Run(
+        cfg=cfg,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        tx=tx,
+        lr_schedule=lr,
+        shardings=shardings,
+        abstract_state=abstract,
+        train_step=train_step,
+        eval_step=eval_step,
+        train_data=train_data,
+        eval_set=eval_set,
+        data_meta=meta,
+    )
+
+
+def compile_step(run: Run, state: State, batch: Mapping[str, jax.Array]) -> tuple[Callable, float]:
+    """(the train step compiled ahead of time for these arguments, the FLOPs XLA counts for one
+    step on one device: its cost analysis of the partitioned program, NaN if unavailable)."""
+    compiled = run.train_step.lower(state, batch).compile()
+    return compiled, hardware_flops(compiled)
+
+
+def hardware_flops(compiled: Any) -> float:
+    """FLOPs of one call of a compiled program per device, from XLA's cost analysis."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return math.nan
+    if isinstance(cost, list | tuple):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", math.nan))

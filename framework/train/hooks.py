@@ -1,0 +1,325 @@
+"""Hooks: everything the training loop does besides stepping, each testable on its own.
+
+A hook has an `every` (steps between calls; None: never per step) and up to four methods the
+loop calls: `start(ctx)` before the first step, `__call__(ctx)` after each step where
+`due(ctx)` holds (by default every `every` steps and at the final step), `end(ctx)` after the
+last step of a run that finished, and `close(ctx)` always, last hook first. Hooks run in list
+order at each step, so a hook that stops the run (`ctx.stop`) goes first: the others then see
+`ctx.final` and save or log at that same step. `pauses_clock = True` marks hooks whose time is
+not training time (evaluation, checkpoint copies): the throughput window restarts after them.
+
+To add one: subclass `Hook`, set `every`, implement `__call__` (and `start`/`close` for
+resources), and pass `[*default_hooks(run), MyHook()]` to `framework.train.train`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from framework.data import load_tokenizer
+from framework.train import checkpoint as ckpt
+from framework.train.build import Run
+from framework.train.context import Context
+from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
+from framework.train.sample import sample_tokens
+
+log = logging.getLogger(__name__)
+Report = Callable[[int, Mapping[str, float], str], None]
+
+
+class Hook:
+    """Base hook: does nothing; subclasses set `every` and override what they need."""
+
+    every: int | None = None
+    pauses_clock: bool = False
+
+    def due(self, ctx: Context) -> bool:
+        """Whether to call this hook after the step just taken."""
+        return self.every is not None and (ctx.step % self.every == 0 or ctx.final)
+
+    def start(self, ctx: Context) -> None:
+        """Before the first step (after the state is restored or created)."""
+
+    def __call__(self, ctx: Context) -> None:
+        """After a step where `due(ctx)` holds."""
+
+    def end(self, ctx: Context) -> None:
+        """After the last step of a run that reached train.steps (not after a stop)."""
+
+    def close(self, ctx: Context) -> None:
+        """Always, in reverse order, also after an error: release what `start` opened."""
+
+
+class StopOnSignal(Hook):
+    """SIGTERM/SIGINT and `train.stop_at` end the run after the current step with a
+    checkpoint, as a preemption would. With several processes the flag is agreed once per
+    `agree_every` steps (all processes stop at the same step; no per-step host sync)."""
+
+    every = 1
+
+    def __init__(self, stop_at: int | None = None, agree_every: int = 1):
+        self.stop_at, self.agree_every = stop_at, agree_every
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second one: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        log.warning("%s received: finishing the step, saving a checkpoint, exiting", name)
+
+    def start(self, ctx: Context) -> None:
+        if threading.current_thread() is threading.main_thread():
+            sigs = (signal.SIGTERM, signal.SIGINT)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in sigs}
+
+    def _signalled(self, step: int) -> bool:
+        flag = self.signum is not None
+        if jax.process_count() == 1:
+            return flag
+        if step % self.agree_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+    def __call__(self, ctx: Context) -> None:
+        if ctx.done:
+            return
+        if self._signalled(ctx.step):
+            ctx.stop(signal.Signals(self.signum).name if self.signum else "a peer's signal")
+        elif ctx.step == self.stop_at:
+            ctx.stop(f"train.stop_at={self.stop_at}")
+
+    def close(self, ctx: Context) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class Profile(Hook):
+    """A profiler trace of steps [first, first + steps) into `directory`."""
+
+    every = 1
+
+    def __init__(self, directory: str, first: int, steps: int):
+        self.directory, self.first, self.last = directory, first, first + steps - 1
+        self.active = False
+
+    def _maybe_start(self, next_step: int) -> None:
+        if next_step == self.first and not self.active:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def start(self, ctx: Context) -> None:
+        self._maybe_start(ctx.step + 1)
+
+    def __call__(self, ctx: Context) -> None:
+        if self.active and (ctx.step >= self.last or ctx.final):
+            jax.block_until_ready(ctx.state)
+            jax.profiler.stop_trace()
+            self.active = False
+        self._maybe_start(ctx.step + 1)
+
+    def close(self, ctx: Context) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class LogMetrics(Hook):
+    """Every `every` steps: fetch the steps' metrics, average them, add throughput and MFU,
+    and write one line to metrics.jsonl, TensorBoard and the console. `report` writes other
+    splits (evaluation) the same way."""
+
+    def __init__(self, run: Run, every: int, *, enabled: bool = True):
+        self.run, self.every, self.enabled = run, every, enabled
+        tc = run.cfg.train
+        self.tensorboard, self.progress_on = tc.tensorboard, tc.progress
+        self.writer: MetricsWriter | None = None
+        self.progress: Progress | None = None
+        self.peak, _ = peak_flops_per_device(jax.devices()[0], run.cfg.model.compute_dtype)
+
+    def start(self, ctx: Context) -> None:
+        self.writer = MetricsWriter(
+            self.run.run_dir, enabled=self.enabled, tensorboard=self.tensorboard
+        )
+        total = self.run.cfg.train.steps
+        enabled = self.enabled and self.progress_on
+        self.progress = Progress(total, start_step=ctx.step, enabled=enabled)
+
+    def throughput(self, n_steps: int, seconds: float, hardware_flops: float) -> dict:
+        """Step time, items/s, MFU (model FLOPs) and HFU (XLA's FLOPs), per device."""
+        rate = n_steps * self.run.items_per_step / seconds
+        out = {"step_time": seconds / n_steps}
+        out["tokens_per_s" if self.run.is_lm else "examples_per_s"] = rate
+        fpt = self.run.flops_per_token
+        if fpt:
+            out["mfu"] = mfu(rate, fpt, jax.device_count(), self.peak)
+        if math.isfinite(hardware_flops) and math.isfinite(self.peak):
+            out["hfu"] = hardware_flops * n_steps / seconds / self.peak
+        return out
+
+    def __call__(self, ctx: Context) -> None:
+        fetched = ctx.take_fetched()
+        if not fetched:
+            return
+        line = mean_metrics([m for _, m in fetched])
+        n_steps, seconds = ctx.clock.lap()
+        if n_steps:
+            line |= self.throughput(n_steps, seconds, ctx.hardware_flops)
+        if self.run.cfg.train.nonfinite == "skip":
+            line["skipped_steps"] = float(ctx.skipped_steps)
+        self.report(ctx.step, line, "train")
+
+    def report(self, step: int, metrics: Mapping[str, float], split: str) -> None:
+        """Write one record of `split`; non-train splits also print a console line."""
+        self.writer.write(step, metrics, split)
+        if split == "train":
+            self.progress.update(step, metrics)
+        else:
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.progress.log(f"{split} at step {step}: {shown}")
+
+    def close(self, ctx: Context) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+_NOT_AVERAGED = ("finite", "bad_grad", "bad_param", "skipped", "weight")
+
+
+def mean_metrics(per_step: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Average each metric over steps (flags and counts left out)."""
+    keys = [k for k in per_step[0] if k not in _NOT_AVERAGED]
+    return {k: float(np.mean([m[k] for m in per_step])) for k in keys}
+
+
+class SaveCheckpoint(Hook):
+    """Every `every` steps and at the final step: hand the state to the async checkpointer,
+    after checking every fetched step was finite (a bad state is never saved)."""
+
+    pauses_clock = True
+
+    def __init__(self, run: Run, every: int):
+        self.run, self.every = run, every
+        self.checkpointer: ckpt.Checkpointer | None = None
+
+    def start(self, ctx: Context) -> None:
+        directory = ckpt.checkpoint_dir(self.run.run_dir)
+        self.checkpointer = ckpt.Checkpointer(directory, self.run.cfg.checkpoint)
+
+    def __call__(self, ctx: Context) -> None:
+        ctx.fetch()  # raises NonFiniteError (stop policy) before anything is written
+        meta = {"step": ctx.step, "skipped_steps": ctx.skipped_steps}
+        config = self.run.cfg.model_dump(mode="json")
+        self.checkpointer.save(ctx.state, self.run.train_data.get_state(), config, meta)
+
+    def close(self, ctx: Context) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()  # waits for the in-flight save
+
+
+def evaluate(run: Run, state: Mapping[str, Any], n_batches: int) -> dict[str, float]:
+    """Metrics over `n_batches` held-out batches (the same ones each time), each batch weighted
+    by its count of counted items; {} without held-out data."""
+    results = [
+        run.eval_step(state["params"], state["model_state"], run.put(b))
+        for b in run.eval_set.batches(n_batches)
+    ]
+    if not results:  # no held-out data (e.g. data.val_fraction=0)
+        return {}
+    results = jax.device_get(results)
+    weights = np.array([float(r["weight"]) for r in results])
+    total = max(weights.sum(), 1e-30)
+    out = {
+        k: float(np.dot(weights, [float(r[k]) for r in results]) / total)
+        for k in results[0]
+        if k != "weight"
+    }
+    bytes_per_token = run.data_meta.get("bytes_per_token")
+    if bytes_per_token:
+        out["bits_per_byte"] = out["loss"] / math.log(2) / bytes_per_token
+    return out
+
+
+class Evaluate(Hook):
+    """Every `every` steps and when train.steps is reached: held-out metrics, reported as the
+    "eval" split (file and console) and kept in the summary."""
+
+    pauses_clock = True
+
+    def __init__(self, run: Run, every: int, batches: int, report: Report | None = None):
+        self.run, self.every, self.batches, self.report = run, every, batches, report
+
+    def due(self, ctx: Context) -> bool:
+        return ctx.step % self.every == 0 or ctx.done
+
+    def __call__(self, ctx: Context) -> None:
+        results = evaluate(self.run, ctx.state, self.batches)
+        ctx.summary["eval"] = results
+        if results and self.report is not None:
+            self.report(ctx.step, results, "eval")
+
+
+class Sample(Hook):
+    """At the end of a finished run: `tokens` sampled after `prompt`, decoded to text."""
+
+    def __init__(self, run: Run, tokens: int, prompt: str, temperature: float):
+        self.run, self.tokens, self.prompt, self.temperature = run, tokens, prompt, temperature
+
+    def end(self, ctx: Context) -> None:
+        cfg = self.run.cfg
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        window = min(cfg.data.seq_len, getattr(cfg.model, "max_seq_len", cfg.data.seq_len))
+        tokens = sample_tokens(
+            self.run.model,
+            ctx.state["params"],
+            cfg.model,
+            tokenizer.encode(self.prompt),
+            self.tokens,
+            window=window,
+            temperature=self.temperature,
+            key=jax.random.key(cfg.run.seed + 1),
+        )
+        ctx.summary["sample"] = tokenizer.decode(tokens)
+
+
+class Plot(Hook):
+    """At the end of a finished run: PNG plots of metrics.jsonl under plots/."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def end(self, ctx: Context) -> None:
+        from framework.train.plots import plot_run
+
+        plot_run(self.run.run_dir)
+
+
+def default_hooks(run: Run) -> list[Hook]:
+    """The hooks `train.*` and `checkpoint.*` ask for, in the order they must run."""
+    tc, main = run.cfg.train, jax.process_index() == 0
+    logger = LogMetrics(run, tc.log_every, enabled=main)
+    hooks: list[Hook] = [StopOnSignal(tc.stop_at, agree_every=tc.log_every)]
+    if tc.profile_start is not None:
+        hooks.append(Profile(str(run.run_dir / "profile"), tc.profile_start, tc.profile_steps))
+    hooks.append(logger)
+    if run.cfg.checkpoint.enabled:
+        hooks.append(SaveCheckpoint(run, run.cfg.checkpoint.every))
+    hooks.append(Evaluate(run, tc.eval_every, tc.eval_batches, logger.report))
+    if tc.sample_tokens and run.is_lm:
+        hooks.append(Sample(run, tc.sample_tokens, tc.sample_prompt, tc.sample_temperature))
+    if tc.plot and main:
+        hooks.append(Plot(run))
+    return hooks
