@@ -41,47 +41,31 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from framework import models, nn
+    from framework import nn
     from framework.config import exit_on_config_error, load_config
-    from framework.train.config import Config
     from framework.parallel.logical import partition_spec
-    from framework.parallel.mesh import make_mesh
-    from framework.parallel.sharding import check_batch, shard_bytes, state_shardings
-    from framework.train.optimizer import make_optimizer
-    from framework.train.step import init_state
+    from framework.parallel.sharding import shard_bytes
+    from framework.train import build
+    from framework.train.config import Config
 
     with exit_on_config_error():
         cfg = load_config(Config, args.config, args.overrides)
-        model = models.get(cfg.model.name)
-        mesh = make_mesh(cfg.mesh)
-        rules = dict(cfg.mesh.rules)
-        is_lm = model.flops_per_token is not None
-        check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
-        tx = make_optimizer(cfg.optim, cfg.train.steps)
-
-        def init(key):
-            return init_state(model, cfg.model, tx, key)
-
-        shardings = state_shardings(model, cfg.model, init, mesh, rules)
-    shapes = jax.eval_shape(init, jax.random.key(0))
-    spec = model.spec(cfg.model)
+        run = build(cfg, read_data=False)  # the layout training uses, without reading data
+    cfg, mesh, shardings = run.cfg, run.mesh, run.shardings
+    shapes = run.abstract_state
+    spec = run.model.spec(cfg.model)
     print(f"model: {cfg.model.name}   parameters: {nn.count(spec):,}")
-    if is_lm:
-        print(
-            f"training FLOPs per token (seq_len {cfg.data.seq_len}): "
-            f"{model.flops_per_token(cfg.model, cfg.data.seq_len):,.0f}"
-        )
-    print(
-        "mesh: "
-        + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
-        + f"  ({mesh.size} devices)"
-    )
+    if run.flops_per_token:
+        seq = cfg.data.seq_len
+        print(f"model FLOPs per trained token (seq_len {seq}): {run.flops_per_token:,.0f}")
+    sizes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    print(f"mesh: {sizes}  ({mesh.size} devices)")
     rows = [
         (
-            "/".join(str(getattr(k, "key", k)) for k in path),
+            jax.tree_util.keystr(path, simple=True, separator="/"),
             p.shape,
             p.axes,
-            partition_spec(p.axes, rules),
+            partition_spec(p.axes, run.rules),
         )
         for path, p in jax.tree_util.tree_flatten_with_path(spec, is_leaf=nn.param.is_param)[0]
     ]

@@ -155,7 +155,7 @@ def test_inspect_prints_specs_and_bytes_per_device():
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "parameters: 20,224" in out and "FLOPs per token" in out
+    assert "parameters: 20,224" in out and "FLOPs per trained token" in out
     assert "embed/embedding         (64, 32) ('vocab', 'embed') -> P('tensor', 'fsdp')" in out
     params = next(line for line in out.splitlines() if line.strip().startswith("params"))
     # 1/8 of the 80,896 param bytes, plus the (replicated) q/k/v and MLP-hidden biases' 7/8

@@ -62,7 +62,7 @@ def test_weight_decay_mask_skips_norms_biases_embeddings():
 
 def _tiny_lm(**model_kw):
     cfg = load_config(Config, ROOT / "configs/tiny/lm.yaml")
-    mcfg = cfg.model.model_copy(update=model_kw)
+    mcfg = cfg.model.model_copy(update={"vocab_size": 64, **model_kw})
     model = models.get("transformer")
     tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 64)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}

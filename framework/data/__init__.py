@@ -7,7 +7,16 @@ for batch in eval_set.batches(8): ...     # same held-out batches every call
 """
 
 from framework.data.config import DataConfig
-from framework.data.pipeline import EvalSet, Loader, make_loaders
-from framework.data.sources import DataError, load_tokenizer
+from framework.data.pipeline import EvalSet, Loader, describe, make_loaders
+from framework.data.sources import load_tokenizer
+from framework.errors import DataError
 
-__all__ = ["DataConfig", "DataError", "EvalSet", "Loader", "load_tokenizer", "make_loaders"]
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "EvalSet",
+    "Loader",
+    "describe",
+    "load_tokenizer",
+    "make_loaders",
+]

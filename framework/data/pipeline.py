@@ -229,6 +229,34 @@ def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
     return make(cfg.num_examples, 0), (make(n_val, 1) if n_val else None), meta
 
 
+def describe(cfg: DataConfig) -> dict[str, Any]:
+    """What is known about the data without reading it: its kind ("lm": token sequences of
+    seq_len, or "classification"), the vocabulary where the config or tokenizer says it (None
+    for token files until read), classes and example shape. `build_sources` completes it."""
+    if cfg.source == "synthetic_classification":
+        return {
+            "kind": "classification",
+            "vocab_size": None,
+            "seq_len": None,
+            "num_classes": cfg.num_classes,
+            "input_shape": list(cfg.input_shape),
+            "bytes_per_token": None,
+        }
+    vocab = None
+    if cfg.source == "synthetic_lm":
+        vocab = cfg.vocab_size
+    elif cfg.source == "text":
+        vocab = sources.load_tokenizer(cfg.tokenizer).vocab_size
+    return {
+        "kind": "lm",
+        "vocab_size": vocab,
+        "seq_len": cfg.seq_len,
+        "num_classes": None,
+        "input_shape": None,
+        "bytes_per_token": None,
+    }
+
+
 def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
     """(train source, held-out source or None, metadata) for a config, before any batching."""
     if cfg.source == "text":
@@ -237,9 +265,8 @@ def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
         train, val, extra = _token_sources(cfg)
     else:
         train, val, extra = _synthetic_sources(cfg)
-    meta = {"vocab_size": None, "num_classes": None, "input_shape": None, "bytes_per_token": None}
+    meta = describe(cfg)
     meta.update({k: v for k, v in extra.items() if k in meta})
-    meta["seq_len"] = cfg.seq_len if meta["vocab_size"] is not None else None
     meta.update(
         {
             "train_tokens": int(train.num_tokens),

@@ -27,9 +27,9 @@ class ClassifierConfig(ModelConfig):
         return ["num_classes"] if self.num_classes is None else []
 
     def for_data(self, meta: Mapping[str, Any]) -> ClassifierConfig:
-        classes = meta.get("num_classes")
-        if classes is None:
+        if meta.get("kind") != "classification":
             raise data_kind_error(self, "classification", meta)
+        classes = meta["num_classes"]
         if self.num_classes is None:
             return self.model_copy(update={"num_classes": classes})
         if self.num_classes < classes:

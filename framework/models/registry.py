@@ -58,9 +58,9 @@ class ModelConfig(pydantic.BaseModel):
 
 def data_kind_error(cfg: ModelConfig, needs: str, meta: Mapping[str, Any]) -> ConfigError:
     """The one-line error for a model given data of the wrong kind."""
-    has = "token" if meta.get("vocab_size") is not None else "classification"
+    has = "token" if meta.get("kind") == "lm" else "classification"
     return ConfigError(
-        f"model.name={cfg.name!r} needs {needs} data, but data.source gives {has} data"  # type: ignore[attr-defined]
+        f"model.name={cfg.name!r} needs {needs} data, but data.source gives {has} data"
     )
 
 

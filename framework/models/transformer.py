@@ -85,10 +85,15 @@ class TransformerConfig(ModelConfig):
     def for_data(self, meta: Mapping[str, Any]) -> TransformerConfig:
         """Vocabulary from the data unless set (then at least the data's); learned positions
         cover data.seq_len; cudnn attention only on a GPU."""
-        vocab = meta.get("vocab_size")
-        if vocab is None:
+        if meta.get("kind") != "lm":
             raise data_kind_error(self, "token", meta)
-        if self.vocab_size is not None and self.vocab_size < vocab:
+        vocab = meta.get("vocab_size")
+        if vocab is None and self.vocab_size is None:
+            raise ConfigError(
+                "model.vocab_size is not set and the data's vocabulary is not known before "
+                "reading it; set model.vocab_size"
+            )
+        if self.vocab_size is not None and vocab is not None and self.vocab_size < vocab:
             raise ConfigError(
                 f"model.vocab_size ({self.vocab_size}) is smaller than the data's vocabulary "
                 f"({vocab}); raise it or leave it unset to take the data's"

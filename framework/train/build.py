@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from framework import models, nn
-from framework.data import EvalSet, Loader, make_loaders
+from framework.data import EvalSet, Loader, describe, make_loaders
 from framework.models.registry import Model
 from framework.parallel import logical
 from framework.parallel.distributed import initialize
@@ -45,9 +45,9 @@ class Run:
     abstract_state: dict  # jax.ShapeDtypeStruct per leaf, carrying those shardings
     train_step: Callable  # jit: (state, placed batch) -> (state, metrics); donates the state
     eval_step: Callable  # jit: (params, model_state, placed batch) -> metrics
-    train_data: Loader  # this process's rows of each global batch, checkpointable position
-    eval_set: EvalSet
-    data_meta: Mapping[str, Any]
+    train_data: Loader | None  # this process's rows of each batch (None: built without data)
+    eval_set: EvalSet | None
+    data_meta: Mapping[str, Any]  # see framework.data.describe
 
     @property
     def run_dir(self) -> Path:
@@ -56,7 +56,7 @@ class Run:
     @property
     def is_lm(self) -> bool:
         """Token data (batches of sequences) rather than examples."""
-        return self.data_meta.get("vocab_size") is not None
+        return self.data_meta["kind"] == "lm"
 
     @property
     def items_per_step(self) -> int:
@@ -130,15 +130,21 @@ def state_shardings(
     }
 
 
-def build(cfg: Config, devices: list | None = None) -> Run:
-    """Build a run from a validated config; ConfigError/DataError for user mistakes."""
+def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -> Run:
+    """Build a run from a validated config; ConfigError/DataError for user mistakes.
+    `read_data=False` skips the loaders (inspecting or sizing a run without its data): the
+    model is then fitted to what `framework.data.describe` knows."""
     initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
     model = models.get(cfg.model.name)
-    train_data, eval_set, meta = make_loaders(
-        cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    train_data = eval_set = None
+    if read_data:
+        train_data, eval_set, meta = make_loaders(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+    else:
+        meta = describe(cfg.data)
     cfg = cfg.model_copy(update={"model": cfg.model.for_data(meta)})
-    is_lm = meta.get("vocab_size") is not None
+    is_lm = meta["kind"] == "lm"
     mesh = make_mesh(cfg.mesh, devices)
     rules = dict(cfg.mesh.rules)
     check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
