@@ -3,8 +3,9 @@ the number of layers with scan on and off.
 
     python scripts/bench_step.py CONFIG [key=value ...] [--layers 2,4,8,16,24] [--out F.json]
 
-Batches are random tokens of the config's shape (no data loading), so this measures the
-step alone. Compile time is measured by lowering + compiling a fresh jit for each variant."""
+The run is built by `framework.train.build`, exactly as training builds it (mesh, state
+shardings, jitted step); one real batch is placed once and reused, so this times the step
+alone. MFU and HFU (XLA's FLOP count of the compiled step) are per device."""
 
 from __future__ import annotations
 
@@ -14,33 +15,21 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 
-def _batch(cfg, rng):
-    b, t = cfg.data.batch_size, cfg.data.seq_len
-    vocab = cfg.model.vocab_size
-    tokens = rng.integers(0, vocab, (b, t + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-
-def measure(cfg, steps: int, rng) -> dict:
-    """Compile time, then mean step time over `steps` steps (after one warm-up)."""
-    from framework import models
+def measure(cfg, steps: int) -> dict:
+    """Build the run as training does (mesh, shardings, jitted step), compile it on one real
+    batch, then time `steps` steps after one warm-up. MFU and HFU are per device."""
+    from framework.parallel.sharding import bytes_per_device
+    from framework.train import build
+    from framework.train.build import compile_step
     from framework.train.metrics import mfu, peak_flops_per_device
-    from framework.train.optimizer import make_optimizer
-    from framework.train.step import init_state, make_train_step
 
-    model = models.get(cfg.model.name)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state = jax.jit(lambda k: init_state(model, cfg.model, tx, k))(jax.random.key(0))
-    step = jax.jit(
-        make_train_step(model, cfg.model, tx, seed=0, grad_accum=cfg.train.grad_accum),
-        donate_argnums=0,
-    )
-    batch = _batch(cfg, rng)
+    run = build(cfg)
+    state = run.init_state()
+    batch = run.put(next(run.train_data))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled, hardware_flops = compile_step(run, state, batch)
     compile_s = time.perf_counter() - t0
     state, _ = compiled(state, batch)
     jax.block_until_ready(state)
@@ -49,12 +38,20 @@ def measure(cfg, steps: int, rng) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    out = {"compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s}
-    if model.flops_per_token:
-        peak, _ = peak_flops_per_device(jax.devices()[0], cfg.model.compute_dtype)
-        fpt = model.flops_per_token(cfg.model, cfg.data.seq_len)
-        out["mfu"] = mfu(out["tokens_per_s"], fpt, jax.device_count(), peak)
+    out = {
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "tokens_per_s": run.items_per_step / step_s,
+        "hardware_flops_per_device": hardware_flops,
+        "state_bytes_per_device": max(bytes_per_device(state).values()),
+        "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves(state)),
+        "state_devices": len(bytes_per_device(state)),
+        "mesh": dict(run.mesh.shape),
+    }
+    peak, _ = peak_flops_per_device(jax.devices()[0], cfg.model.compute_dtype)
+    if run.flops_per_token:
+        out["mfu"] = mfu(out["tokens_per_s"], run.flops_per_token, jax.device_count(), peak)
+    out["hfu"] = hardware_flops / step_s / peak
     return out
 
 
@@ -73,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
     with exit_on_config_error():
         cfg = load_config(Config, args.config, args.overrides)
-    rng = np.random.default_rng(0)
     peak, source = peak_flops_per_device(jax.devices()[0], cfg.model.compute_dtype)
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak:.3g} "
@@ -83,13 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config,
         "overrides": args.overrides,
         "device": jax.devices()[0].device_kind,
-        "main": measure(cfg, args.steps, rng),
+        "main": measure(cfg, args.steps),
         "layers": [],
     }
     m = results["main"]
+    mesh = " x ".join(f"{k}={v}" for k, v in m["mesh"].items())
+    print(
+        f"mesh {mesh}; state on {m['state_devices']} devices, "
+        f"{m['state_bytes_per_device']:,} B per device of {m['state_bytes_total']:,} B"
+    )
     print(
         f"step {m['step_s'] * 1e3:.1f} ms | {m['tokens_per_s']:,.0f} tok/s | "
-        f"MFU {m.get('mfu', float('nan')):.3f} | compile {m['compile_s']:.2f} s"
+        f"MFU {m.get('mfu', float('nan')):.3f} | HFU {m['hfu']:.3f} | "
+        f"compile {m['compile_s']:.2f} s"
     )
     if args.layers:
         print(
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model": cfg.model.model_copy(update={"n_layers": n, "scan_layers": scan})
                     }
                 )
-                r = measure(variant, 2, rng)
+                r = measure(variant, 2)
                 row["scan" if scan else "unrolled"] = r
             results["layers"].append(row)
             print(

@@ -40,7 +40,6 @@ def test_linear_and_embedding_grads():
 def test_norm_grads_and_values(kind):
     x = _rand((3, 8)) * 3 + 1
     if kind == "layer":
-        p = _params(nn.layer_norm_spec(8))
         p = {"scale": _rand((8,), 1), "bias": _rand((8,), 2)}
         y = nn.layer_norm(p, x)
         ref = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)

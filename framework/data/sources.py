@@ -154,16 +154,11 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` JSON file (the package is optional, imported here only)."""
+    """A Hugging Face `tokenizers` JSON file."""
 
     def __init__(self, path: str):
-        try:
-            import tokenizers
-        except ImportError as e:
-            raise DataError(
-                f"tokenizer {path!r} needs the optional 'tokenizers' package "
-                "(pip install tokenizers), or use tokenizer: byte"
-            ) from e
+        import tokenizers  # imported only when a tokenizer file is used
+
         if not Path(path).is_file():
             raise DataError(f"tokenizer file {path!r} does not exist")
         try:

@@ -2,7 +2,9 @@
 
 from framework.nn.attention import attention, attention_spec
 from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
+from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
 from framework.nn.checks import ShapeError, scope
+from framework.nn.conv import avg_pool, conv2d, conv2d_spec, max_pool
 from framework.nn.masks import causal_mask, padding_mask, segment_positions
 from framework.nn.mlp import mlp, mlp_spec
 from framework.nn.norm import layer_norm, layer_norm_spec, rms_norm, rms_norm_spec
@@ -20,7 +22,13 @@ __all__ = [
     "attend",
     "attention",
     "attention_spec",
+    "avg_pool",
+    "batch_norm",
+    "batch_norm_spec",
+    "batch_norm_state_spec",
     "causal_mask",
+    "conv2d",
+    "conv2d_spec",
     "count",
     "dropout",
     "embed",
@@ -31,6 +39,7 @@ __all__ = [
     "linear",
     "linear_spec",
     "logical_axes",
+    "max_pool",
     "mlp",
     "mlp_spec",
     "padding_mask",

@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -61,14 +60,9 @@ class MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                warnings.warn(
-                    "tensorboardX is not installed; writing metrics.jsonl only", stacklevel=2
-                )
-            else:
-                self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
+            from tensorboardX import SummaryWriter  # imported only when TensorBoard is on
+
+            self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
         """Append one record `{"step", "split", "time", **metrics}` and flush it to disk."""

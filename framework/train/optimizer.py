@@ -35,16 +35,17 @@ class OptimConfig(pydantic.BaseModel):
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine/linear decay (or constant) until total_steps."""
+    """Linear warmup from 0 to the peak, then cosine/linear decay to min_lr_ratio * peak at
+    total_steps (or constant): optax's warmup schedules, joined by hand only for linear."""
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup, 1)
     if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
-    else:
-        decay = optax.constant_schedule(peak)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, 1), end)
+    if cfg.schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(peak)
+        return optax.warmup_constant_schedule(0.0, peak, warmup)
+    decay = optax.linear_schedule(peak, end, max(total_steps - warmup, 1))
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
