@@ -130,6 +130,33 @@ def state_shardings(
     }
 
 
+def _jit_steps(model, cfg, tx, lr, shardings, mesh, rules) -> tuple[Callable, Callable]:
+    """The train step (state donated) and the eval step, jitted with the state's shardings and
+    traced with the mesh's logical rules active."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = make_train_step(
+        model,
+        cfg.model,
+        tx,
+        seed=cfg.run.seed,
+        grad_accum=cfg.train.grad_accum,
+        lr_schedule=lr,
+        nonfinite=cfg.train.nonfinite,
+    )
+    train_step = jax.jit(
+        _traced(step, mesh, rules),
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        _traced(make_eval_step(model, cfg.model), mesh, rules),
+        in_shardings=(shardings["params"], shardings["model_state"], None),
+        out_shardings=replicated,
+    )
+    return train_step, eval_step
+
+
 def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -> Run:
     """Build a run from a validated config; ConfigError/DataError for user mistakes.
     `read_data=False` skips the loaders (inspecting or sizing a run without its data): the
@@ -152,27 +179,7 @@ def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -
     lr = schedule(cfg.optim, cfg.train.steps)
     shapes = jax.eval_shape(lambda k: init_state(model, cfg.model, tx, k), jax.random.key(0))
     shardings = state_shardings(model, cfg.model, tx, shapes, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step = make_train_step(
-        model,
-        cfg.model,
-        tx,
-        seed=cfg.run.seed,
-        grad_accum=cfg.train.grad_accum,
-        lr_schedule=lr,
-        nonfinite=cfg.train.nonfinite,
-    )
-    train_step = jax.jit(
-        _traced(step, mesh, rules),
-        in_shardings=(shardings, None),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        _traced(make_eval_step(model, cfg.model), mesh, rules),
-        in_shardings=(shardings["params"], shardings["model_state"], None),
-        out_shardings=replicated,
-    )
+    train_step, eval_step = _jit_steps(model, cfg, tx, lr, shardings, mesh, rules)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
