@@ -234,6 +234,10 @@ class _Writer:
                 f"| `{_cell(key)}` | {_cell(kind)} | {_cell(default_text)} | {_cell(desc)} |"
             )
         self.lines += [*rows, ""]
+        self._children(children, depth, seen)
+
+    def _children(self, children: list[tuple], depth: int, seen: tuple[type, ...]) -> None:
+        """Emit the nested sections found in one table: a model, or each variant of a union."""
         for child in children:
             if child[0] == "model":
                 _, key, sub, info = child
