@@ -18,7 +18,8 @@ import time
 import pydantic
 import yaml
 
-from framework.data import DataConfig, DataError, make_loaders
+from framework.data import DataConfig, make_loaders
+from framework.errors import DataError
 
 
 def _config(overrides: list[str]) -> DataConfig:

@@ -41,7 +41,8 @@ def measure(cfg, steps: int) -> dict:
     out = {
         "compile_s": compile_s,
         "step_s": step_s,
-        "tokens_per_s": run.items_per_step / step_s,
+        "items_per_s": run.items_per_step / step_s,
+        "items": "tokens" if run.is_lm else "examples",
         "hardware_flops_per_device": hardware_flops,
         "state_bytes_per_device": max(bytes_per_device(state).values()),
         "state_bytes_total": sum(x.nbytes for x in jax.tree.leaves(state)),
@@ -50,8 +51,8 @@ def measure(cfg, steps: int) -> dict:
     }
     peak, _ = peak_flops_per_device(jax.devices()[0], cfg.model.compute_dtype)
     if run.flops_per_token:
-        out["mfu"] = mfu(out["tokens_per_s"], run.flops_per_token, jax.device_count(), peak)
-    out["hfu"] = hardware_flops / step_s / peak
+        out["mfu"] = mfu(out["items_per_s"], run.flops_per_token, run.mesh.size, peak)
+    out["hfu"] = hardware_flops / step_s / peak  # NaN: a loop in the step (see compile_step)
     return out
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['state_bytes_per_device']:,} B per device of {m['state_bytes_total']:,} B"
     )
     print(
-        f"step {m['step_s'] * 1e3:.1f} ms | {m['tokens_per_s']:,.0f} tok/s | "
+        f"step {m['step_s'] * 1e3:.1f} ms | {m['items_per_s']:,.0f} {m['items']}/s | "
         f"MFU {m.get('mfu', float('nan')):.3f} | HFU {m['hfu']:.3f} | "
         f"compile {m['compile_s']:.2f} s"
     )

@@ -20,10 +20,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from framework.errors import CheckpointError
     from framework.train.checkpoint import (
         CheckpointConfig,
         Checkpointer,
-        CheckpointError,
         checkpoint_dir,
         save_safetensors,
         step_dirs,

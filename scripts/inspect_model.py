@@ -1,8 +1,9 @@
 """Inspect a config without training: `python scripts/inspect_model.py CONFIG [key=value ...]`.
 
-Prints the parameter count, training FLOPs per token, each parameter's partition spec under the
-configured mesh, and bytes per device for params and optimizer state. Nothing is allocated:
-shapes come from `jax.eval_shape`. `--devices N` simulates N CPU devices.
+Prints the parameter count, model FLOPs per trained token, each parameter's partition spec
+under the configured mesh, and bytes per device for params and optimizer state. Built by
+`framework.train.build` without reading the data; nothing is allocated: shapes come from
+`jax.eval_shape`. `--devices N` simulates N CPU devices.
 
 Not named inspect.py: a script's folder comes first on sys.path, so that name would shadow the
 stdlib `inspect` for every other script in scripts/ (numpy and pydantic import it)."""

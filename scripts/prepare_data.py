@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from framework.data.sources import (
-    DataError,
     find_files,
     load_tokenizer,
     read_corpus,
     sidecar_path,
     split_by_file,
 )
+from framework.errors import DataError
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -15,11 +15,11 @@ import yaml
 from framework.config import (
     ConfigError,
     apply_overrides,
-    build,
     dump_resolved,
     exit_on_config_error,
     load_config,
     load_yaml_tree,
+    validate,
 )
 from framework.config.docs import reference_markdown, write_reference
 
@@ -101,7 +101,7 @@ def _write(path: Path, text: str) -> Path:
 
 def _error(schema, tree) -> str:
     with pytest.raises(ConfigError) as info:
-        build(schema, tree)
+        validate(schema, tree)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -168,7 +168,7 @@ def test_overrides_convert_types_and_create_sections():
     assert isinstance(tree["train"]["optim"]["learning_rate"], float)
     assert tree["tags"] == ["x", "y"] and tree["eval"] is None and tree["seed"] == 7
     assert apply_overrides({}, ["flag=true", "s=hello"]) == {"flag": True, "s": "hello"}
-    cfg = build(Toy, tree)
+    cfg = validate(Toy, tree)
     assert cfg.model == Gpt(n_layers=6) and cfg.train.optim.betas == [0.1, 0.2]
     with pytest.raises(ConfigError, match="'train.steps'.*key=value"):
         apply_overrides({}, ["train.steps"])
@@ -249,7 +249,7 @@ def test_inheritance_cycle(tmp_path):
 
 
 def test_dump_resolved_round_trips(tmp_path):
-    cfg = build(
+    cfg = validate(
         Toy,
         {
             "model": {"name": "gpt"},

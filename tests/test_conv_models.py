@@ -12,9 +12,9 @@ import pydantic
 import pytest
 from jax.test_util import check_grads
 
+from framework.errors import ShapeError
 from framework.models import cnn, get, mlp
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
-from framework.nn.checks import ShapeError
 from framework.nn.conv import avg_pool, conv2d, conv2d_spec, max_pool
 from framework.nn.param import init, logical_axes
 
@@ -296,7 +296,7 @@ def test_models_are_registered_with_their_configs():
         {"input_dim": 0, "num_classes": 3},
         {"input_dim": 4, "num_classes": 3, "hidden": [8, 0]},
         {"input_dim": 4, "num_classes": 3, "dropout": 1.0},
-        {"input_dim": 4},
+        {"input_dim": 4, "num_classes": 1},
         {"input_dim": 4, "num_classes": 3, "hiden": [8]},
         {"name": "cnn", "input_dim": 4, "num_classes": 3},
     ],

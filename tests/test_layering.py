@@ -25,6 +25,8 @@ def _imports(path: Path, module: str) -> set[str]:
                 out.add(".".join(base + ([node.module] if node.module else [])))
             else:
                 out.add(node.module)
+                # `from framework import nn` imports the package framework.nn
+                out.update(f"{node.module}.{a.name}" for a in node.names)
     return {m for m in out if m.split(".")[0] in ("framework", "pallas_kernels")}
 
 

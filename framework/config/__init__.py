@@ -3,17 +3,17 @@
 from framework.config.loader import (
     ConfigError,
     apply_overrides,
-    build,
     dump_resolved,
     exit_on_config_error,
     load_config,
     load_yaml_tree,
+    validate,
 )
 
 __all__ = [
     "ConfigError",
     "apply_overrides",
-    "build",
+    "validate",
     "dump_resolved",
     "exit_on_config_error",
     "load_config",

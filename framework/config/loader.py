@@ -193,7 +193,7 @@ def apply_overrides(tree: Mapping, overrides: Sequence[str]) -> dict:
 # Validation with one-line errors
 
 
-def build(schema_cls: type[pydantic.BaseModel], tree: Any) -> pydantic.BaseModel:
+def validate(schema_cls: type[pydantic.BaseModel], tree: Any) -> pydantic.BaseModel:
     """Validate a plain tree against the schema; the first error becomes a one-line ConfigError."""
     try:
         return schema_cls.model_validate(tree)
@@ -208,7 +208,7 @@ def load_config(
     schema_cls: type[pydantic.BaseModel], path: str | Path, overrides: Sequence[str] = ()
 ) -> pydantic.BaseModel:
     """Load a YAML file (with its bases), apply `key=value` overrides, validate into the schema."""
-    return build(schema_cls, apply_overrides(load_yaml_tree(path), list(overrides)))
+    return validate(schema_cls, apply_overrides(load_yaml_tree(path), list(overrides)))
 
 
 _MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")

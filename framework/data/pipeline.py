@@ -27,7 +27,8 @@ import numpy as np
 
 from framework.data import sources
 from framework.data.config import DataConfig
-from framework.data.sources import DataError, TokenArray, WindowSource
+from framework.data.sources import TokenArray, WindowSource
+from framework.errors import DataError
 
 _STATE_VERSION = 1
 

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import pydantic
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, ShapeError
 from framework.models.classifier import ClassifierConfig, classifier_loss
 from framework.models.registry import Model, register
 from framework.nn.basic import dropout, linear, linear_spec
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
-from framework.nn.checks import ShapeError, check_float, check_rank, scope
+from framework.nn.checks import check_float, check_rank, scope
 from framework.nn.conv import NHWC, conv2d, conv2d_spec, max_pool
 
 

@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 import jax
 import pydantic
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, ShapeError
 from framework.models.classifier import ClassifierConfig, classifier_loss
 from framework.models.registry import Model, register
 from framework.nn.basic import dropout, linear, linear_spec
-from framework.nn.checks import ShapeError, check_float, scope
+from framework.nn.checks import check_float, scope
 
 
 class MLPConfig(ClassifierConfig):

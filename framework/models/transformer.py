@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import pydantic
 
 from framework import nn, ops
-from framework.errors import ConfigError
+from framework.errors import ConfigError, ShapeError
 from framework.models.registry import Model, ModelConfig, data_kind_error, register
-from framework.nn.checks import ShapeError, check_int, check_rank, scope
+from framework.nn.checks import check_int, check_rank, scope
 from framework.parallel.logical import constrain
 
 REMAT_POLICIES = {

@@ -1,9 +1,10 @@
 """Pure-functional layers: each is a `*_spec(...)` declaring Params plus a pure apply function."""
 
+from framework.errors import ShapeError
 from framework.nn.attention import attention, attention_spec
 from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
-from framework.nn.checks import ShapeError, scope
+from framework.nn.checks import scope
 from framework.nn.conv import avg_pool, conv2d, conv2d_spec, max_pool
 from framework.nn.masks import causal_mask, padding_mask, segment_positions
 from framework.nn.mlp import mlp, mlp_spec

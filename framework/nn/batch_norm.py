@@ -9,8 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from framework.errors import ShapeError
 from framework.nn.basic import ones, zeros
-from framework.nn.checks import ShapeError, check_float, check_last_dim
+from framework.nn.checks import check_float, check_last_dim
 from framework.nn.param import Param
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ class Run:
     mesh: Mesh
     rules: Mapping[str, Any]
     tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
     shardings: dict  # of the state {"step", "params", "opt_state", "model_state"}
     abstract_state: dict  # jax.ShapeDtypeStruct per leaf, carrying those shardings
     train_step: Callable  # jit: (state, placed batch) -> (state, metrics); donates the state
@@ -189,7 +189,6 @@ def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -
         mesh=mesh,
         rules=rules,
         tx=tx,
-        lr_schedule=lr,
         shardings=shardings,
         abstract_state=abstract,
         train_step=train_step,
@@ -202,17 +201,10 @@ def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -
 
 def compile_step(run: Run, state: State, batch: Mapping[str, jax.Array]) -> tuple[Callable, float]:
     """(the train step compiled ahead of time for these arguments, the FLOPs XLA counts for one
-    step on one device: its cost analysis of the partitioned program, NaN if unavailable)."""
+    step on one device, from its cost analysis of the partitioned program). NaN where that
+    count is incomplete: XLA counts a loop body once, so a step with loops (layers under
+    lax.scan, gradient accumulation) would be undercounted."""
     compiled = run.train_step.lower(state, batch).compile()
-    return compiled, hardware_flops(compiled)
-
-
-def hardware_flops(compiled: Any) -> float:
-    """FLOPs of one call of a compiled program per device, from XLA's cost analysis."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return math.nan
-    if isinstance(cost, list | tuple):  # older jax: one dict per program
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", math.nan))
+    if re.search(r"\bwhile\(", compiled.as_text()):
+        return compiled, math.nan
+    return compiled, float(compiled.cost_analysis().get("flops", math.nan))

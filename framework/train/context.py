@@ -15,6 +15,8 @@ from framework.train import checkpoint as ckpt
 from framework.train.build import Run
 from framework.train.step import State
 
+MAX_UNTAKEN = 10_000  # fetched host metrics kept for `take_fetched` when no hook takes them
+
 
 @dataclasses.dataclass
 class Clock:
@@ -78,6 +80,7 @@ class Context:
                 if not m["finite"]:
                     raise NonFiniteError(nonfinite_message(self.run, step, m))
         self._fetched.extend(fetched)
+        del self._fetched[:-MAX_UNTAKEN]  # with no hook taking them, keep only the newest
 
     def take_fetched(self) -> list[tuple[int, dict]]:
         """Fetch, then hand over (and forget) every step's host metrics not yet taken."""

@@ -157,13 +157,14 @@ class LogMetrics(Hook):
         self.progress = Progress(total, start_step=ctx.step, enabled=enabled)
 
     def throughput(self, n_steps: int, seconds: float, hardware_flops: float) -> dict:
-        """Step time, items/s, MFU (model FLOPs) and HFU (XLA's FLOPs), per device."""
+        """Step time, items/s, MFU (model FLOPs) and, where XLA's count of the step is complete,
+        HFU (XLA's FLOPs), both per device of the mesh."""
         rate = n_steps * self.run.items_per_step / seconds
         out = {"step_time": seconds / n_steps}
         out["tokens_per_s" if self.run.is_lm else "examples_per_s"] = rate
         fpt = self.run.flops_per_token
         if fpt:
-            out["mfu"] = mfu(rate, fpt, jax.device_count(), self.peak)
+            out["mfu"] = mfu(rate, fpt, self.run.mesh.size, self.peak)
         if math.isfinite(hardware_flops) and math.isfinite(self.peak):
             out["hfu"] = hardware_flops * n_steps / seconds / self.peak
         return out
@@ -181,13 +182,16 @@ class LogMetrics(Hook):
         self.report(ctx.step, line, "train")
 
     def report(self, step: int, metrics: Mapping[str, float], split: str) -> None:
-        """Write one record of `split`; non-train splits also print a console line."""
-        self.writer.write(step, metrics, split)
+        """Write one record of `split` (once started); other splits (evaluation) also go to
+        the console through the framework's logger, whatever train.progress says."""
+        if self.writer is not None:
+            self.writer.write(step, metrics, split)
         if split == "train":
-            self.progress.update(step, metrics)
-        else:
+            if self.progress is not None:
+                self.progress.update(step, metrics)
+        elif self.enabled:
             shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            self.progress.log(f"{split} at step {step}: {shown}")
+            log.info("%s at step %d: %s", split, step, shown)
 
     def close(self, ctx: Context) -> None:
         if self.progress is not None:
@@ -281,14 +285,13 @@ class Sample(Hook):
     def end(self, ctx: Context) -> None:
         cfg = self.run.cfg
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        window = min(cfg.data.seq_len, getattr(cfg.model, "max_seq_len", cfg.data.seq_len))
         tokens = sample_tokens(
             self.run.model,
             ctx.state["params"],
             cfg.model,
             tokenizer.encode(self.prompt),
             self.tokens,
-            window=window,
+            window=cfg.data.seq_len,  # the context length the model was trained on
             temperature=self.temperature,
             key=jax.random.key(cfg.run.seed + 1),
         )

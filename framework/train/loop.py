@@ -4,14 +4,15 @@
     summary = train(run)                       # default_hooks(run): log, checkpoint, eval, ...
     summary = train(run, [*default_hooks(run), MyHook()])
 
-Metrics are fetched from the devices only when a hook asks (logging every train.log_every
-steps, and each checkpoint, which never saves a non-finite state), so the loop never blocks
-the step. The step is compiled ahead of time on the first batch, which also gives XLA's FLOP
-count for the hardware utilisation that is logged beside MFU."""
+Metrics are fetched from the devices every train.log_every steps and when a hook asks (each
+checkpoint, which never saves a non-finite state), so the loop never blocks the step. The step
+is compiled ahead of time on the first batch, which also gives XLA's FLOP count for the
+hardware utilisation logged beside MFU."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +45,12 @@ def train(
 ) -> dict[str, Any]:
     """Train from `start` (default: per checkpoint.resume) to train.steps or a stop; returns
     {"step", "state", "eval", "stopped", "skipped_steps", "run_dir"} (+ "sample")."""
+    if run.train_data is None:
+        raise ValueError("train() needs a Run built with its data (build(cfg, read_data=True))")
     hooks = default_hooks(run) if hooks is None else list(hooks)
+    source = plan_resume(run) if start is None else None  # refuses before anything is written
     prepare_run_dir(run)
-    start = restore_or_init(run, plan_resume(run)) if start is None else start
+    start = restore_or_init(run, source) if start is None else start
     ctx = Context(run, start.state, int(start.state["step"]), skipped_steps=start.skipped_steps)
     total = run.cfg.train.steps
     if ctx.step >= total:
@@ -89,6 +93,8 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
         batch = run.put(next(run.train_data))
         if step_fn is None:
             step_fn, ctx.hardware_flops = compile_step(run, ctx.state, batch)
+            if math.isnan(ctx.hardware_flops):
+                log.info("hfu not logged: the step has loops (scan over layers, accumulation)")
             ctx.clock.restart()  # compile time is not step time
         ctx.state, metrics = step_fn(ctx.state, batch)
         ctx.step += 1
@@ -99,3 +105,5 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
                 hook(ctx)
                 if hook.pauses_clock:
                     ctx.clock.restart()
+        if ctx.step % run.cfg.train.log_every == 0:
+            ctx.fetch()  # NaN/inf stop within a log interval whatever the hooks

@@ -151,7 +151,7 @@ def make_train_step(
         finite = jnp.isfinite(metrics["loss"]) & (bad_grad < 0) & (bad_param < 0)
         out = dict(
             metrics,
-            grad_norm=optax.tree.norm(grads),
+            grad_norm=optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads)),
             finite=finite,
             bad_grad=bad_grad,
             bad_param=bad_param,
