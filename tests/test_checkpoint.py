@@ -31,7 +31,7 @@ from framework.train.checkpoint import (
 )
 from framework.train.config import Config
 from framework.train.hooks import evaluate
-from framework.train.resume import Start, plan_resume, restore_or_init
+from framework.train.resume import plan_resume, restore_or_init
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
@@ -223,13 +223,13 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     newest, before = step_dirs(ckpts)[-1], step_dirs(ckpts)[-2]
     _damage(ckpts / str(newest))
     run = _build(run_dir)
-    state = _start_state(run)
+    start = restore_or_init(run, plan_resume(run))
+    state = start.state
     assert int(state["step"]) == before
     assert f"{ckpts / str(newest)}" in caplog.text and "unreadable" in caplog.text
     _assert_same(jax.device_get(state["params"]), _read(straight, "params", before)[1])
-    train(
-        run, start=Start(state)
-    )  # trains the lost steps again and rewrites the damaged checkpoint
+    # trains the lost steps again and rewrites the damaged checkpoint
+    train(run, start=start)
     step, params = _read(run_dir, "params")
     assert step == newest
     _assert_same(params, _read(straight, "params")[1])
