@@ -1,1 +1,1 @@
-"""Pallas kernels (import jax only, nothing from framework/); each has an XLA reference."""
+"""Pallas kernels (import jax only, nothing from framework/), each with one jnp reference."""

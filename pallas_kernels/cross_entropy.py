@@ -16,7 +16,8 @@ the f32 logits of the whole batch:
 
 `linear_cross_entropy_chunked` is the same algorithm in plain jnp (lax.scan over token chunks,
 custom_vjp) for backends or shapes the kernels do not take; `linear_cross_entropy_reference`
-is the naive ground truth.
+(full logits, through `cross_entropy_reference`) is the naive ground truth and, like
+`cross_entropy_reference`, framework.ops' "xla" impl.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +94,7 @@ def _clamp_block(block: int, extent: int) -> int:
 
 
 def choose_config(
-    n_tokens: int, dim: int, vocab: int, dtype, device_kind: str | None = None
+    n_tokens: int, dim: int, vocab: int, dtype: Any, device_kind: str | None = None
 ) -> CEConfig:
     """Heuristic tiles for (tokens, d, vocab, dtype, device); f32 halves the K-step."""
     row = device_row(_DEVICE_TABLE, device_kind)
@@ -448,10 +450,7 @@ def _fused(h, w, labels, z_loss: float, cfg: CEConfig, splits: int, chunk: int, 
 def _fused_fwd(h, w, labels, z_loss, cfg, splits, chunk, interpret):
     """Loss plus residuals (h, w, labels, f32 lse) for the recomputing backward."""
     lse, label_logit = _forward(h, w, labels, cfg, splits, interpret)
-    loss = lse - label_logit
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
-    return loss, (h, w, labels, lse)
+    return _loss_from_lse(lse, label_logit, z_loss), (h, w, labels, lse)
 
 
 def _fused_bwd(z_loss, cfg, splits, chunk, interpret, res, g):
@@ -549,52 +548,66 @@ def linear_cross_entropy(
 # --------------------------------------------------------------------------- jnp references
 
 
-def linear_cross_entropy_reference(
-    h: jax.Array, w: jax.Array, labels: jax.Array, z_loss: float = 0.0
-) -> jax.Array:
-    """Naive ground truth: full f32 logits h @ w, then logsumexp - label logit (+ z-loss)."""
-    logits = jnp.dot(h, w, preferred_element_type=_F32).astype(_F32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    loss = lse - label_logit
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
-    return loss
-
-
-def _chunk_logits(h, w):
-    """f32 logits of one token chunk."""
+def _f32_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """f32 logits h @ w of the promoted inputs, accumulated in f32."""
     return jnp.dot(h, w, preferred_element_type=_F32).astype(_F32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(h, w, labels, z_loss: float, chunk: int):
+def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """logits[..., label] per position: the label's logit."""
+    return jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _loss_from_lse(lse: jax.Array, label_logit: jax.Array, z_loss: float) -> jax.Array:
+    """The per-token loss from f32 logsumexp and label logit: lse - label logit + z lse**2."""
+    loss = lse - label_logit
+    return loss + z_loss * jnp.square(lse) if z_loss else loss
+
+
+def cross_entropy_reference(logits: jax.Array, labels: jax.Array, z_loss: float = 0.0) -> jax.Array:
+    """Softmax cross-entropy of [..., vocab] logits in f32 (framework.ops' "xla" impl)."""
+    logits = logits.astype(_F32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return _loss_from_lse(lse, _label_logit(logits, labels), z_loss)
+
+
+def linear_cross_entropy_reference(
+    h: jax.Array, w: jax.Array, labels: jax.Array, z_loss: float = 0.0, *, f32_logits: bool = True
+) -> jax.Array:
+    """Naive ground truth: full logits h @ w, then cross_entropy_reference.
+
+    f32_logits=True (kernel tests) takes f32 logits of the promoted inputs, as the kernels do;
+    False is framework.ops' "xla" impl: w cast to h's dtype and logits in h's dtype, which
+    halves the full-logits buffer for bf16 activations (the loss is still f32)."""
+    logits = _f32_logits(h, w) if f32_logits else jnp.dot(h, w.astype(h.dtype))
+    return cross_entropy_reference(logits, labels, z_loss)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(h, w, labels, z_loss: float):
     """Chunked jnp path on [n_chunks, chunk, d] inputs."""
-    return _chunked_fwd(h, w, labels, z_loss, chunk)[0]
+    return _chunked_fwd(h, w, labels, z_loss)[0]
 
 
-def _chunked_fwd(h, w, labels, z_loss, chunk):
+def _chunked_fwd(h, w, labels, z_loss):
     """Per-chunk logsumexp and label logit (lax.map), keeping only lse for the backward."""
 
     def one(x):
         hc, lc = x
-        logits = _chunk_logits(hc, w)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        label_logit = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
-        return lse, label_logit
+        logits = _f32_logits(hc, w)
+        return jax.nn.logsumexp(logits, axis=-1), _label_logit(logits, lc)
 
     lse, label_logit = jax.lax.map(one, (h, labels))
-    loss = lse - label_logit + (z_loss * jnp.square(lse) if z_loss else 0.0)
-    return loss, (h, w, labels, lse)
+    return _loss_from_lse(lse, label_logit, z_loss), (h, w, labels, lse)
 
 
-def _chunked_bwd(z_loss, chunk, res, g):
+def _chunked_bwd(z_loss, res, g):
     """dh per chunk and dw accumulated in f32 over chunks (lax.scan), logits recomputed."""
     h, w, labels, lse = res
 
     def body(dw, x):
         hc, lc, lsec, gc = x
-        p = jnp.exp(_chunk_logits(hc, w) - lsec[:, None])
+        p = jnp.exp(_f32_logits(hc, w) - lsec[:, None])
         if z_loss:
             p = p * (1.0 + 2.0 * z_loss * lsec)[:, None]
         dl = (p - jax.nn.one_hot(lc, w.shape[1], dtype=_F32)) * gc[:, None]
@@ -624,7 +637,5 @@ def linear_cross_entropy_chunked(
     if pad:
         h2 = jnp.pad(h2, ((0, pad), (0, 0)))
         lab = jnp.pad(lab, (0, pad))
-    loss = _chunked(
-        h2.reshape(n_chunks, chunk, -1), w, lab.reshape(n_chunks, chunk), float(z_loss), chunk
-    )
+    loss = _chunked(h2.reshape(n_chunks, chunk, -1), w, lab.reshape(n_chunks, chunk), float(z_loss))
     return loss.reshape(-1)[:n].reshape(lead)

@@ -16,6 +16,9 @@ Kernels (grid order puts the block index first so neighbouring programs share K/
   query blocks, so the GQA sum over a group happens in registers.
 Causal runs skip K/V (or Q) blocks that are fully masked and split every loop into a masked part
 (diagonal, padding, segments) and an unmasked part that pays for no mask at all.
+
+`attention_reference` is the one plain-jnp attention (kernel tests' ground truth and
+framework.ops' "xla" impl); `causal_allowed` is the one causal rule (kernels, `causal_mask`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +46,9 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 KERNELS = ("fwd", "dq", "dkdv")
 
 
-class KernelConfig(NamedTuple):
-    """Block sizes and Triton launch parameters for one kernel."""
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and Triton launch parameters for one kernel (fwd, dq or dkdv)."""
 
     block_q: int
     block_k: int
@@ -124,7 +128,7 @@ def heuristic_configs() -> list[dict[str, Any]]:
 HEURISTIC_CONFIGS = heuristic_configs()
 
 
-def choose_blocks(
+def choose_config(
     q_len: int,
     kv_len: int,
     head_dim: int,
@@ -137,7 +141,7 @@ def choose_blocks(
     Blocks shrink (to a power of two >= 16) for sequences shorter than the table's block, and
     halve for f32 at head_dim > 128 on GPUs (the table is sized for 2-byte dtypes)."""
     if kernel not in KERNELS:
-        raise ValueError(f"choose_blocks: kernel must be one of {KERNELS}, got {kernel!r}")
+        raise ValueError(f"choose_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if device_kind is None:
         device_kind = jax.devices()[0].device_kind
     family = _family(device_kind)
@@ -154,7 +158,43 @@ def choose_blocks(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference
+# Masks and the reference
+
+
+def causal_allowed(q_pos: Any, kv_pos: Any, q_len: int, kv_len: int) -> jax.Array:
+    """True where the query at q_pos may attend the key at kv_pos: queries are aligned to the
+    end of the keys (query r sees keys <= r + kv_len - q_len), so a KV cache works."""
+    return kv_pos <= q_pos + (kv_len - q_len)
+
+
+def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+    """[1, 1, q_len, kv_len] bool (True = attend), queries aligned to the end of the keys."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_pos = jnp.arange(q_len)[:, None]
+    kv_pos = jnp.arange(kv_len)[None, :]
+    return causal_allowed(q_pos, kv_pos, q_len, kv_len)[None, None]
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """[batch|1, heads|1, q_len, kv_len] bool (True = attend) combining the requested masks;
+    `mask` is any bool array broadcastable to [batch, heads, q_len, kv_len]."""
+    allowed = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
+    if causal:
+        allowed = allowed & causal_mask(q_len, kv_len)
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        allowed = allowed & (segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
+    if mask is not None:
+        allowed = allowed & mask
+    return allowed
 
 
 def attention_reference(
@@ -165,42 +205,48 @@ def attention_reference(
     causal: bool = False,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
     scale: float | None = None,
+    precision: lax.Precision | None = lax.Precision.HIGHEST,
 ) -> jax.Array:
-    """Plain jnp attention with an f32 softmax (same semantics as the kernel), for tests."""
+    """Plain jnp attention: the kernel tests' ground truth and framework.ops' "xla" impl.
+
+    f32 logits and softmax, fully masked rows give 0, output in q's dtype; `mask` (bool,
+    broadcastable to [batch, heads, q_len, kv_len]) is what the kernel cannot take. precision
+    HIGHEST keeps f32 dots exact on GPUs for tests; the xla impl passes None (backend default)."""
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
+    groups = h // kh
     scale = d**-0.5 if scale is None else scale
-    qg = q.reshape(b, t, kh, h // kh, d)
+    qg = q.reshape(b, t, kh, groups, d)
     logits = (
         jnp.einsum(
-            "btkgd,bskd->bkgts",
-            qg,
-            k,
-            preferred_element_type=jnp.float32,
-            precision=lax.Precision.HIGHEST,
+            "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32, precision=precision
         )
         * scale
     )
-    allowed = jnp.ones((1, t, s), dtype=bool)
-    if causal:
-        allowed = allowed & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None]
-    if segment_ids is not None:
-        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-        allowed = allowed & (segment_ids[:, :, None] == kv_seg[:, None, :])
-    allowed = allowed[:, None, None]  # [b|1, 1, 1, t, s]
-    logits = jnp.where(allowed, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(logits - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)  # fully masked rows -> 0
+    allowed = attention_mask(
+        t,
+        s,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        mask=mask,
+    )  # [b|1, 1|h, t, s] -> [b|1, 1|kh, 1|groups, t, s]
+    allowed = (
+        allowed.reshape(allowed.shape[0], 1, 1, t, s)
+        if allowed.shape[1] == 1
+        else allowed.reshape(allowed.shape[0], kh, groups, t, s)
+    )
+    logits = jnp.where(allowed, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)  # fully masked rows -> 0
     out = jnp.einsum(
         "bkgts,bskd->btkgd",
-        p.astype(v.dtype),
+        probs.astype(v.dtype),
         v,
         preferred_element_type=jnp.float32,
-        precision=lax.Precision.HIGHEST,
+        precision=precision,
     )
     return out.reshape(b, t, h, d).astype(q.dtype)
 
@@ -251,7 +297,7 @@ def _mask(st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg) -> jax
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
     allowed = cols < st.kv_len  # padded keys (a no-op when kv_len is a multiple of bk)
     if st.causal:
-        allowed = allowed & (cols <= rows + st.offset)
+        allowed = allowed & causal_allowed(rows, cols, st.q_len, st.kv_len)
     if q_seg is not None:
         allowed = allowed & (q_seg[:, None] == kv_seg[None, :])
     return allowed
@@ -380,7 +426,7 @@ def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, st: _Static, nq: int, nk: int):
+def _dkdv_kernel(*refs, st: _Static, nq: int):
     """dk, dv for one K/V block, summed over the group's query heads and their query blocks."""
     if st.has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
@@ -520,7 +566,7 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, out, lse, do):
         ]
         args += [q_seg, kv_seg]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st, nq=nq, nk=nk),
+        functools.partial(_dkdv_kernel, st=st, nq=nq),
         grid=(nk, b, kh),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
@@ -558,7 +604,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public API
 
 
-def _check(q, k, v, causal: bool, segment_ids, kv_segment_ids) -> str | None:
+def _check(q, k, v, segment_ids, kv_segment_ids) -> str | None:
     """Why the kernel cannot handle this call, or None if it can."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return (
@@ -600,7 +646,6 @@ def supports(
     k: Any,
     v: Any,
     *,
-    causal: bool = False,
     segment_ids: Any = None,
     kv_segment_ids: Any = None,
     mask: Any = None,
@@ -613,7 +658,7 @@ def supports(
     try:
         if scale is not None:
             float(scale)
-        return _check(q, k, v, causal, segment_ids, kv_segment_ids) is None
+        return _check(q, k, v, segment_ids, kv_segment_ids) is None
     except Exception:  # noqa: BLE001 - anything odd (tracers as scale, bad objects): say no
         return False
 
@@ -634,7 +679,7 @@ def _prepare(
     device_kind,
 ):
     """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg)."""
-    problem = _check(q, k, v, causal, segment_ids, kv_segment_ids)
+    problem = _check(q, k, v, segment_ids, kv_segment_ids)
     if problem:
         raise ValueError(f"flash_attention: {problem}")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
@@ -652,7 +697,7 @@ def _prepare(
         device_kind = "cpu" if interpret else jax.devices()[0].device_kind
 
     def cfg(kernel: str) -> KernelConfig:
-        c = choose_blocks(tq, tk, d, q.dtype, device_kind, kernel)
+        c = choose_config(tq, tk, d, q.dtype, device_kind, kernel)
         return KernelConfig(
             block_q or c.block_q,
             block_k or c.block_k,
@@ -697,7 +742,7 @@ def tuning_candidates(
 ) -> list[KernelConfig]:
     """Configurations the autotuner times: the heuristic's forward choice first, then common
     FlashAttention tiles, clamped to the sequence lengths and deduplicated."""
-    base = choose_blocks(q_len, kv_len, head_dim, dtype, device_kind, "fwd")
+    base = choose_config(q_len, kv_len, head_dim, dtype, device_kind, "fwd")
     out = [base]
     for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 32)):
         for warps in (4, 8):
@@ -753,7 +798,8 @@ def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> 
         return lambda: compiled(qc, kc, vc)
 
     cands = [
-        c._asdict() for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype, kind)
+        dataclasses.asdict(c)
+        for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype, kind)
     ]
     return KernelConfig(**_autotune.tune("flash_attention", key, cands, make_run))
 
@@ -781,15 +827,15 @@ def flash_attention(
     queries to the end of the keys (a KV cache works); segment_ids [batch, q_len] restrict
     attention to equal ids (kv_segment_ids [batch, kv_len] defaults to segment_ids); fully
     masked rows give 0. scale defaults to head_dim**-0.5. block_q/block_k/num_warps/num_stages
-    override the heuristics (choose_blocks) for all three kernels; device_kind picks the
+    override the heuristics (choose_config) for all three kernels; device_kind picks the
     heuristics' device (default: the default device). interpret=None interprets on CPU.
     autotune (default: env PALLAS_AUTOTUNE=1) times a few block configurations once per shape
     and device and caches the fastest (pallas_kernels.autotune); explicit blocks disable it.
     """
     if _autotune.enabled(autotune) and block_q is None and block_k is None:
-        block_q, block_k, num_warps, num_stages = _tuned_blocks(
-            q, k, causal, segment_ids is not None, scale, interpret, device_kind
-        )
+        tuned = _tuned_blocks(q, k, causal, segment_ids is not None, scale, interpret, device_kind)
+        block_q, block_k = tuned.block_q, tuned.block_k
+        num_warps, num_stages = tuned.num_warps, tuned.num_stages
     st, qp, kp, vp, q_seg, kv_seg = _prepare(
         q,
         k,

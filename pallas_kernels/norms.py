@@ -5,6 +5,8 @@ the whole feature dim in one tile, padded to a power of two and masked. Statisti
 in f32 and the output is cast back to x's dtype. The forward saves per-row f32 statistics
 (rstd, and mean for LayerNorm); the backward recomputes the normalized rows from them, writes dx,
 and writes per-program partial dweight/dbias sums that are reduced with `jnp.sum` afterwards.
+`rms_norm_reference` / `layer_norm_reference` are the plain-jnp definitions (also framework.ops'
+"xla" impls).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +71,11 @@ def block_dim_for(dim: int) -> int:
     return max(MIN_BLOCK_DIM, next_pow2(int(dim)))
 
 
-def choose_block_rows(n_rows: int, dim: int, dtype, device_kind: str | None = None) -> NormConfig:
+def choose_config(dim: int, dtype: Any, device_kind: str | None = None) -> NormConfig:
     """Heuristic tile for (dim, dtype, device): about a fixed number of bytes of x per program.
 
-    `n_rows` is accepted for the signature's sake; the tile does not depend on it so that the set
-    of reachable configs stays small enough to lower-check every one."""
-    del n_rows
+    The row count does not enter, so the set of reachable configs stays small enough to
+    lower-check every one."""
     tile_bytes, max_warps = device_row(_DEVICE_TILE, device_kind)
     bd = block_dim_for(dim)
     itemsize = jnp.dtype(dtype).itemsize
@@ -83,7 +85,7 @@ def choose_block_rows(n_rows: int, dim: int, dtype, device_kind: str | None = No
 
 
 def config_examples(device_kinds: Iterable[str] | None = None) -> dict[NormConfig, tuple]:
-    """Every config `choose_block_rows` can return, each with one (dim, dtype, device kind)
+    """Every config `choose_config` can return, each with one (dim, dtype, device kind)
     that picks it."""
     kinds = list(device_kinds) if device_kinds is not None else list(_DEVICE_TILE)
     out: dict[NormConfig, tuple] = {}
@@ -91,15 +93,13 @@ def config_examples(device_kinds: Iterable[str] | None = None) -> dict[NormConfi
     while d <= MAX_DIM:
         for dtype in _DTYPES:
             for kind in kinds:
-                out.setdefault(
-                    choose_block_rows(1, d, dtype, kind), (d, jnp.dtype(dtype).name, kind)
-                )
+                out.setdefault(choose_config(d, dtype, kind), (d, jnp.dtype(dtype).name, kind))
         d *= 2
     return dict(sorted(out.items(), key=lambda kv: dataclasses.astuple(kv[0])))
 
 
 def all_configs(device_kinds: Iterable[str] | None = None) -> list[NormConfig]:
-    """Every config `choose_block_rows` can return for supported dims, dtypes and devices."""
+    """Every config `choose_config` can return for supported dims, dtypes and devices."""
     return list(config_examples(device_kinds))
 
 
@@ -333,6 +333,28 @@ _ln_2d.defvjp(_ln_2d_fwd, _ln_2d_bwd)
 # ----------------------------------------------------------------------------------- public
 
 
+def rms_norm_reference(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+    """Plain jnp RMSNorm (kernel tests' ground truth, framework.ops' "xla" impl): statistics
+    in f32, output in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm_reference(
+    x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *, eps: float = 1e-5
+) -> jax.Array:
+    """Plain jnp LayerNorm (kernel tests' ground truth, framework.ops' "xla" impl): statistics
+    in f32, output in x's dtype; `bias` may be None."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 def _config(
     x: jax.Array, block_rows: int | None, device_kind: str | None, config: NormConfig | None
 ) -> NormConfig:
@@ -341,9 +363,7 @@ def _config(
         if config.block_dim < x.shape[-1]:
             raise ValueError(f"config.block_dim {config.block_dim} < feature dim {x.shape[-1]}")
         return config
-    n_rows = max(1, x.size // x.shape[-1])
-    cfg = choose_block_rows(
-        n_rows,
+    cfg = choose_config(
         x.shape[-1],
         x.dtype,
         device_kind if device_kind is not None else _default_device_kind(),

@@ -128,6 +128,33 @@ def test_mixed_dtypes_and_errors():
         ce.linear_cross_entropy(h, w, labels, block_vocab=48, interpret=True)
 
 
+def test_framework_xla_impls_are_the_references():
+    """framework.ops' xla impls call these references; linear_cross_entropy's keeps the logits
+    in h's dtype (f32_logits=False), so with bf16 h it rounds them where the ground truth does
+    not."""
+    from framework import ops
+
+    h, w, labels, _ = _inputs((2, 9), 32, 70, jnp.float32, i=13)
+    h16 = h.astype(jnp.bfloat16)
+    logits16 = jnp.dot(h16, w.astype(jnp.bfloat16))
+    assert logits16.dtype == jnp.bfloat16
+    want = ce.cross_entropy_reference(logits16, labels, 1e-3)
+    got = ops.linear_cross_entropy(h16, w, labels, z_loss=1e-3, impl="xla")
+    np.testing.assert_array_equal(got, want)
+    exact = ce.linear_cross_entropy_reference(h16, w, labels, 1e-3)
+    assert not np.array_equal(np.asarray(exact), np.asarray(want))
+    logits = jnp.dot(h, w)
+    np.testing.assert_array_equal(
+        ops.cross_entropy(logits, labels, impl="xla"), ce.cross_entropy_reference(logits, labels)
+    )
+    np.testing.assert_allclose(
+        ce.cross_entropy_reference(logits, labels),
+        jax.nn.logsumexp(logits, axis=-1)
+        - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0],
+        rtol=1e-6,
+    )
+
+
 # ---------------------------------------------------------------------------------- memory
 
 MEM_T, MEM_D, MEM_V = 8192, 64, 32768

@@ -8,8 +8,8 @@ Tolerances (elementwise |kernel - reference| <= atol + rtol * |reference|):
   O(1e-1).
 - bf16 (atol = rtol = 1e-2) and f16 (2e-3): against the f32 reference on the same rounded
   inputs, cast to the low dtype. Measured worst: bf16 1.6e-2 absolute at |value| ~4 (one bf16
-  ulp; <= 7.7e-3 relative to |ref| + 1), f16 2.0e-3 absolute; the XLA reference run in the low
-  dtype (framework attention_xla) shows the same errors case by case.
+  ulp; <= 7.7e-3 relative to |ref| + 1), f16 2.0e-3 absolute; the reference run in the low
+  dtype (as framework.ops' xla impl does) shows the same errors case by case.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from cuda_lowering import export_cuda, triton_calls
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.flash_attention import (
     HEURISTIC_CONFIGS,
+    attention_mask,
     attention_reference,
-    choose_blocks,
+    causal_mask,
+    choose_config,
     flash_attention,
     flash_attention_with_lse,
     supports,
@@ -129,16 +131,23 @@ def test_parity_low_precision(case: str):
     _assert_close(got, want, dtype)
 
 
-def test_reference_matches_framework_xla():
-    """Our self-contained reference has the framework reference's semantics (causal offset,
-    kv segment ids, fully masked rows)."""
-    from framework.ops.attention import attention_xla
+def test_reference_mask_argument_and_framework_xla_impl():
+    """An explicit `mask` built from causal_mask and segment equality gives what causal= and
+    segment_ids= give (also per head, broadcast), and framework.ops' xla impl is this reference."""
+    from framework import ops
 
     q, k, v, _ = _inputs(7, 2, 24, 40, 4, 2, 32, jnp.float32)
-    kw = dict(causal=True, segment_ids=_segments(8, 2, 24), kv_segment_ids=_segments(9, 2, 40))
-    np.testing.assert_allclose(
-        attention_reference(q, k, v, **kw), attention_xla(q, k, v, **kw), atol=1e-6, rtol=1e-6
-    )
+    seg, kv_seg = _segments(8, 2, 24), _segments(9, 2, 40)
+    kw = dict(causal=True, segment_ids=seg, kv_segment_ids=kv_seg)
+    want = attention_reference(q, k, v, **kw)
+    explicit = causal_mask(24, 40) & (seg[:, None, :, None] == kv_seg[:, None, None, :])
+    assert explicit.shape == attention_mask(24, 40, **kw).shape == (2, 1, 24, 40)
+    np.testing.assert_array_equal(explicit, attention_mask(24, 40, **kw))
+    np.testing.assert_array_equal(attention_reference(q, k, v, mask=explicit), want)
+    per_head = jnp.broadcast_to(explicit, (2, 4, 24, 40))
+    np.testing.assert_array_equal(attention_reference(q, k, v, mask=per_head), want)
+    got = ops.attention(q, k, v, **kw, impl="xla")
+    np.testing.assert_array_equal(got, attention_reference(q, k, v, **kw, precision=None))
 
 
 def test_fully_masked_rows_and_lse():
@@ -192,16 +201,17 @@ def test_heuristic_table_entries_are_valid():
 
 
 @pytest.mark.parametrize("device_kind", sorted(fa.FAMILY_EXAMPLES.values()))
-def test_choose_blocks_shrinks_for_short_sequences(device_kind: str):
+def test_choose_config_shrinks_for_short_sequences(device_kind: str):
     for kernel in fa.KERNELS:
         for t, d in ((5, 64), (37, 128), (100, 256), (8192, 128)):
-            cfg = choose_blocks(t, t, d, jnp.bfloat16, device_kind, kernel)
+            cfg = choose_config(t, t, d, jnp.bfloat16, device_kind, kernel)
             assert _is_pow2(cfg.block_q) and cfg.block_q >= 16
             assert _is_pow2(cfg.block_k) and cfg.block_k >= 16
             assert cfg.block_q <= max(16, 1 << math.ceil(math.log2(t)))
-    assert choose_blocks(8192, 8192, 128, jnp.bfloat16, "NVIDIA H100 80GB HBM3") == (128, 64, 8, 3)
+    h100 = choose_config(8192, 8192, 128, jnp.bfloat16, "NVIDIA H100 80GB HBM3")
+    assert h100 == fa.KernelConfig(128, 64, 8, 3)
     with pytest.raises(ValueError, match="kernel must be one of"):
-        choose_blocks(64, 64, 64, jnp.bfloat16, "cpu", "bogus")
+        choose_config(64, 64, 64, jnp.bfloat16, "cpu", "bogus")
 
 
 def test_supports():
@@ -289,7 +299,7 @@ def test_lowers_for_cuda_every_heuristic_config(
 def test_heuristic_cases_cover_every_config():
     """The lowering parametrization above reaches every HEURISTIC_CONFIGS entry."""
     picked = {
-        (fa._family(kind), kernel, choose_blocks(1024, 1024, d, jnp.bfloat16, kind, kernel))
+        (fa._family(kind), kernel, choose_config(1024, 1024, d, jnp.bfloat16, kind, kernel))
         for _, kind, d, _ in _LOWER_CASES
         for kernel in fa.KERNELS
     }
@@ -329,7 +339,7 @@ def test_lowers_for_cuda_variants(kw):
 
 def test_non_power_of_two_block_fails_lowering(monkeypatch):
     """The export check is real: a block the table must never pick (48) fails to lower."""
-    monkeypatch.setattr(fa, "choose_blocks", lambda *a, **k: fa.KernelConfig(48, 48, 4, 2))
+    monkeypatch.setattr(fa, "choose_config", lambda *a, **k: fa.KernelConfig(48, 48, 4, 2))
     with pytest.raises(ValueError, match="power of 2"):
         _export_fwd_bwd(1, 96, 96, 2, 2, 64, jnp.bfloat16, causal=True)
 

@@ -1,4 +1,4 @@
-"""Pallas RMSNorm / LayerNorm kernels: interpret-mode parity with the XLA references (forward and
+"""Pallas RMSNorm / LayerNorm kernels: interpret-mode parity with the jnp references (forward and
 every gradient), the block heuristic, and the CUDA lowering of every config it can pick."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from cuda_lowering import export_cuda, triton_calls
 
-from framework.ops.norms import layer_norm_xla, rms_norm_xla
 from pallas_kernels import norms
+from pallas_kernels.norms import layer_norm_reference, rms_norm_reference
 
 KEY = jax.random.key(7)
 # Measured max |kernel - reference| on these shapes (jax 0.10.2 CPU, interpret mode): f32 <= 6e-6
@@ -71,21 +71,21 @@ def test_parity_forward_and_grads(shape, dtype, block_rows):
     rms = lambda x, w: norms.rms_norm(x, w, eps=1e-6, **kw)
     _assert_close(
         _vjp(rms, (x, w), dy),
-        _vjp(lambda x, w: rms_norm_xla(x, w, eps=1e-6), (x, w), dy),
+        _vjp(lambda x, w: rms_norm_reference(x, w, eps=1e-6), (x, w), dy),
         dtype,
         "rms_norm",
     )
     ln = lambda x, w, b: norms.layer_norm(x, w, b, eps=1e-5, **kw)
     _assert_close(
         _vjp(ln, (x, w, b), dy),
-        _vjp(lambda x, w, b: layer_norm_xla(x, w, b, eps=1e-5), (x, w, b), dy),
+        _vjp(lambda x, w, b: layer_norm_reference(x, w, b, eps=1e-5), (x, w, b), dy),
         dtype,
         "layer_norm",
     )
     ln_nb = lambda x, w: norms.layer_norm(x, w, None, **kw)
     _assert_close(
         _vjp(ln_nb, (x, w), dy),
-        _vjp(lambda x, w: layer_norm_xla(x, w), (x, w), dy),
+        _vjp(lambda x, w: layer_norm_reference(x, w), (x, w), dy),
         dtype,
         "layer_norm without bias",
     )
@@ -98,9 +98,9 @@ def test_backward_with_several_row_blocks_per_program(monkeypatch):
     x, w, b, dy = _inputs((45, 96), jnp.float32, i=3)
     ln = lambda x, w, b: norms.layer_norm(x, w, b, block_rows=4, interpret=True)
     got = _vjp(ln, (x, w, b), dy)
-    _assert_close(got, _vjp(layer_norm_xla, (x, w, b), dy), jnp.float32, "layer_norm steps>1")
+    _assert_close(got, _vjp(layer_norm_reference, (x, w, b), dy), jnp.float32, "layer_norm steps>1")
     got = _vjp(lambda x, w: norms.rms_norm(x, w, block_rows=4, interpret=True), (x, w), dy)
-    _assert_close(got, _vjp(rms_norm_xla, (x, w), dy), jnp.float32, "rms_norm steps>1")
+    _assert_close(got, _vjp(rms_norm_reference, (x, w), dy), jnp.float32, "rms_norm steps>1")
 
 
 def test_mixed_dtypes_keep_each_dtype():
@@ -110,7 +110,7 @@ def test_mixed_dtypes_keep_each_dtype():
     f = lambda x, w: norms.rms_norm(x, w, interpret=True)
     y, dx, dw = jax.eval_shape(lambda x, w, dy: (f(x, w), *jax.vjp(f, x, w)[1](dy)), x, w, dy)
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
-    _assert_close(_vjp(f, (x, w), dy), _vjp(rms_norm_xla, (x, w), dy), jnp.bfloat16, "mixed")
+    _assert_close(_vjp(f, (x, w), dy), _vjp(rms_norm_reference, (x, w), dy), jnp.bfloat16, "mixed")
 
 
 def test_heuristic_configs_are_triton_friendly():
@@ -123,7 +123,7 @@ def test_heuristic_configs_are_triton_friendly():
         assert cfg.num_warps in (1, 2, 4, 8, 16)
     for dim in (1, 64, 96, 1000, 4096, norms.MAX_DIM):
         for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "cpu"):
-            cfg = norms.choose_block_rows(1024, dim, jnp.bfloat16, kind)
+            cfg = norms.choose_config(dim, jnp.bfloat16, kind)
             assert cfg in configs and cfg.block_dim >= dim
 
 
@@ -151,7 +151,7 @@ EXAMPLES = norms.config_examples()
 def test_cuda_lowering_of_every_heuristic_config(cfg):
     """Forward and backward of both norms lower to Triton for each config the heuristic picks."""
     dim, dtype, kind = EXAMPLES[cfg]
-    assert norms.choose_block_rows(1, dim, dtype, kind) == cfg
+    assert norms.choose_config(dim, dtype, kind) == cfg
     dim = max(1, cfg.block_dim * 3 // 4)  # ragged feature dim inside the same tile
     rows = 2 * cfg.block_rows + 1  # ragged row count
     sds = jax.ShapeDtypeStruct
@@ -189,6 +189,6 @@ def test_compiled_on_gpu(shape, dtype):
     x, w, b, dy = _inputs(shape, dtype, i=11)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     got = _vjp(lambda x, w, b: norms.layer_norm(x, w, b, interpret=False), (x, w, b), dy)
-    _assert_rel_close(got, _vjp(layer_norm_xla, (x, w, b), dy), tol)
+    _assert_rel_close(got, _vjp(layer_norm_reference, (x, w, b), dy), tol)
     got = _vjp(lambda x, w: norms.rms_norm(x, w, interpret=False), (x, w), dy)
-    _assert_rel_close(got, _vjp(rms_norm_xla, (x, w), dy), tol)
+    _assert_rel_close(got, _vjp(rms_norm_reference, (x, w), dy), tol)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The one causal mask (queries aligned to the end of the keys), shared with the kernels.
+from framework.ops.attention import causal_mask
+
+__all__ = ["causal_mask", "padding_mask", "segment_positions"]
+
 
 def padding_mask(valid: jax.Array) -> jax.Array:
     """[batch, kv_len] bool (True = real token) -> [batch, 1, 1, kv_len] attention mask."""
     return valid.astype(bool)[:, None, None, :]
-
-
-def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
-    """[1, 1, q_len, kv_len] bool, queries aligned to the end of the keys."""
-    kv_len = q_len if kv_len is None else kv_len
-    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    return (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

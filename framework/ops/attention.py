@@ -5,56 +5,17 @@ multi-query attention); the number of query heads must be a multiple of the K/V 
 
 from __future__ import annotations
 
+import functools
+
 import jax
-import jax.numpy as jnp
 
 from framework.ops import registry
 from framework.ops.sharded import per_shard
+from pallas_kernels import flash_attention as fa
 
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def _mask(causal: bool, q_len: int, kv_len: int, q_segment_ids, kv_segment_ids, mask):
-    """Boolean [batch|1, 1, q, kv] mask (True = attend) combining the requested masks."""
-    allowed = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
-    if causal:
-        # Queries are aligned to the end of the keys, so a KV cache (kv_len > q_len) works.
-        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-        allowed = allowed & (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
-    if q_segment_ids is not None:
-        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        allowed = allowed & (q_segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
-    if mask is not None:
-        allowed = allowed & mask
-    return allowed
-
-
-def attention_xla(
-    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, scale=None
-):
-    """Reference attention in plain jax.numpy: f32 softmax, output in q's dtype."""
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    groups = h // kh
-    scale = d**-0.5 if scale is None else scale
-    qg = q.reshape(b, t, kh, groups, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    allowed = _mask(causal, t, s, segment_ids, kv_segment_ids, mask)  # [b|1, 1|h, t, s]
-    allowed = (
-        allowed.reshape(allowed.shape[0], -1, 1, t, s)
-        if allowed.shape[1] == 1
-        else allowed.reshape(allowed.shape[0], kh, groups, t, s)
-    )
-    logits = jnp.where(allowed, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(allowed.any(axis=-1, keepdims=True), probs, 0.0)  # fully masked rows -> 0
-    out = jnp.einsum(
-        "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-registry.register("attention", "xla", attention_xla)
+# The plain-XLA impl is the kernel's reference itself, at the backend's default dot precision.
+registry.register("attention", "xla", functools.partial(fa.attention_reference, precision=None))
+causal_mask = fa.causal_mask  # the one causal rule, for layers that build masks (nn.masks)
 
 # Per-shard layouts for kernels under a mesh: the sequence is gathered (causal masks need
 # global positions); batch and heads stay split, and GQA groups never straddle a head shard.
@@ -67,8 +28,6 @@ def attention_pallas(
     q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, scale=None
 ):
     """Flash attention (pallas_kernels.flash_attention); interpreted on CPU."""
-    from pallas_kernels.flash_attention import flash_attention
-
     if mask is not None:
         raise ValueError(
             "attention impl=pallas takes causal/segment_ids, not an arbitrary "
@@ -76,7 +35,7 @@ def attention_pallas(
         )
 
     def run(q, k, v, seg, kv_seg):
-        return flash_attention(
+        return fa.flash_attention(
             q, k, v, causal=causal, segment_ids=seg, kv_segment_ids=kv_seg, scale=scale
         )
 
@@ -104,9 +63,7 @@ def attention_cudnn(
 
 
 def _pallas_ok(q, k, v, **kw):
-    from pallas_kernels.flash_attention import supports
-
-    return jax.default_backend() == "gpu" and supports(q, k, v, **kw)
+    return jax.default_backend() == "gpu" and fa.supports(q, k, v, **kw)
 
 
 registry.register("attention", "pallas", attention_pallas, auto_if=_pallas_ok)

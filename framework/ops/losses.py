@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
-import jax.numpy as jnp
 
 from framework.ops import registry
 from framework.ops.sharded import per_shard
+from pallas_kernels import cross_entropy as ce
 
-
-def cross_entropy_xla(logits, labels, *, z_loss=0.0):
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    loss = lse - label_logit
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
-    return loss
-
-
-registry.register("cross_entropy", "xla", cross_entropy_xla)
+# The plain-XLA impls are the kernels' references; linear_cross_entropy's keeps the full
+# logits in h's dtype (w cast to it), halving that buffer for bf16 activations.
+registry.register("cross_entropy", "xla", ce.cross_entropy_reference)
+registry.register(
+    "linear_cross_entropy",
+    "xla",
+    functools.partial(ce.linear_cross_entropy_reference, f32_logits=False),
+)
 
 
 def cross_entropy(
@@ -39,25 +37,18 @@ def cross_entropy(
     return fn(logits, labels, z_loss=z_loss)
 
 
-def linear_cross_entropy_xla(h, w, labels, *, z_loss=0.0):
-    """Naive path: the full logits h @ w, then cross_entropy (the ground truth)."""
-    return cross_entropy_xla(
-        jnp.einsum("...d,dv->...v", h, w.astype(h.dtype)), labels, z_loss=z_loss
-    )
-
-
 def linear_cross_entropy_chunked(h, w, labels, *, z_loss=0.0):
     """Plain-jnp scan over token chunks with its own backward: no full logits, any backend."""
-    from pallas_kernels.cross_entropy import linear_cross_entropy_chunked as chunked
-
-    return _per_token_shards(lambda h, w, y: chunked(h, w, y, z_loss=z_loss), h, w, labels)
+    return _per_token_shards(
+        lambda h, w, y: ce.linear_cross_entropy_chunked(h, w, y, z_loss=z_loss), h, w, labels
+    )
 
 
 def linear_cross_entropy_pallas(h, w, labels, *, z_loss=0.0):
     """Fused Pallas kernel over (tokens x vocab) tiles with an online logsumexp."""
-    from pallas_kernels.cross_entropy import linear_cross_entropy as kernel
-
-    return _per_token_shards(lambda h, w, y: kernel(h, w, y, z_loss=z_loss), h, w, labels)
+    return _per_token_shards(
+        lambda h, w, y: ce.linear_cross_entropy(h, w, y, z_loss=z_loss), h, w, labels
+    )
 
 
 def _per_token_shards(fn, h, w, labels):
@@ -67,12 +58,9 @@ def _per_token_shards(fn, h, w, labels):
 
 
 def _ce_pallas_ok(h, w, labels, **_):
-    from pallas_kernels.cross_entropy import supports
-
-    return jax.default_backend() == "gpu" and supports(h, w, labels)
+    return jax.default_backend() == "gpu" and ce.supports(h, w, labels)
 
 
-registry.register("linear_cross_entropy", "xla", linear_cross_entropy_xla)
 registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked)
 registry.register(
     "linear_cross_entropy", "pallas", linear_cross_entropy_pallas, auto_if=_ce_pallas_ok

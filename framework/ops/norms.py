@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from framework.ops import registry
 from framework.ops.sharded import per_shard
+from pallas_kernels import norms as kernels
 
-
-def rms_norm_xla(x, weight, *, eps=1e-6):
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
-
-
-def layer_norm_xla(x, weight, bias=None, *, eps=1e-5):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-registry.register("rms_norm", "xla", rms_norm_xla)
-registry.register("layer_norm", "xla", layer_norm_xla)
+# The plain-XLA impls are the kernels' references.
+registry.register("rms_norm", "xla", kernels.rms_norm_reference)
+registry.register("layer_norm", "xla", kernels.layer_norm_reference)
 
 
 # Rows are independent: under a mesh each shard normalizes its own rows; the feature (last)
@@ -36,23 +20,19 @@ def _rows(x):
 
 
 def rms_norm_pallas(x, weight, *, eps=1e-6):
-    from pallas_kernels.norms import rms_norm as kernel
-
-    return per_shard(lambda x, w: kernel(x, w, eps=eps), [_rows(x), None], _rows(x))(x, weight)
-
-
-def layer_norm_pallas(x, weight, bias=None, *, eps=1e-5):
-    from pallas_kernels.norms import layer_norm as kernel
-
-    return per_shard(lambda x, w, b: kernel(x, w, b, eps=eps), [_rows(x), None, None], _rows(x))(
-        x, weight, bias
+    return per_shard(lambda x, w: kernels.rms_norm(x, w, eps=eps), [_rows(x), None], _rows(x))(
+        x, weight
     )
 
 
-def _norm_pallas_ok(x, weight, bias=None, **_):
-    from pallas_kernels.norms import supports
+def layer_norm_pallas(x, weight, bias=None, *, eps=1e-5):
+    return per_shard(
+        lambda x, w, b: kernels.layer_norm(x, w, b, eps=eps), [_rows(x), None, None], _rows(x)
+    )(x, weight, bias)
 
-    return jax.default_backend() == "gpu" and supports(x, weight, bias)
+
+def _norm_pallas_ok(x, weight, bias=None, **_):
+    return jax.default_backend() == "gpu" and kernels.supports(x, weight, bias)
 
 
 registry.register("rms_norm", "pallas", rms_norm_pallas, auto_if=_norm_pallas_ok)
