@@ -193,6 +193,9 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
     losses, ref = _losses(tmp_path), _losses(straight)
     assert max(losses) == STEPS and losses[STEPS] == ref[STEPS]
     _assert_same(_read(tmp_path, "params")[1], _read(straight, "params")[1])
+    # every restart trimmed what it would write again (and any torn line): one line per step
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, STEPS + 1))
 
 
 def _build(run_dir: Path, *overrides: str) -> Run:

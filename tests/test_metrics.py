@@ -18,6 +18,7 @@ from framework.train.metrics import (
     Progress,
     mfu,
     peak_flops_per_device,
+    trim_records,
 )
 from framework.train.plots import plot_run
 
@@ -139,3 +140,26 @@ def test_plot_script_missing_dir_exits_2(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "not found" in res.stderr
+
+
+def test_resuming_trims_replayed_steps_and_a_torn_line(tmp_path):
+    """A run resumed at step 10 rewrites steps 11+: their old records and a torn last line go,
+    so no step appears twice and the file parses (and plots) after the restart."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in (5, 10, 15):
+            w.write(step, {"loss": 1.0 / step})
+        w.write(10, {"loss": 0.5}, split="eval")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "spl')  # cut short by a kill
+    assert trim_records(tmp_path / "metrics.jsonl", 10) == 2
+    with MetricsWriter(tmp_path, tensorboard=False, resume_step=10) as w:
+        w.write(15, {"loss": 0.07})
+    recs = _lines(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in recs] == [
+        (5, "train"),
+        (10, "train"),
+        (10, "eval"),
+        (15, "train"),
+    ]
+    assert recs[-1]["loss"] == 0.07
+    assert plot_run(tmp_path)

@@ -150,7 +150,10 @@ class LogMetrics(Hook):
 
     def start(self, ctx: Context) -> None:
         self.writer = MetricsWriter(
-            self.run.run_dir, enabled=self.enabled, tensorboard=self.tensorboard
+            self.run.run_dir,
+            enabled=self.enabled,
+            tensorboard=self.tensorboard,
+            resume_step=ctx.step,  # records after the start step are written again
         )
         total = self.run.cfg.train.steps
         enabled = self.enabled and self.progress_on

@@ -39,6 +39,27 @@ def _to_number(name: str, value: Any) -> int | float:
         raise TypeError(f"metric {name!r} must be a real number, got {arr.dtype}") from None
 
 
+def trim_records(path: Path, step: int) -> int:
+    """Prepare `path` for a run resuming at `step`: keep the records of steps <= `step` (the run
+    writes later steps again, so none is duplicated) and drop lines that do not parse (a write
+    torn by a kill). Rewritten atomically; returns the number of lines dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
     """Append scalar metrics to `run_dir/metrics.jsonl` and to TensorBoard (`run_dir/tensorboard`).
 
@@ -48,7 +69,12 @@ class MetricsWriter:
     """
 
     def __init__(
-        self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -58,6 +84,8 @@ class MetricsWriter:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            trim_records(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported only when TensorBoard is on
