@@ -117,7 +117,8 @@ class _Lines(logging.Handler):
 def test_auto_logs_its_choice_once_per_shape(monkeypatch):
     """impl=auto logs exactly one line per shape however often it is called (xla on CPU)."""
     monkeypatch.setattr(registry, "_LOGGED", set())  # earlier tests may have logged these shapes
-    monkeypatch.setattr(registry.log, "level", logging.INFO)
+    level = registry.log.level
+    registry.log.setLevel(logging.INFO)  # setLevel (not .level =) clears the enabled-for cache
     lines = _Lines()
     registry.log.addHandler(lines)
     try:
@@ -126,6 +127,7 @@ def test_auto_logs_its_choice_once_per_shape(monkeypatch):
             ops.attention(q, q, q, impl="auto")
     finally:
         registry.log.removeHandler(lines)
+        registry.log.setLevel(level)
     chosen = [m for m in lines.messages if m.startswith("ops.attention:")]
     assert len(chosen) == 2, chosen
     assert all("impl=auto chose xla" in m for m in chosen), chosen
