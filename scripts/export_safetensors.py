@@ -2,7 +2,8 @@
 [--step N] --out model.safetensors`.
 
 Keys are the '/'-joined param paths (e.g. `blocks/attn/q/kernel`); the file holds no code
-(no pickle). `framework.train.checkpoint.load_safetensors(path)` rebuilds the nested dict."""
+(no pickle). `framework.train.checkpoint.load_safetensors(path)` rebuilds the nested dict.
+A checkpoint whose params fail their checksums is refused (one line, exit status 1)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         step, params = reader.read_numpy("params", args.step)
     except CheckpointError as e:
         sys.stderr.write(f"error: {e}\n")
-        return 2
+        return 1 if "is damaged" in str(e) else 2
     finally:
         reader.close()
     out = save_safetensors(params, args.out, metadata={"step": str(step), "source": str(directory)})

@@ -229,7 +229,8 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     start = restore_or_init(run, plan_resume(run))
     state = start.state
     assert int(state["step"]) == before
-    assert f"{ckpts / str(newest)}" in caplog.text and "unreadable" in caplog.text
+    assert f"{ckpts / str(newest)} is damaged" in caplog.text
+    assert f"moved to {ckpts / 'damaged' / (str(newest) + '-unreadable')}" in caplog.text
     _assert_same(jax.device_get(state["params"]), _read(straight, "params", before)[1])
     # trains the lost steps again and rewrites the damaged checkpoint
     train(run, start=start)
@@ -238,12 +239,12 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path,
     _assert_same(params, _read(straight, "params")[1])
 
 
-def test_only_unreadable_checkpoints_is_an_error(straight, tmp_path):
+def test_only_damaged_checkpoints_is_an_error(straight, tmp_path):
     run_dir = _copy(straight, tmp_path)
     ckpts = run_dir / "tiny_lm/checkpoints"
     for step in step_dirs(ckpts):
         _damage(ckpts / str(step))
-    with pytest.raises(CheckpointError, match="none can be restored"):
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
         _start_state(_build(run_dir))
 
 
@@ -257,11 +258,6 @@ def test_resume_never_refuses_and_fresh_starts_over(straight, tmp_path):
     assert int(_start_state(run)["step"]) == 0
     with pytest.raises(ConfigError, match="neither auto/never/fresh"):
         plan_resume(_build(tmp_path / "other", "checkpoint.resume=atuo"))
-
-
-def test_changed_optimizer_structure_is_a_clear_error(at_half, tmp_path):
-    with pytest.raises(CheckpointError, match="does not fit this config"):
-        _start_state(_build(_copy(at_half, tmp_path), "optim.clip_norm=null"))
 
 
 def test_params_only_resume_from_another_run(straight, tmp_path):

@@ -1,20 +1,22 @@
 """Checkpoints: orbax CheckpointManager around the train state, plus the resume policy.
 
-A checkpoint is one orbax step directory `<run>/checkpoints/<step>/` with items
-`params`, `opt_state`, `model_state` (sharded arrays, written asynchronously), `data` (the
-loader's JSON position), `config` (the resolved config) and `meta` (step, skipped steps).
-Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves no half checkpoint behind. The step's dropout key is derived from
-(seed, step), so storing the step restores the RNG too. Restores take their target shardings
-from the current mesh, so a checkpoint loads onto any layout (resharding on restore).
-Params export to safetensors (no pickle) with '/'-joined keys; `load_safetensors` reverses it.
-"""
+A checkpoint is one orbax step directory `<run>/checkpoints/<step>/` with items `params`,
+`opt_state`, `model_state` (sharded arrays, written asynchronously), `data` (the loader's JSON
+position), `config` (the resolved config) and `meta` (step, skipped steps, and the checksum of
+every array and JSON item, checked at every restore: `framework.train.integrity`). A checkpoint
+that cannot be read or fails its checksums is `Damaged`; the resume moves it to
+`checkpoints/damaged/` (never deletes it) and falls back to the one before. Orbax writes each
+step into a temporary directory and renames it when complete, so a process killed mid-save
+leaves no half checkpoint behind. The step's dropout key is derived from (seed, step), so
+storing the step restores the RNG too. Restores take their target shardings from the current
+mesh, so a checkpoint loads onto any layout (resharding on restore). Params export to
+safetensors (no pickle) with '/'-joined keys; `load_safetensors` reverses it."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,14 @@ import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
 from framework.errors import CheckpointError
+from framework.train import integrity
 
 log = logging.getLogger(__name__)
 
 ARRAY_ITEMS = ("params", "opt_state", "model_state")
 JSON_ITEMS = ("data", "config", "meta")
 KEYWORDS = ("auto", "never", "fresh")
+DAMAGED = "damaged"  # checkpoints/damaged/<step>-<reason>: moved aside, never deleted
 
 
 class CheckpointConfig(pydantic.BaseModel):
@@ -71,12 +75,40 @@ def step_dirs(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _quiet_abandoned_reads() -> None:
+    """Drop two known-harmless reports that follow a failed restore of a damaged checkpoint:
+    tensorstore completes the reads orbax gave up on, and each (hundreds, one per array)
+    reports either "Event loop is closed" (an unraisable exception) or "Task exception was
+    never retrieved" (asyncio's logger). The restore's own error is reported once, by us.
+    Everything else reaches the previous hook / handlers unchanged."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_framework_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    def abandoned_read(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage().startswith("Task exception was never retrieved")
+            and "tensorstore" in str(error)
+        )
+
+    hook._framework_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(abandoned_read)
+
+
 class Checkpointer:
     """An orbax CheckpointManager for one run directory: save, list, restore with fallback."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        _quiet_abandoned_reads()
         keep: list[Any] = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
@@ -108,18 +140,22 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, state: dict, data_state: dict, config: dict, meta: dict) -> None:
-        """Start writing `state` at its step; returns once the arrays are copied off-device."""
+        """Start writing `state` at its step; returns once the arrays are copied off-device.
+        `meta` gets the checksum of every array and JSON item (checked at restore)."""
         step = int(meta["step"])
         if step in self.steps():
             return
         # An empty tree (a model without mutable state) is not an orbax item: it is rebuilt.
-        args = {
-            k: ocp.args.StandardSave(state[k]) for k in ARRAY_ITEMS if jax.tree.leaves(state[k])
-        }
+        arrays = {k: state[k] for k in ARRAY_ITEMS if jax.tree.leaves(state[k])}
+        sums: dict[str, Any] = {k: integrity.array_checksums(v) for k, v in arrays.items()}
+        sums |= {"data": integrity.json_checksum(data_state)}
+        sums |= {"config": integrity.json_checksum(config)}
+        sums["meta"] = integrity.json_checksum(meta)
+        args = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
         args |= {
             "data": ocp.args.JsonSave(data_state),
             "config": ocp.args.JsonSave(config),
-            "meta": ocp.args.JsonSave(meta),
+            "meta": ocp.args.JsonSave(meta | {"checksums": sums}),
         }
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
@@ -131,80 +167,136 @@ class Checkpointer:
         """Finish pending writes and deletions."""
         self.manager.close()
 
+    def step_path(self, step: int) -> Path:
+        """The directory of one checkpoint."""
+        return self.directory / str(step)
+
+    def _restore(self, step: int, args: dict) -> dict:
+        """orbax restore of some items; any failure to read them is `Damaged`."""
+        try:
+            return dict(self.manager.restore(step, args=ocp.args.Composite(**args)).items())
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise Damaged("unreadable", _first_line(e)) from e
+
+    def _item_metadata(self, step: int) -> Any:
+        """orbax's per-item metadata (tree of shapes/dtypes); `Damaged` if unreadable."""
+        try:
+            return self.manager.item_metadata(step)
+        except Exception as e:
+            raise Damaged("unreadable", _first_line(e)) from e
+
+    def read_json(self, item: str, step: int) -> Any:
+        """One JSON item (`config`, `data`, `meta`) of a checkpoint, checked against its
+        checksum; `Damaged` if it is not."""
+        out = self._restore(step, {k: ocp.args.JsonRestore() for k in {item, "meta"}})
+        _verify(out["meta"], {}, {} if item == "meta" else {item: out[item]})
+        return out[item]
+
+    def array_shapes(self, step: int) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """{item: {leaf path: (shape, dtype)}} of a checkpoint's arrays, from its metadata."""
+        metadata = self._item_metadata(step)
+        out = {}
+        for item in ARRAY_ITEMS:
+            tree = metadata.get(item) if hasattr(metadata, "get") else None
+            if tree is None:
+                continue
+            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+            out[item] = {
+                jax.tree_util.keystr(p, simple=True, separator="/"): (
+                    tuple(m.shape),
+                    str(np.dtype(m.dtype)),
+                )
+                for p, m in flat
+            }
+        return out
+
     def restore(
         self, step: int, abstract: dict, *, params_only: bool = False
     ) -> tuple[dict, dict | None, dict]:
-        """(arrays restored onto `abstract`'s shardings, data state, meta) of one step."""
+        """(arrays restored onto `abstract`'s shardings, data state, meta) of one step, each
+        checked against the checksums recorded at save; `Damaged` if unreadable or changed."""
         items = ("params", "model_state") if params_only else ARRAY_ITEMS
         empty = {k: abstract[k] for k in items if not jax.tree.leaves(abstract[k])}
         args = {k: ocp.args.StandardRestore(abstract[k]) for k in items if k not in empty}
         args |= {"meta": ocp.args.JsonRestore()}
         if not params_only:
             args["data"] = ocp.args.JsonRestore()
-        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        out = self._restore(step, args)
         arrays = {k: empty[k] if k in empty else out[k] for k in items}
+        json_items = {k: out[k] for k in ("data",) if k in out}
+        _verify(out["meta"], {k: v for k, v in arrays.items() if k not in empty}, json_items)
         return arrays, (None if params_only else out["data"]), out["meta"]
 
-    def restore_newest(
-        self,
-        abstract: dict,
-        *,
-        params_only: bool = False,
-        warn: Callable[[str], None] = log.warning,
-    ) -> tuple[int, dict, dict | None, dict] | None:
-        """Newest readable checkpoint (warning about each unreadable newer one); None if there
-        are no checkpoints; CheckpointError if there are some and none can be read."""
-        steps = self.steps()
-        failures = []
-        for step in reversed(steps):
-            try:
-                arrays, data, meta = self.restore(step, abstract, params_only=params_only)
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
-                if "structures do not match" in reason:  # the config changed, not the files
-                    raise CheckpointError(
-                        f"checkpoint {self.directory / str(step)} does not fit this config's "
-                        f"model/optimizer state ({reason}); was model.* or optim.* changed? "
-                        "Use checkpoint.resume_params_only with a resume path to fine-tune "
-                        "with another optimizer"
-                    ) from e
-                failures.append(f"step {step}: {type(e).__name__}: {reason}")
-                warn(
-                    f"checkpoint {self.directory / str(step)} is unreadable ({reason}); "
-                    "falling back to the one before"
-                )
-                continue
-            return step, arrays, data, meta
-        if failures or step_dirs(self.directory):
-            raise CheckpointError(
-                f"{self.directory} holds checkpoints but none can be restored "
-                f"({'; '.join(failures) or 'no complete step directory'}); move them aside "
-                "or set checkpoint.resume=fresh to start over"
-            )
-        return None
+    def move_aside(self, step: int, reason: str) -> Path:
+        """Move a damaged checkpoint to `damaged/<step>-<reason>` (never deleted, out of the
+        `keep` rotation); returns where it went."""
+        target = self.directory / DAMAGED / f"{step}-{reason}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / DAMAGED / f"{step}-{reason}-{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.step_path(step).rename(target)
+        return target
 
     def read_numpy(self, item: str = "params", step: int | None = None) -> tuple[int, Any]:
         """(step, one item as host numpy arrays / JSON) without a mesh or model: export,
-        inspection, comparisons. Optimizer-state containers come back as plain dicts/lists."""
+        inspection, comparisons. Optimizer-state containers come back as plain dicts/lists.
+        CheckpointError if the step is missing or its checksums do not match."""
         steps = self.steps()
         step = steps[-1] if step is None and steps else step
         if step not in steps:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory} (steps: {steps})"
             )
-        if item in JSON_ITEMS:
-            return step, self.manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
-            )[item]
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-            self.manager.item_metadata(step)[item],
-        )
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-        )
+        try:
+            if item in JSON_ITEMS:
+                return step, self.read_json(item, step)
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                self._item_metadata(step)[item],
+            )
+            out = self._restore(
+                step, {item: ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+            )
+            _verify(out["meta"], {item: out[item]}, {})
+        except Damaged as e:
+            raise CheckpointError(f"checkpoint {self.step_path(step)} is damaged: {e}") from e
         return step, jax.device_get(out[item])
+
+
+class Damaged(Exception):
+    """A checkpoint whose files cannot be read or no longer match their checksums."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason  # short slug for the damaged/ folder name
+        super().__init__(detail)
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:300]
+
+
+def _verify(meta: dict, arrays: dict[str, Any], json_items: dict[str, Any]) -> None:
+    """`Damaged` unless `arrays` and `json_items` (and `meta` itself) match the checksums
+    recorded in `meta`. Checkpoints written before checksums existed are not checked."""
+    if not isinstance(meta, dict):
+        raise Damaged("meta", f"meta is not a JSON object: {str(meta)[:100]}")
+    sums = meta.get("checksums")
+    if sums is None:
+        log.info("checkpoint step %s has no checksums (older format)", meta.get("step"))
+        return
+    own = {k: v for k, v in meta.items() if k != "checksums"}
+    if integrity.json_checksum(own) != sums.get("meta"):
+        raise Damaged("meta", "checksum mismatch in meta")
+    for item, value in json_items.items():
+        if integrity.json_checksum(value) != sums.get(item):
+            raise Damaged("data-state" if item == "data" else item, f"checksum mismatch in {item}")
+    for item, tree in arrays.items():
+        bad = integrity.first_mismatch(sums.get(item, {}), integrity.array_checksums(tree))
+        if bad is not None:
+            raise Damaged("checksum", f"checksum mismatch in {item}/{bad}")
 
 
 def remove_checkpoints(run_dir: str | Path) -> bool:

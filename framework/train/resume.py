@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from framework.errors import ConfigError
+from framework.errors import CheckpointError, ConfigError, DataError
 from framework.train import checkpoint as ckpt
+from framework.train import compat
 from framework.train.build import Run
 from framework.train.step import State
 
@@ -32,7 +32,8 @@ class Start:
 
 def plan_resume(run: Run) -> Path | None:
     """The checkpoint folder to restore from (None: start fresh); ConfigError for `never`
-    over existing checkpoints or a resume path without checkpoints."""
+    over existing checkpoints or a resume path without checkpoints, CheckpointError when the
+    run's only checkpoints are damaged ones (never a silent start from scratch)."""
     cc, run_dir = run.cfg.checkpoint, run.run_dir
     own = ckpt.checkpoint_dir(run_dir)
     existing = ckpt.step_dirs(own)
@@ -43,12 +44,18 @@ def plan_resume(run: Run) -> Path | None:
             "checkpoint.resume=fresh to delete them and start over, or another run.name"
         )
     if cc.resume == "fresh":
-        if existing and jax.process_index() == 0:
+        if own.exists() and jax.process_index() == 0:
             log.warning("checkpoint.resume=fresh: deleting %s", own)
             ckpt.remove_checkpoints(run_dir)
         return None
     if existing:  # auto, or a path whose fine-tuning run was itself interrupted
         return own
+    damaged = own / ckpt.DAMAGED
+    if damaged.is_dir() and any(damaged.iterdir()):
+        raise CheckpointError(
+            f"{own} holds only damaged checkpoints (in {damaged}); set "
+            "checkpoint.resume=fresh to start over (it deletes them)"
+        )
     if cc.resume in ckpt.KEYWORDS:
         return None
     source = ckpt.checkpoint_dir(Path(cc.resume).expanduser())
@@ -61,7 +68,7 @@ def plan_resume(run: Run) -> Path | None:
 
 
 def restore_or_init(run: Run, source: Path | None) -> Start:
-    """Restore the newest readable checkpoint of `source` (data position included), else a
+    """Restore the newest good checkpoint of `source` (data position included), else a
     fresh state. With `resume_params_only` from another run: its params, a fresh optimizer."""
     if source is None:
         return Start(run.init_state())
@@ -69,15 +76,13 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
     params_only = run.cfg.checkpoint.resume_params_only and not own
     reader = ckpt.Checkpointer(source, run.cfg.checkpoint, read_only=True)
     try:
-        found = reader.restore_newest(run.abstract_state, params_only=params_only)
+        found = _newest_good(run, reader, params_only=params_only, own=own)
     finally:
         reader.close()
     if found is None:  # only temporary (unfinished) step directories: nothing to resume
         log.warning("no complete checkpoint in %s; starting from scratch", source)
         return Start(run.init_state())
-    step, arrays, data_state, meta = found
-    if own:
-        _drop_unreadable_after(source, step)
+    step, arrays, meta = found
     if params_only:
         state = run.init_state() | {
             "params": arrays["params"],
@@ -87,21 +92,74 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
         state["opt_state"] = init_opt(arrays["params"])
         log.warning("initialized params from %s step %d (fine-tuning from step 0)", source, step)
         return Start(state)
-    run.train_data.set_state(data_state)
     log.warning("resumed from %s step %d", source, step)
     step_array = jax.device_put(np.int32(meta["step"]), run.shardings["step"])
     return Start(arrays | {"step": step_array}, int(meta.get("skipped_steps", 0)))
 
 
-def _drop_unreadable_after(directory: Path, step: int) -> None:
-    """Delete checkpoints newer than the one restored (they failed to read), so the run
-    writes them again instead of skipping steps it believes are saved."""
-    newer = [s for s in ckpt.step_dirs(directory) if s > step]
-    if newer and jax.process_index() == 0:
-        for s in newer:
-            log.warning("removing unreadable checkpoint %s", directory / str(s))
-            shutil.rmtree(directory / str(s), ignore_errors=True)
-    if newer and jax.process_count() > 1:
+def _newest_good(
+    run: Run, reader: ckpt.Checkpointer, *, params_only: bool, own: bool
+) -> tuple[int, dict, dict] | None:
+    """(step, arrays, meta) of the newest checkpoint that fits the config (ConfigError, before
+    anything moves, if it does not), reads, matches its checksums and whose data position
+    applies; each damaged newer one is moved aside (own run) or skipped (another run's)."""
+    items = ("params", "model_state") if params_only else ckpt.ARRAY_ITEMS
+    wanted = compat.array_shapes(run.abstract_state, items)
+    config = run.cfg.model_dump(mode="json")
+    damaged = []
+    for step in reversed(reader.steps()):
+        try:
+            compat.check(
+                reader.read_json("config", step),
+                reader.array_shapes(step),
+                config,
+                wanted,
+                params_only=params_only,
+                where=reader.step_path(step),
+            )
+            arrays, data_state, meta = reader.restore(
+                step, run.abstract_state, params_only=params_only
+            )
+            if data_state is not None:
+                try:
+                    run.train_data.set_state(data_state)
+                except DataError as e:
+                    raise ckpt.Damaged("data-state", f"data position does not apply: {e}") from e
+        except ckpt.Damaged as e:
+            damaged.append(_set_aside(reader, step, e, move=own))
+            continue
+        _sync_after_moves(damaged and own)
+        return step, arrays, meta
+    _sync_after_moves(damaged and own)
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint in {reader.directory} is damaged ({'; '.join(damaged)}); "
+            "set checkpoint.resume=fresh to start over"
+        )
+    return None
+
+
+def _set_aside(reader: ckpt.Checkpointer, step: int, damage: ckpt.Damaged, *, move: bool) -> str:
+    """Warn about a damaged checkpoint and (own run, process 0) move it to damaged/."""
+    path = reader.step_path(step)
+    if not move:
+        log.warning("checkpoint %s is damaged (%s); skipping it", path, damage)
+        return f"step {step}: {damage}"
+    target = reader.directory / ckpt.DAMAGED / f"{step}-{damage.reason}"
+    if jax.process_index() == 0:
+        target = reader.move_aside(step, damage.reason)
+    log.warning(
+        "checkpoint %s is damaged (%s); moved to %s, falling back to the one before",
+        path,
+        damage,
+        target,
+    )
+    return f"step {step}: {damage}, moved to {target}"
+
+
+def _sync_after_moves(moved: bool) -> None:
+    """Every process waits until process 0 has moved damaged checkpoints aside."""
+    if moved and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("framework-drop-unreadable-checkpoints")
+        multihost_utils.sync_global_devices("framework-damaged-checkpoints-moved")
