@@ -72,7 +72,8 @@ def array_checksums(tree: Any) -> dict[str, str]:
         else None
     )
     digests = _digest_all(out_sharding)(leaves)
-    words = np.asarray(jax.device_get(digests), dtype=np.uint64).reshape(len(leaves), 2)
+    # Replicated results: this process's copy (a multi-process array is not fully addressable).
+    words = [np.asarray(d.addressable_data(0)) for d in digests]
     return {
         path: f"{int(a):08x}{int(b):08x}" for path, (a, b) in zip(_paths(tree), words, strict=True)
     }
