@@ -132,9 +132,9 @@ def _newest_good(
         return step, arrays, meta
     _sync_after_moves(damaged and own)
     if damaged:
+        advice = "set checkpoint.resume=fresh to start over" if own else "resume from another run"
         raise CheckpointError(
-            f"every checkpoint in {reader.directory} is damaged ({'; '.join(damaged)}); "
-            "set checkpoint.resume=fresh to start over"
+            f"every checkpoint in {reader.directory} is damaged ({'; '.join(damaged)}); {advice}"
         )
     return None
 
