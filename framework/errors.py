@@ -2,7 +2,8 @@
 
 User mistakes (`ConfigError`, `DataError`, `ShapeError`) carry one line naming the key, path or
 layer; scripts print that line and exit with status 2. Run failures the user did not type
-(`CheckpointError`, `NonFiniteError`) exit with status 1."""
+(`CheckpointError`, `NonFiniteError`, `DistributedError`, and a full disk, a read-only file
+system or a denied permission) exit with status 1."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class CheckpointError(_OneLine, RuntimeError):
 
 class NonFiniteError(_OneLine, RuntimeError):
     """Loss, a gradient or a parameter became NaN/inf; the message names the step and leaf."""
+
+
+class DistributedError(_OneLine, RuntimeError):
+    """The processes of a multi-process run could not connect, or lost one another."""
 
 
 class ShapeError(ValueError):

@@ -1,16 +1,25 @@
 """Train from a config: `python scripts/train.py CONFIG [key.sub=value ...]`.
 
-User mistakes (bad key, wrong type, missing file, incompatible data, `checkpoint.resume=never`
-over existing checkpoints) print one line and exit with status 2; checkpoints that exist but
-cannot be read print one line and exit with status 1. SIGTERM/SIGINT save a checkpoint and exit
-0; rerunning the same command resumes. The run directory gets the resolved config, metrics,
-plots and checkpoints/."""
+User mistakes (bad key, wrong type, missing file, incompatible data, a run too big for the
+devices, `checkpoint.resume=never` over existing checkpoints) print one line and exit with status
+2; failures of the run or its environment (unreadable checkpoints, NaN, a full disk, a read-only
+file system, a denied permission, a dead peer process) print one line and exit with status 1.
+`--debug` or FRAMEWORK_DEBUG=1 shows the traceback instead; an internal bug always does.
+SIGTERM/SIGINT save a checkpoint and exit 0; rerunning the same command resumes. The run
+directory gets the resolved config, metrics, plots and checkpoints/."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
+
+# OSErrors about a path the user typed (exit 2); any other (disk full, read-only file system,
+# permission denied, an immutable directory) is the environment's (exit 1).
+USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,11 +34,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override (same as a positional key=value)",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("FRAMEWORK_DEBUG", "") not in ("", "0"),
+        help="show the traceback of every failure (also FRAMEWORK_DEBUG=1)",
+    )
     return parser.parse_args(argv)
 
 
-def _log_framework_messages() -> None:
-    """Show the framework's INFO messages (e.g. which kernel `impl=auto` chose) on stderr."""
+def _log_framework_messages(debug: bool) -> None:
+    """Show the framework's INFO messages (e.g. which kernel `impl=auto` chose) on stderr.
+    Without --debug, orbax's own log (through absl) is silenced: on a failed save it repeats,
+    with a traceback per thread, the failure that is reported in one line."""
+    if not debug:
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("framework")
@@ -38,27 +57,111 @@ def _log_framework_messages() -> None:
     logger.propagate = False
 
 
+def failure(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, one line) for a failure the user or the environment caused, or None for
+    an internal bug (shown with its traceback). Wrapped causes count: orbax and tensorstore
+    bury a full disk or a denied permission several exceptions deep."""
+    from framework.config.loader import config_error_line
+    from framework.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        DistributedError,
+        NonFiniteError,
+        ShapeError,
+    )
+
+    for cause in _chain(e):
+        code = getattr(cause, "errno", None) or _os_error_code(cause)
+        if code is not None and code not in USER_ERRNOS:
+            if isinstance(e, ConfigError):  # our own line already names the key and path
+                return 1, f"error: {e.message}"
+            where = getattr(cause, "filename", None) or _quoted_path(str(cause))
+            return 1, f"error: {os.strerror(code)}" + (f": {where}" if where else "")
+    if (line := config_error_line(e)) is not None:
+        return 2, line
+    if isinstance(e, OSError):
+        return 2, f"error: {e.filename or ''}: {e.strerror or e}"
+    kinds = {
+        DataError: (2, "data error"),
+        ShapeError: (2, "model/data mismatch"),
+        CheckpointError: (1, "checkpoint error"),
+        NonFiniteError: (1, "non-finite"),
+        DistributedError: (1, "distributed error"),
+    }
+    for kind, (status, prefix) in kinds.items():
+        if isinstance(e, kind):
+            return status, f"{prefix}: {e}"
+    if _out_of_device_memory(e):
+        return 2, (
+            f"out of device memory ({str(e).splitlines()[0]}): lower data.batch_size, "
+            "data.seq_len or the model's size, or spread it over more devices (mesh.*)"
+        )
+    return None
+
+
+def _out_of_device_memory(e: BaseException) -> bool:
+    """XLA could not allocate: the run is bigger than the estimate `build` checks."""
+    import jax
+
+    return isinstance(e, jax.errors.JaxRuntimeError) and str(e).startswith("RESOURCE_EXHAUSTED")
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """The exception and its causes/contexts, outermost first."""
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _os_error_code(e: BaseException) -> int | None:
+    """The OS error code tensorstore puts in its messages (`[os_error_code='28']`)."""
+    match = re.search(r"os_error_code='(\d+)'", str(e))
+    return int(match.group(1)) if match else None
+
+
+def _quoted_path(text: str) -> str | None:
+    """The first quoted absolute path in a message."""
+    match = re.search(r'"(/[^"]+)"', text)
+    return match.group(1) if match else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    _log_framework_messages()
-    from framework.config import exit_on_config_error, load_config
-    from framework.config.loader import _die
-    from framework.errors import CheckpointError, DataError, NonFiniteError
+    _log_framework_messages(args.debug)
+    try:
+        summary = _train(args)
+    except Exception as e:
+        known = None if args.debug else failure(e)
+        if known is None:
+            from framework.parallel.distributed import settle_peer_failure
+
+            settle_peer_failure()  # a failed collective: if a peer died, exits with one line
+            raise
+        status, line = known
+        sys.stdout.flush()
+        sys.stderr.write(" ".join(line.split()) + "\n")
+        sys.stderr.flush()
+        if status == 1:  # background writers may be stuck on the broken disk: do not wait
+            os._exit(status)
+        return status
+    return _report(summary)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    """Load the config, build the run, train it: the summary."""
+    from framework.config import load_config
     from framework.train import build, train
     from framework.train.config import Config
 
-    with exit_on_config_error():
-        cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
-        try:
-            run = build(cfg)
-        except DataError as e:
-            _die(f"data error: {e}")
-        try:
-            summary = train(run)
-        except (CheckpointError, NonFiniteError) as e:
-            kind = "checkpoint error" if isinstance(e, CheckpointError) else "non-finite"
-            sys.stderr.write(f"{kind}: {e}\n")
-            return 1
+    cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
+    return train(build(cfg))
+
+
+def _report(summary: dict) -> int:
+    """Print how the run ended (stdout); 0."""
     if summary["stopped"]:
         print(
             f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "

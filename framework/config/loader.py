@@ -151,7 +151,11 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override's value as YAML: `3`, `1e-3`, `true`, `[1,2]`, `null` become data."""
+    """Parse an override's value as YAML: `3`, `1e-3`, `true`, `[1,2]`, `null` become data.
+    A value starting with `*` (an unquoted glob such as `*.txt`, a YAML alias otherwise) is
+    the string itself."""
+    if text.strip().startswith("*"):
+        return text.strip()
     return _parse_yaml(text)
 
 
@@ -400,17 +404,25 @@ def exit_on_config_error() -> Iterator[None]:
     """
     try:
         yield
-    except ConfigError as e:
-        _die(f"config error: {e.message}")
-    except pydantic.ValidationError as e:
+    except (ConfigError, pydantic.ValidationError, FileNotFoundError, yaml.YAMLError) as e:
+        _die(config_error_line(e))
+
+
+def config_error_line(e: BaseException) -> str | None:
+    """The one line for a config mistake (ConfigError, a pydantic error, a missing file,
+    invalid YAML), or None for any other exception."""
+    if isinstance(e, ConfigError):
+        return f"config error: {e.message}"
+    if isinstance(e, pydantic.ValidationError):
         errors = e.errors()
-        _die(f"config error: {format_error(None, errors[0]) if errors else e}")
-    except FileNotFoundError as e:
-        _die(f"error: {e.filename or e}: file not found")
-    except yaml.YAMLError as e:
+        return f"config error: {format_error(None, errors[0]) if errors else e}"
+    if isinstance(e, FileNotFoundError):
+        return f"error: {e.filename or e}: file not found"
+    if isinstance(e, yaml.YAMLError):
         problem, line, col = _yaml_problem(e)
         where = f"line {line}:{col}: " if line is not None else ""
-        _die(f"error: invalid YAML: {where}{problem}")
+        return f"error: invalid YAML: {where}{problem}"
+    return None
 
 
 def _die(line: str) -> typing.NoReturn:

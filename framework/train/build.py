@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -28,6 +28,7 @@ from framework.parallel.distributed import initialize
 from framework.parallel.mesh import make_mesh
 from framework.parallel.sharding import check_batch, logical_shardings, put_batch
 from framework.train.config import Config
+from framework.train.memory import check_fits
 from framework.train.optimizer import make_optimizer, schedule
 from framework.train.step import State, init_state, make_eval_step, make_train_step
 
@@ -157,40 +158,70 @@ def _jit_steps(model, cfg, tx, lr, shardings, mesh, rules) -> tuple[Callable, Ca
     return train_step, eval_step
 
 
-def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -> Run:
-    """Build a run from a validated config; ConfigError/DataError for user mistakes.
-    `read_data=False` skips the loaders (inspecting or sizing a run without its data): the
-    model is then fitted to what `framework.data.describe` knows."""
-    initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
-    model = models.get(cfg.model.name)
-    train_data = eval_set = None
-    if read_data:
-        train_data, eval_set, meta = make_loaders(
-            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-    else:
-        meta = describe(cfg.data)
+class _Plan(NamedTuple):
+    """The model fitted to the data and the state's layout, before anything is allocated."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: dict
+    tx: optax.GradientTransformation
+    shardings: dict
+    abstract: dict
+
+
+def _plan(cfg: Config, model: Model, meta: Mapping[str, Any], devices: list | None) -> _Plan:
+    """Fit the model to the data's metadata, lay out the mesh and the state's shardings, and
+    refuse (ConfigError) a run that cannot fit its devices: all without allocating."""
     cfg = cfg.model_copy(update={"model": cfg.model.for_data(meta)})
     is_lm = meta["kind"] == "lm"
     mesh = make_mesh(cfg.mesh, devices)
     rules = dict(cfg.mesh.rules)
     check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    lr = schedule(cfg.optim, cfg.train.steps)
     shapes = jax.eval_shape(lambda k: init_state(model, cfg.model, tx, k), jax.random.key(0))
     shardings = state_shardings(model, cfg.model, tx, shapes, mesh, rules)
-    train_step, eval_step = _jit_steps(model, cfg, tx, lr, shardings, mesh, rules)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
+    check_fits(cfg, abstract, mesh, is_lm)
+    return _Plan(cfg, mesh, rules, tx, shardings, abstract)
+
+
+def _known_unread(cfg: Config, meta: Mapping[str, Any]) -> bool:
+    """Whether the data's metadata fixes every shape before reading it (token files tell
+    their vocabulary only once read, unless model.vocab_size is set)."""
+    vocab = meta["vocab_size"] or getattr(cfg.model, "vocab_size", None)
+    return meta["kind"] != "lm" or vocab is not None
+
+
+def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -> Run:
+    """Build a run from a validated config; ConfigError/DataError for user mistakes.
+    `read_data=False` skips the loaders (inspecting or sizing a run without its data): the
+    model is then fitted to what `framework.data.describe` knows. Shapes and sizes are
+    checked before the data is read where its metadata allows (a typo in data.seq_len must
+    not first generate gigabytes of tokens)."""
+    initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
+    model = models.get(cfg.model.name)
+    meta = describe(cfg.data)
+    plan = _plan(cfg, model, meta, devices) if _known_unread(cfg, meta) or not read_data else None
+    train_data = eval_set = None
+    if read_data:
+        train_data, eval_set, meta = make_loaders(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        if plan is None or plan.cfg.model != cfg.model.for_data(meta):
+            plan = _plan(cfg, model, meta, devices)
+    cfg, mesh, rules, tx = plan.cfg, plan.mesh, plan.rules, plan.tx
+    lr = schedule(cfg.optim, cfg.train.steps)
+    train_step, eval_step = _jit_steps(model, cfg, tx, lr, plan.shardings, mesh, rules)
     return Run(
         cfg=cfg,
         model=model,
         mesh=mesh,
         rules=rules,
         tx=tx,
-        shardings=shardings,
-        abstract_state=abstract,
+        shardings=plan.shardings,
+        abstract_state=plan.abstract,
         train_step=train_step,
         eval_step=eval_step,
         train_data=train_data,

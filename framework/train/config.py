@@ -27,9 +27,19 @@ class RunConfig(pydantic.BaseModel):
     """Where the run lives and how it is seeded."""
 
     model_config = _FROZEN
-    name: str = pydantic.Field("run", min_length=1, description="run directory name")
+    name: str = pydantic.Field(
+        "run", min_length=1, max_length=128, description="run directory name (one path component)"
+    )
     dir: str = pydantic.Field("runs", description="parent folder of run directories")
-    seed: int = pydantic.Field(0, description="seed for params and dropout keys")
+    seed: int = pydantic.Field(0, ge=0, lt=2**32, description="seed for params and dropout keys")
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _one_component(cls, name: str) -> str:
+        """The run directory must stay inside run.dir: no separators, no `.` or `..`."""
+        if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+            raise ValueError("must be a single directory name (no '/', '..' or '.')")
+        return name
 
 
 class TrainConfig(pydantic.BaseModel):
