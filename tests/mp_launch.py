@@ -1,7 +1,9 @@
 """Helpers for tests that start a real multi-process jax.distributed run on 127.0.0.1."""
 
+import os
 import socket
 import subprocess
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -38,3 +40,27 @@ def run_all(commands: list[list[str]], *, timeout: float = 150, **popen) -> list
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [out for out, _ in outs]
+
+
+def start_all(commands: list[list[str]], logs: Path, **popen) -> list[subprocess.Popen]:
+    """Start the commands (process i writes logs/p{i}.out and logs/p{i}.err, unbuffered, on
+    CPU with 2 devices each); stop them with `stop_all`."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    procs = []
+    for i, cmd in enumerate(commands):
+        with open(logs / f"p{i}.out", "w") as out, open(logs / f"p{i}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=env, **popen))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Kill and reap the processes still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
