@@ -64,6 +64,13 @@ class TrainConfig(pydantic.BaseModel):
         description="non-finite loss/gradient/param: stop (name the first bad leaf, "
         "keep the last good checkpoint) or skip the update (counted)",
     )
+    max_skipped_fraction: float = pydantic.Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="with nonfinite=skip: stop (exit 1) when more than this share of the last "
+        "100 steps (judged from 10 on) was skipped: the run is diverging",
+    )
     stop_at: int | None = pydantic.Field(
         None,
         gt=0,

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from framework.errors import NonFiniteError
-from framework.train import checkpoint as ckpt
+from framework.train import nonfinite
 from framework.train.build import Run
 from framework.train.step import State
 
@@ -46,10 +46,15 @@ class Context:
     stop_reason: str | None = None  # set by `stop`: a signal, train.stop_at
     skipped_steps: int = 0  # non-finite updates dropped (nonfinite=skip), over all fetches
     hardware_flops: float = math.nan  # XLA's FLOPs of one step on one device
+    batch_spec: Any = None  # shapes/dtypes of a training batch (set when the step compiles)
     clock: Clock = dataclasses.field(default_factory=Clock)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # "eval", "sample"
+    skips: nonfinite.SkipMonitor = dataclasses.field(init=False)
     _pending: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     _fetched: list[tuple[int, dict]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.skips = nonfinite.SkipMonitor(self.run.cfg.train.max_skipped_fraction)
 
     @property
     def final(self) -> bool:
@@ -66,19 +71,24 @@ class Context:
         self.clock.steps += 1
 
     def fetch(self) -> None:
-        """Copy pending metrics to the host and check them: NonFiniteError (stop policy)
-        naming the step and the first bad gradient or parameter leaf."""
+        """Copy pending metrics to the host and check them: NonFiniteError (stop policy) naming
+        the step and what went non-finite first, or (skip policy) when too many recent steps
+        were dropped. The loop adds the last good checkpoint once saves in flight are done."""
         if not self._pending:
             return
         host = jax.device_get([m for _, m in self._pending])
         fetched = list(zip([s for s, _ in self._pending], host, strict=True))
         self._pending = []
         if self.run.cfg.train.nonfinite == "skip":
-            self.skipped_steps += sum(int(m["skipped"]) for _, m in fetched)
+            flags = [bool(m["skipped"]) for _, m in fetched]
+            self.skipped_steps += sum(flags)
+            self.skips.add(flags)
+            if (reason := self.skips.too_many()) is not None:
+                raise NonFiniteError(reason)
         else:
             for step, m in fetched:
                 if not m["finite"]:
-                    raise NonFiniteError(nonfinite_message(self.run, step, m))
+                    raise NonFiniteError(nonfinite.describe(self.run, step, m, self.batch_spec))
         self._fetched.extend(fetched)
         del self._fetched[:-MAX_UNTAKEN]  # with no hook taking them, keep only the newest
 
@@ -87,28 +97,3 @@ class Context:
         self.fetch()
         out, self._fetched = self._fetched, []
         return out
-
-
-def nonfinite_message(run: Run, step: int, m: dict) -> str:
-    """Which leaf went non-finite first at `step`, and the last checkpoint left to resume."""
-    paths = [
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for path, _ in jax.tree_util.tree_flatten_with_path(run.abstract_state["params"])[0]
-    ]
-    if int(m["bad_grad"]) >= 0:
-        where = f"first non-finite gradient: {paths[int(m['bad_grad'])]}"
-    elif int(m["bad_param"]) >= 0:
-        where = f"first non-finite parameter after the update: {paths[int(m['bad_param'])]}"
-    else:
-        where = "non-finite loss, finite gradients"
-    directory = ckpt.checkpoint_dir(run.run_dir)
-    steps = ckpt.step_dirs(directory)
-    kept = (
-        f"last good checkpoint: step {steps[-1]} in {directory}"
-        if steps
-        else ("no checkpoint was written")
-    )
-    return (
-        f"non-finite loss or gradient at step {step}: {where} "
-        f"(loss={m['loss']}, grad_norm={m['grad_norm']}); {kept}"
-    )

@@ -182,6 +182,14 @@ class LogMetrics(Hook):
             line |= self.throughput(n_steps, seconds, ctx.hardware_flops)
         if self.run.cfg.train.nonfinite == "skip":
             line["skipped_steps"] = float(ctx.skipped_steps)
+            now = sum(int(m["skipped"]) for _, m in fetched)
+            if now and self.enabled:
+                log.warning(
+                    "train.nonfinite=skip: %d of the last %d steps skipped (%d in total)",
+                    now,
+                    len(fetched),
+                    ctx.skipped_steps,
+                )
         self.report(ctx.step, line, "train")
 
     def report(self, step: int, metrics: Mapping[str, float], split: str) -> None:
@@ -203,7 +211,7 @@ class LogMetrics(Hook):
             self.writer.close()
 
 
-_NOT_AVERAGED = ("finite", "bad_grad", "bad_param", "skipped", "weight")
+_NOT_AVERAGED = ("finite", "grad_finite", "param_finite", "skipped", "weight")
 
 
 def mean_metrics(per_step: list[Mapping[str, Any]]) -> dict[str, float]:

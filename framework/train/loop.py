@@ -19,7 +19,8 @@ from typing import Any
 import jax
 
 from framework.config.loader import dump_resolved
-from framework.errors import ConfigError
+from framework.errors import ConfigError, NonFiniteError
+from framework.train import nonfinite
 from framework.train.build import Run, compile_step
 from framework.train.context import Context
 from framework.train.hooks import Hook, default_hooks
@@ -52,6 +53,7 @@ def train(
     prepare_run_dir(run)
     start = restore_or_init(run, source) if start is None else start
     ctx = Context(run, start.state, int(start.state["step"]), skipped_steps=start.skipped_steps)
+    nonfinite.check_start(run, ctx.state)
     total = run.cfg.train.steps
     if ctx.step >= total:
         log.warning(
@@ -63,17 +65,20 @@ def train(
         )
     opened: list[Hook] = []
     try:
-        for hook in hooks:
-            hook.start(ctx)
-            opened.append(hook)
-        _steps(ctx, hooks, total)
-        ctx.fetch()  # every step's metrics checked, also with no hook that fetches
-        if ctx.stop_reason is None:
+        try:
             for hook in hooks:
-                hook.end(ctx)
-    finally:
-        for hook in reversed(opened):
-            hook.close(ctx)
+                hook.start(ctx)
+                opened.append(hook)
+            _steps(ctx, hooks, total)
+            ctx.fetch()  # every step's metrics checked, also with no hook that fetches
+            if ctx.stop_reason is None:
+                for hook in hooks:
+                    hook.end(ctx)
+        finally:
+            for hook in reversed(opened):
+                hook.close(ctx)  # finishes saves in flight
+    except NonFiniteError as e:  # name the checkpoint only once it is on disk
+        raise NonFiniteError(f"{e.message}; {nonfinite.last_checkpoint(run)}") from None
     return {
         "step": ctx.step,
         "state": ctx.state,
@@ -93,6 +98,7 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
         batch = run.put(next(run.train_data))
         if step_fn is None:
             step_fn, ctx.hardware_flops = compile_step(run, ctx.state, batch)
+            ctx.batch_spec = jax.eval_shape(lambda b: b, batch)
             if math.isnan(ctx.hardware_flops):
                 log.info("hfu not logged: the step has loops (scan over layers, accumulation)")
             ctx.clock.restart()  # compile time is not step time

@@ -5,7 +5,7 @@ key is `fold_in(key(seed), step)`, so a resumed run draws exactly the keys it wo
 A model's loss is a mean over its counted items (tokens under the mask, examples) and reports
 their count as `aux["weight"]`; micro-batches are combined weighted by that count, so the
 gradient is the gradient of the mean over every counted item of the step, however the batch is
-split. Every step reports which gradient / new parameter leaf is first non-finite (-1: none),
+split. Every step flags which gradient and new parameter leaves are finite (one flag per leaf),
 and with `nonfinite="skip"` a non-finite update is dropped inside the step (the step still
 advances, so data order and dropout keys stay those of an uninterrupted run)."""
 
@@ -37,13 +37,12 @@ def init_state(
     }
 
 
-def first_nonfinite(tree: Any) -> jax.Array:
-    """Index (in jax.tree.leaves order) of the first leaf holding a NaN/inf, else -1."""
+def finite_leaves(tree: Any) -> jax.Array:
+    """One flag per leaf (jax.tree.leaves order): every element finite."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
-        return jnp.int32(-1)
-    ok = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-    return jnp.where(jnp.all(ok), -1, jnp.argmin(ok)).astype(jnp.int32)
+        return jnp.zeros((0,), bool)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -147,14 +146,14 @@ def make_train_step(
             "opt_state": opt_state,
             "model_state": model_state,
         }
-        bad_grad, bad_param = first_nonfinite(grads), first_nonfinite(new_params)
-        finite = jnp.isfinite(metrics["loss"]) & (bad_grad < 0) & (bad_param < 0)
+        grad_finite, param_finite = finite_leaves(grads), finite_leaves(new_params)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(grad_finite) & jnp.all(param_finite)
         out = dict(
             metrics,
             grad_norm=optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads)),
             finite=finite,
-            bad_grad=bad_grad,
-            bad_param=bad_param,
+            grad_finite=grad_finite,
+            param_finite=param_finite,
         )
         if nonfinite == "skip":
             new_state = jax.tree.map(
