@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
 import math
 import weakref
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from framework.data import sources
 from framework.data.config import DataConfig
 from framework.data.sources import TokenArray, WindowSource
 from framework.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 
@@ -190,24 +193,31 @@ def _token_files(paths: list[str], dtype: str) -> list[TokenArray]:
     return [TokenArray(path=str(f.path), dtype=dtype) for f in files]
 
 
+def _token_vocab(arrays: list[TokenArray]) -> tuple[int, dict[str, Any]]:
+    """(vocabulary, metadata) of token files: the first file's metadata says the vocabulary,
+    else the largest id + 1; one streaming pass checks every id lies in [0, vocabulary)."""
+    first = arrays[0].path
+    side = sources.read_sidecar(first)
+    vocab = side.get("vocab_size")
+    vocab_from = f" (vocab_size in {str(sources.sidecar_path(first))!r})"
+    top = max(a.check_ids(vocab, vocab_from) for a in arrays)
+    return (top + 1 if vocab is None else int(vocab)), side
+
+
 def _token_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
     train_arrays = _token_files(cfg.paths, cfg.token_dtype)
+    val_arrays = _token_files(cfg.val_paths, cfg.token_dtype) if cfg.val_paths else []
+    vocab, side = _token_vocab(train_arrays + val_arrays)
     if cfg.val_paths:
-        val_arrays = _token_files(cfg.val_paths, cfg.token_dtype)
         train = WindowSource(train_arrays, cfg.seq_len)
         val: WindowSource | None = WindowSource(val_arrays, cfg.seq_len)
     else:
-        val_arrays = []
         train, val = _split_tail(train_arrays, cfg.seq_len, cfg.val_fraction)
-    side = sources.read_sidecar(train_arrays[0].path) if train_arrays else {}
-    vocab = side.get("vocab_size")
-    if vocab is None:  # no metadata written: one streaming pass over the memmaps
-        vocab = 1 + max(int(a.data.max()) for a in train_arrays + val_arrays if len(a))
     return (
         train,
         val,
         {
-            "vocab_size": int(vocab),
+            "vocab_size": vocab,
             "bytes_per_token": side.get("bytes_per_token"),
             "corpus_tokens": sum(len(a) for a in train_arrays + val_arrays),
         },
@@ -289,7 +299,26 @@ def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
             f"(data.batch_size={cfg.batch_size}); add data or lower "
             f"data.batch_size / data.seq_len"
         )
+    _warn_if_no_held_out(cfg, val)
     return train, val, meta
+
+
+def _warn_if_no_held_out(cfg: DataConfig, val: Any | None) -> None:
+    """One warning when held-out data was asked for but holds no example: evaluation is off
+    (it would otherwise report nothing, silently)."""
+    if (val is not None and len(val)) or not (cfg.val_paths or cfg.val_fraction > 0):
+        return
+    asked = (
+        f"data.val_paths={cfg.val_paths}"
+        if cfg.val_paths
+        else f"data.val_fraction={cfg.val_fraction}"
+    )
+    log.warning(
+        "%s gives no held-out example (an LM example needs data.seq_len+1=%d tokens): "
+        "evaluation is off",
+        asked,
+        cfg.seq_len + 1,
+    )
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import glob
 import json
+import logging
 import os
 import sysconfig
 import zlib
@@ -23,7 +24,10 @@ import numpy as np
 from framework.data.config import STDLIB
 from framework.errors import DataError
 
+log = logging.getLogger(__name__)
+
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_CHECK_CHUNK = 1 << 22  # tokens per vectorized id check: a few MB, so a huge file never loads whole
 _SYNTHETIC_SEED = 20240229  # the synthetic tasks are fixed data; shuffle_seed only orders them
 
 
@@ -44,14 +48,24 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _regular(path: Path) -> bool:
+    """Whether `path` is a regular file (or a link to one); warns naming anything else, since
+    reading a FIFO, socket or device would block or never end."""
+    if path.is_file():
+        return True
+    log.warning("skipping %s: not a regular file (a FIFO, socket, device or broken link)", path)
+    return False
+
+
 def _walk(root: Path, pattern: str) -> list[CorpusFile]:
-    """Files under `root` matching `pattern`, sorted by relative path; skips installed packages."""
+    """Regular files under `root` matching `pattern`, sorted by relative path; skips installed
+    packages."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
         for name in filenames:
-            if fnmatch.fnmatch(name, pattern):
-                path = Path(dirpath) / name
+            path = Path(dirpath) / name
+            if fnmatch.fnmatch(name, pattern) and _regular(path):
                 found.append(CorpusFile(path.relative_to(root).as_posix(), path))
     return sorted(found, key=lambda f: f.key)
 
@@ -69,13 +83,18 @@ def find_files(paths: Sequence[str], pattern: str = "*.py") -> list[CorpusFile]:
             files = []
             for m in matches:
                 p = Path(m)
-                files.extend(_walk(p, pattern) if p.is_dir() else [CorpusFile(p.as_posix(), p)])
+                if p.is_dir():
+                    files.extend(_walk(p, pattern))
+                elif _regular(p):
+                    files.append(CorpusFile(p.as_posix(), p))
         else:
             p = Path(entry)
             if p.is_dir():
                 files = _walk(p, pattern)
             elif p.is_file():
                 files = [CorpusFile(p.name, p)]
+            elif p.exists():
+                raise DataError(f"data path {entry!r} is not a regular file or folder")
             else:
                 raise DataError(f"data path {entry!r} does not exist")
         if not files:
@@ -222,6 +241,8 @@ class TokenArray:
                     f"token file {path!r} must hold a 1-D integer array, "
                     f"got shape {arr.shape} dtype {arr.dtype}"
                 )
+            if arr.shape[0] == 0:
+                raise DataError(f"token file {path!r} is empty")
             return arr
         if p.suffix != ".bin":
             raise DataError(f"token file {path!r}: expected a .bin or .npy file")
@@ -244,6 +265,30 @@ class TokenArray:
 
     def __len__(self) -> int:
         return self.length
+
+    def check_ids(self, vocab: int | None, vocab_from: str = "") -> int:
+        """The largest id, after checking every id is >= 0 and below `vocab` where known
+        (`vocab_from` says where it comes from): a DataError names the file and the first bad
+        index. Scans in chunks, so a multi-GB memmap is read once and never loaded whole."""
+        data = self.data
+        may_be_negative = np.issubdtype(data.dtype, np.signedinteger)
+        top = -1
+        for start in range(0, len(data), _CHECK_CHUNK):
+            chunk = data[start : start + _CHECK_CHUNK]
+            hi = int(chunk.max())
+            if (may_be_negative and int(chunk.min()) < 0) or (vocab is not None and hi >= vocab):
+                self._raise_bad_id(chunk.astype(np.int64), start, vocab, vocab_from)
+            top = max(top, hi)
+        return top
+
+    def _raise_bad_id(self, chunk: np.ndarray, start: int, vocab: int | None, vocab_from: str):
+        """The DataError for the first id of `chunk` (at offset `start`) outside [0, vocab)."""
+        bad = chunk < 0 if vocab is None else (chunk < 0) | (chunk >= vocab)
+        i = int(np.argmax(bad))
+        allowed = "ids must be >= 0" if vocab is None else f"outside [0, {vocab}){vocab_from}"
+        raise DataError(
+            f"token file {self.path!r}: token {start + i} has id {int(chunk[i])}, {allowed}"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
