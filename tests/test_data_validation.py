@@ -149,3 +149,10 @@ def test_train_script_negative_id_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "neg.npy" in lines[0] and "token 1000 has id -3" in lines[0], lines
+
+
+def test_non_integer_vocab_size_in_the_metadata_is_one_line(tmp_path):
+    path = _tokens(tmp_path / "tok.bin")
+    sources.sidecar_path(path).write_text(json.dumps({"vocab_size": "100"}))
+    with pytest.raises(DataError, match=r"vocab_size must be a positive integer, got '100'"):
+        build_sources(_cfg([path]))

@@ -200,6 +200,8 @@ def _token_vocab(arrays: list[TokenArray]) -> tuple[int, dict[str, Any]]:
     side = sources.read_sidecar(first)
     vocab = side.get("vocab_size")
     vocab_from = f" (vocab_size in {str(sources.sidecar_path(first))!r})"
+    if vocab is not None and (type(vocab) is not int or vocab < 1):
+        raise DataError(f"vocab_size must be a positive integer, got {vocab!r}{vocab_from}")
     top = max(a.check_ids(vocab, vocab_from) for a in arrays)
     return (top + 1 if vocab is None else int(vocab)), side
 
