@@ -34,6 +34,10 @@ class CheckpointError(_OneLine, RuntimeError):
     """Checkpoints exist but none can be restored: never silently start from scratch."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read or no longer match their checksums."""
+
+
 class NonFiniteError(_OneLine, RuntimeError):
     """Loss, a gradient or a parameter became NaN/inf; the message names the step and leaf."""
 

@@ -21,7 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from framework.errors import CheckpointError
+    from framework.errors import CheckpointError, DamagedCheckpointError
     from framework.train.checkpoint import (
         CheckpointConfig,
         Checkpointer,
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         step, params = reader.read_numpy("params", args.step)
     except CheckpointError as e:
         sys.stderr.write(f"error: {e}\n")
-        return 1 if "is damaged" in str(e) else 2
+        return 1 if isinstance(e, DamagedCheckpointError) else 2
     finally:
         reader.close()
     out = save_safetensors(params, args.out, metadata={"step": str(step), "source": str(directory)})

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 # OSErrors about a path the user typed (exit 2); any other (disk full, read-only file system,
 # permission denied, an immutable directory) is the environment's (exit 1).
@@ -71,13 +72,12 @@ def failure(e: BaseException) -> tuple[int, str] | None:
         ShapeError,
     )
 
-    for cause in _chain(e):
-        code = getattr(cause, "errno", None) or _os_error_code(cause)
-        if code is not None and code not in USER_ERRNOS:
-            if isinstance(e, ConfigError):  # our own line already names the key and path
-                return 1, f"error: {e.message}"
-            where = getattr(cause, "filename", None) or _quoted_path(str(cause))
-            return 1, f"error: {os.strerror(code)}" + (f": {where}" if where else "")
+    if (found := _environment_cause(e)) is not None:
+        cause, code = found
+        if isinstance(e, ConfigError):  # our own line already names the key and path
+            return 1, f"error: {e.message}"
+        where = getattr(cause, "filename", None) or _quoted_path(str(cause))
+        return 1, f"error: {os.strerror(code)}" + (f": {where}" if where else "")
     if (line := config_error_line(e)) is not None:
         return 2, line
     if isinstance(e, OSError):
@@ -97,6 +97,15 @@ def failure(e: BaseException) -> tuple[int, str] | None:
             f"out of device memory ({str(e).splitlines()[0]}): lower data.batch_size, "
             "data.seq_len or the model's size, or spread it over more devices (mesh.*)"
         )
+    return None
+
+
+def _environment_cause(e: BaseException) -> tuple[BaseException, int] | None:
+    """(cause, OS error code) of a failure of the disk or file system, anywhere in the chain."""
+    for cause in _chain(e):
+        code = getattr(cause, "errno", None) or _os_error_code(cause)
+        if code is not None and code not in USER_ERRNOS:
+            return cause, code
     return None
 
 
@@ -134,17 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = _train(args)
     except Exception as e:
-        known = None if args.debug else failure(e)
-        if known is None:
-            from framework.parallel.distributed import settle_peer_failure
+        from framework.parallel import distributed
 
-            settle_peer_failure()  # a failed collective: if a peer died, exits with one line
+        known = failure(e)
+        if known is None:  # a failed collective: if a peer died, the watchdog exits with its line
+            distributed.settle_peer_failure()
+        distributed.announce_failure()  # the other processes stop too
+        if known is None:
             raise
         status, line = known
         sys.stdout.flush()
-        sys.stderr.write(" ".join(line.split()) + "\n")
+        if args.debug:
+            traceback.print_exc()
+        else:
+            sys.stderr.write(" ".join(line.split()) + "\n")
         sys.stderr.flush()
-        if status == 1:  # background writers may be stuck on the broken disk: do not wait
+        if _environment_cause(e) is not None:  # writers may hang on the broken disk at exit
             os._exit(status)
         return status
     return _report(summary)
@@ -155,13 +169,18 @@ def _train(args: argparse.Namespace) -> dict:
     from framework.config import load_config
     from framework.train import build, train
     from framework.train.config import Config
+    from framework.train.signals import stop_signals
 
-    cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
-    return train(build(cfg))
+    with stop_signals():  # a Ctrl-C while build compiles is a clean stop too
+        cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
+        return train(build(cfg))
 
 
 def _report(summary: dict) -> int:
     """Print how the run ended (stdout); 0."""
+    if summary["stopped"] and summary["step"] == summary["start_step"]:
+        print(f"stopped before the first step by {summary['stopped']}; nothing to save")
+        return 0
     if summary["stopped"]:
         print(
             f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved "

@@ -68,7 +68,7 @@ def test_bad_yaml_exits_2(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     done = _run("--debug", TINY, "run.seed=-1", f"run.dir={tmp_path}")
-    assert done.returncode == 1 and "Traceback" in done.stderr and "run.seed" in done.stderr
+    assert done.returncode == 2 and "Traceback" in done.stderr and "run.seed" in done.stderr
     monkeypatch.setenv("FRAMEWORK_DEBUG", "1")
     assert _train_script().parse_args([TINY]).debug
 

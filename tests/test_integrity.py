@@ -104,9 +104,11 @@ def test_checksums_catch_every_single_bit_and_ignore_the_layout():
 
 
 def test_bit_flips_in_saved_params_never_resume_silently(pristine, tmp_path):
-    """8 random single-bit flips in the newest checkpoint's stored params: each restore
-    either falls back to step 2 (the damaged step moved aside) or, where the flipped bytes are
-    never read, gives the step-4 params bitwise. Never different params in silence."""
+    """Random single-bit flips in the newest checkpoint's stored params, until two have been
+    caught by a checksum (at most 30 tries): each restore either falls back to step 2 (the
+    damaged step moved aside) or, where the flipped bytes are never read (orbax keeps superseded
+    data in its append-only store), gives the step-4 params bitwise. Never different params in
+    silence."""
     good = _params(pristine, 4)
     rng = random.Random(0)
     run_dir = tmp_path / "run"
@@ -114,7 +116,7 @@ def test_bit_flips_in_saved_params_never_resume_silently(pristine, tmp_path):
     store = pristine / "tiny_lm/checkpoints/4/params"
     files = sorted(f.relative_to(store) for f in store.rglob("d/*") if f.stat().st_size > 1000)
     caught = []
-    for _ in range(8):
+    for _ in range(30):
         _copy(pristine, run_dir)
         target = run_dir / "tiny_lm/checkpoints/4/params" / rng.choice(files)
         data = bytearray(target.read_bytes())
@@ -128,7 +130,9 @@ def test_bit_flips_in_saved_params_never_resume_silently(pristine, tmp_path):
         assert ckpt.step_dirs(run_dir / "tiny_lm/checkpoints") == [2]
         (moved,) = _damaged(run_dir)
         caught.append(moved.split("-", 1)[1])
-    assert caught.count("checksum") >= 3, caught  # values changed on disk: only checksums see it
+        if caught.count("checksum") == 2:  # values changed on disk: only checksums see it
+            break
+    assert caught.count("checksum") == 2, caught
 
 
 def _edit_meta(step_dir: Path, edit) -> None:

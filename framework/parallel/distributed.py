@@ -98,6 +98,12 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def announce_failure() -> None:
+    """Tell the other processes this one is exiting on an error, so they stop too."""
+    if _watch is not None:
+        _watch.stop(failed=True)
+
+
 def settle_peer_failure() -> None:
     """After an error in a multi-process run, give the watchdog time to tell whether a peer
     died (a failed collective is often the first sign): if so it exits with its one line."""
@@ -113,6 +119,7 @@ class PeerWatch(threading.Thread):
 
     PREFIX = "framework/peer_watch/"
     EXITED = "exited"
+    FAILED = "failed"
 
     def __init__(self, timeout_s: float):
         super().__init__(name="peer-watch", daemon=True)
@@ -122,18 +129,24 @@ class PeerWatch(threading.Thread):
         self.me, self.n = jax.process_index(), jax.process_count()
         self.interval = timeout_s / 5
         self.stopped = threading.Event()
+        self._lock = threading.Lock()  # a beat never overwrites the final word
         atexit.register(self.stop)
 
     def _key(self, process: int) -> str:
         return f"{self.PREFIX}{process}"
 
-    def stop(self) -> None:
-        """Tell the peers this process exits on purpose, and stop watching them."""
-        self.stopped.set()
-        try:
-            self.client.key_value_set(self._key(self.me), self.EXITED, allow_overwrite=True)
-        except Exception:  # the coordinator may already be gone: nothing left to tell
-            pass
+    def stop(self, failed: bool = False) -> None:
+        """Tell the peers this process exits (on purpose, or `failed`: they exit too instead
+        of waiting in a collective for it), and stop watching them. The first word stays."""
+        with self._lock:
+            if self.stopped.is_set():
+                return
+            self.stopped.set()
+            try:
+                value = self.FAILED if failed else self.EXITED
+                self.client.key_value_set(self._key(self.me), value, allow_overwrite=True)
+            except Exception:  # the coordinator may already be gone: nothing left to tell
+                pass
 
     def run(self) -> None:
         """Beat, then read every peer's counter (one request), each `interval` seconds."""
@@ -141,7 +154,10 @@ class PeerWatch(threading.Thread):
         while not self.stopped.wait(self.interval):
             beats += 1
             try:
-                self.client.key_value_set(self._key(self.me), str(beats), allow_overwrite=True)
+                with self._lock:
+                    if self.stopped.is_set():
+                        return
+                    self.client.key_value_set(self._key(self.me), str(beats), allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(self.PREFIX))
             except Exception as e:  # the coordinator (process 0) is unreachable
                 self._exit(f"lost the coordinator (process 0): {_first_line(e)}")
@@ -149,6 +165,8 @@ class PeerWatch(threading.Thread):
                 value = values.get(self._key(peer))
                 if value == self.EXITED:
                     del seen[peer]
+                elif value == self.FAILED:
+                    self._exit(f"process {peer} of {self.n} failed (see its output)")
                 elif value != last:
                     seen[peer] = (value, time.monotonic())
                 elif time.monotonic() - since > self.timeout_s:

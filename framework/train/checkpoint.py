@@ -14,7 +14,9 @@ safetensors (no pickle) with '/'-joined keys; `load_safetensors` reverses it."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
-from framework.errors import CheckpointError
+from framework.errors import CheckpointError, DamagedCheckpointError
 from framework.train import integrity
 
 log = logging.getLogger(__name__)
@@ -176,14 +178,14 @@ class Checkpointer:
         try:
             return dict(self.manager.restore(step, args=ocp.args.Composite(**args)).items())
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise Damaged("unreadable", _first_line(e)) from e
+            raise _damage_or_environment(e) from e
 
     def _item_metadata(self, step: int) -> Any:
         """orbax's per-item metadata (tree of shapes/dtypes); `Damaged` if unreadable."""
         try:
             return self.manager.item_metadata(step)
         except Exception as e:
-            raise Damaged("unreadable", _first_line(e)) from e
+            raise _damage_or_environment(e) from e
 
     def read_json(self, item: str, step: int) -> Any:
         """One JSON item (`config`, `data`, `meta`) of a checkpoint, checked against its
@@ -192,29 +194,16 @@ class Checkpointer:
         _verify(out["meta"], {}, {} if item == "meta" else {item: out[item]})
         return out[item]
 
-    def array_shapes(self, step: int) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
-        """{item: {leaf path: (shape, dtype)}} of a checkpoint's arrays, from its metadata."""
+    def array_metadata(self, step: int) -> dict[str, Any]:
+        """{item: tree of array metadata (shape, dtype)} of a checkpoint's saved arrays."""
         metadata = self._item_metadata(step)
-        out = {}
-        for item in ARRAY_ITEMS:
-            tree = metadata.get(item) if hasattr(metadata, "get") else None
-            if tree is None:
-                continue
-            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-            out[item] = {
-                jax.tree_util.keystr(p, simple=True, separator="/"): (
-                    tuple(m.shape),
-                    str(np.dtype(m.dtype)),
-                )
-                for p, m in flat
-            }
-        return out
+        return {k: metadata[k] for k in ARRAY_ITEMS if metadata.get(k) is not None}
 
     def restore(
         self, step: int, abstract: dict, *, params_only: bool = False
     ) -> tuple[dict, dict | None, dict]:
-        """(arrays restored onto `abstract`'s shardings, data state, meta) of one step, each
-        checked against the checksums recorded at save; `Damaged` if unreadable or changed."""
+        """(arrays restored onto `abstract`'s shardings, data state, meta) of one step, not yet
+        checked (`verify`); `Damaged` if unreadable. Each process reads its own shards."""
         items = ("params", "model_state") if params_only else ARRAY_ITEMS
         empty = {k: abstract[k] for k in items if not jax.tree.leaves(abstract[k])}
         args = {k: ocp.args.StandardRestore(abstract[k]) for k in items if k not in empty}
@@ -223,9 +212,14 @@ class Checkpointer:
             args["data"] = ocp.args.JsonRestore()
         out = self._restore(step, args)
         arrays = {k: empty[k] if k in empty else out[k] for k in items}
-        json_items = {k: out[k] for k in ("data",) if k in out}
-        _verify(out["meta"], {k: v for k, v in arrays.items() if k not in empty}, json_items)
         return arrays, (None if params_only else out["data"]), out["meta"]
+
+    @staticmethod
+    def verify(meta: dict, arrays: dict, data_state: dict | None) -> None:
+        """`Damaged` unless what `restore` returned matches its recorded checksums (a
+        collective computation: every process calls it)."""
+        present = {k: v for k, v in arrays.items() if jax.tree.leaves(v)}
+        _verify(meta, present, {} if data_state is None else {"data": data_state})
 
     def move_aside(self, step: int, reason: str) -> Path:
         """Move a damaged checkpoint to `damaged/<step>-<reason>` (never deleted, out of the
@@ -262,7 +256,9 @@ class Checkpointer:
             )
             _verify(out["meta"], {item: out[item]}, {})
         except Damaged as e:
-            raise CheckpointError(f"checkpoint {self.step_path(step)} is damaged: {e}") from e
+            raise DamagedCheckpointError(
+                f"checkpoint {self.step_path(step)} is damaged: {e}"
+            ) from e
         return step, jax.device_get(out[item])
 
 
@@ -272,6 +268,27 @@ class Damaged(Exception):
     def __init__(self, reason: str, detail: str):
         self.reason = reason  # short slug for the damaged/ folder name
         super().__init__(detail)
+
+
+def _damage_or_environment(e: BaseException) -> BaseException:
+    """`Damaged` for a read that failed on the checkpoint's content; the error itself for a
+    failure of the environment (permission, I/O or disk errors, device memory), which must not
+    move good checkpoints aside."""
+    for cause in _causes(e):
+        code = getattr(cause, "errno", None)
+        match = re.search(r"os_error_code='(\d+)'", str(cause))
+        code = code if code is not None else (int(match.group(1)) if match else None)
+        if (code is not None and code != errno.ENOENT) or "RESOURCE_EXHAUSTED" in str(cause):
+            return e
+    return Damaged("unreadable", _first_line(e))
+
+
+def _causes(e: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from framework.errors import ConfigError
+from framework.train.integrity import leaf_paths
 
 log = logging.getLogger(__name__)
 
-IGNORED = ("run.dir", "run.name", "checkpoint.resume", "checkpoint.resume_params_only")
+IGNORED = ("run.dir", "run.name", "checkpoint.resume", "mesh.distributed.")  # prefixes
 DATA_STREAM = tuple(
     f"data.{k}"
     for k in (
@@ -43,7 +45,7 @@ DATA_STREAM = tuple(
     )
 )
 _ABSENT = "<absent>"
-Shapes = Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]]
+Shapes = Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]]  # {item: {path: (shape, dtype)}}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -69,17 +71,13 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[s
     }
 
 
-def array_shapes(abstract: Mapping[str, Any], items: tuple[str, ...]) -> dict[str, dict]:
-    """{item: {leaf path: (shape, dtype)}} of the run's abstract state (non-empty items)."""
-    out = {}
-    for item in items:
-        flat = jax.tree_util.tree_flatten_with_path(abstract[item])[0]
-        if flat:
-            out[item] = {
-                jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
-                for p, x in flat
-            }
-    return out
+def shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{leaf path: (shape, dtype name)} of a tree of arrays or array metadata."""
+    leaves = jax.tree.leaves(tree)
+    return {
+        path: (tuple(x.shape), str(np.dtype(x.dtype)))
+        for path, x in zip(leaf_paths(tree), leaves, strict=True)
+    }
 
 
 def first_shape_mismatch(saved: Shapes, wanted: Shapes) -> tuple[str, str] | None:
@@ -106,16 +104,19 @@ def _show(key: str, values: tuple) -> str:
 
 def check(
     saved_config: Mapping[str, Any],
-    saved_shapes: Shapes,
+    saved_arrays: Mapping[str, Any],
     config: Mapping[str, Any],
-    wanted_shapes: Shapes,
+    wanted_arrays: Mapping[str, Any],
     *,
     params_only: bool,
     where: Path,
 ) -> None:
-    """ConfigError naming the incompatible changes between the checkpoint at `where` and
-    `config`; a warning listing the compatible ones. With `params_only` (fine-tuning from
-    another run) only the model's arrays must fit."""
+    """ConfigError naming the incompatible changes between the checkpoint at `where` (its
+    config and array metadata) and `config` with the arrays it needs ({item: tree}; empty
+    items are never saved); a warning listing the compatible ones. With `params_only`
+    (fine-tuning from another run) only the model's arrays must fit."""
+    saved_shapes = {k: shapes_by_path(v) for k, v in saved_arrays.items()}
+    wanted_shapes = {k: shapes_by_path(v) for k, v in wanted_arrays.items() if jax.tree.leaves(v)}
     changes = changed_keys(saved_config, config)
     if params_only:
         changes = {k: v for k, v in changes.items() if k.startswith("model.")}
@@ -144,8 +145,8 @@ def check(
         )
         raise ConfigError(
             f"cannot resume from {where}: incompatible config change: {'; '.join(reasons)}. "
-            "Nothing was changed: restore these keys, or set checkpoint.resume=fresh or another "
-            f"run.name to start over{hint}"
+            "The checkpoints are left as they are: restore these keys, or set "
+            f"checkpoint.resume=fresh or another run.name to start over{hint}"
         )
     compatible = [_show(k, v) for k, v in changes.items() if k not in blamed]
     if compatible:

@@ -53,7 +53,8 @@ def _digest_all(out_sharding: NamedSharding | None) -> Callable:
     return jax.jit(lambda xs: [_digest(x) for x in xs], out_shardings=out_sharding)
 
 
-def _paths(tree: Any) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
+    """'/'-joined paths of the leaves of `tree`, in jax.tree.leaves order."""
     return [
         jax.tree_util.keystr(path, simple=True, separator="/")
         for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -75,7 +76,8 @@ def array_checksums(tree: Any) -> dict[str, str]:
     # Replicated results: this process's copy (a multi-process array is not fully addressable).
     words = [np.asarray(d.addressable_data(0)) for d in digests]
     return {
-        path: f"{int(a):08x}{int(b):08x}" for path, (a, b) in zip(_paths(tree), words, strict=True)
+        path: f"{int(a):08x}{int(b):08x}"
+        for path, (a, b) in zip(leaf_paths(tree), words, strict=True)
     }
 
 

@@ -36,15 +36,19 @@ def state_bytes_per_device(abstract_state: Any) -> tuple[int, str, tuple]:
 
 
 def activation_bytes(mcfg: Any, batch: int, seq_len: int | None) -> int:
-    """The least a step's activations take over the whole mesh: each layer's residual stream
-    (kept for the backward pass) and, without flash attention, one layer's attention scores.
+    """The least a micro-batch's activations take over the whole mesh: each layer's residual
+    stream (kept for the backward pass) and, without flash attention (impl xla, or auto off
+    GPU), one layer's attention scores.
     0 for models without these fields (the state estimate still applies)."""
     d_model, n_layers = getattr(mcfg, "d_model", None), getattr(mcfg, "n_layers", None)
     if seq_len is None or d_model is None or n_layers is None:
         return 0
     stream = batch * seq_len * d_model * n_layers
     heads = getattr(mcfg, "n_heads", 0)
-    scores = 0 if mcfg.attention_impl in FLASH_ATTENTION else batch * heads * seq_len**2
+    flash = mcfg.attention_impl in FLASH_ATTENTION or (
+        mcfg.attention_impl == "auto" and jax.default_backend() == "gpu"  # auto picks pallas
+    )
+    scores = 0 if flash else batch * heads * seq_len**2
     return (stream + scores) * MIN_ACTIVATION_BYTES
 
 
@@ -63,7 +67,8 @@ def check_fits(cfg: Any, abstract_state: Any, mesh: Mesh, is_lm: bool) -> None:
     device; call it before init_state or any compile."""
     state, leaf, shape = state_bytes_per_device(abstract_state)
     seq_len = cfg.data.seq_len if is_lm else None
-    acts = activation_bytes(cfg.model, cfg.data.batch_size, seq_len) // mesh.size
+    micro_batch = cfg.data.batch_size // cfg.train.grad_accum  # one micro-batch at a time
+    acts = activation_bytes(cfg.model, micro_batch, seq_len) // mesh.size
     here = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limit, what = device_memory(here[0], len(here))
     if state + acts <= limit:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from framework.errors import CheckpointError, ConfigError, DataError
+from framework.errors import CheckpointError, ConfigError
 from framework.train import checkpoint as ckpt
 from framework.train import compat
 from framework.train.build import Run
@@ -53,8 +55,8 @@ def plan_resume(run: Run) -> Path | None:
     damaged = own / ckpt.DAMAGED
     if damaged.is_dir() and any(damaged.iterdir()):
         raise CheckpointError(
-            f"{own} holds only damaged checkpoints (in {damaged}); set "
-            "checkpoint.resume=fresh to start over (it deletes them)"
+            f"{own} holds only damaged checkpoints (in {damaged}); move that folder elsewhere "
+            "to keep it, then set checkpoint.resume=fresh to start over (it deletes checkpoints/)"
         )
     if cc.resume in ckpt.KEYWORDS:
         return None
@@ -100,43 +102,85 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
 def _newest_good(
     run: Run, reader: ckpt.Checkpointer, *, params_only: bool, own: bool
 ) -> tuple[int, dict, dict] | None:
-    """(step, arrays, meta) of the newest checkpoint that fits the config (ConfigError, before
-    anything moves, if it does not), reads, matches its checksums and whose data position
-    applies; each damaged newer one is moved aside (own run) or skipped (another run's)."""
+    """(step, arrays, meta) of the newest checkpoint that fits the config (ConfigError if it
+    does not), reads, matches its checksums and whose data position applies; each damaged
+    newer one is moved aside (own run) or skipped (another run's). Every process takes each
+    decision together: a shard that fails on one process is damage for all."""
     items = ("params", "model_state") if params_only else ckpt.ARRAY_ITEMS
-    wanted = compat.array_shapes(run.abstract_state, items)
+    wanted = {k: run.abstract_state[k] for k in items}
     config = run.cfg.model_dump(mode="json")
     damaged = []
     for step in reversed(reader.steps()):
-        try:
-            compat.check(
-                reader.read_json("config", step),
-                reader.array_shapes(step),
-                config,
-                wanted,
-                params_only=params_only,
-                where=reader.step_path(step),
-            )
-            arrays, data_state, meta = reader.restore(
-                step, run.abstract_state, params_only=params_only
-            )
-            if data_state is not None:
-                try:
-                    run.train_data.set_state(data_state)
-                except DataError as e:
-                    raise ckpt.Damaged("data-state", f"data position does not apply: {e}") from e
-        except ckpt.Damaged as e:
-            damaged.append(_set_aside(reader, step, e, move=own))
-            continue
-        _sync_after_moves(damaged and own)
-        return step, arrays, meta
-    _sync_after_moves(damaged and own)
+        found, damage = _attempt(_read, run, reader, step, config, wanted, params_only)
+        damage = _agreed(damage)
+        if damage is None:  # the checksums are a collective: only once every process has read
+            arrays, data_state, meta = found
+            damage = _agreed(_attempt(reader.verify, meta, arrays, data_state)[1])
+            if damage is None and data_state is not None:
+                damage = _agreed(_attempt(_apply_data_state, run, data_state)[1])
+        if damage is None:
+            _sync_after_moves(bool(damaged) and own)
+            return step, arrays, meta
+        damaged.append(_set_aside(reader, step, damage, move=own))
+    _sync_after_moves(bool(damaged) and own)
     if damaged:
-        advice = "set checkpoint.resume=fresh to start over" if own else "resume from another run"
+        advice = (
+            "move checkpoints/damaged elsewhere to keep it, then set checkpoint.resume=fresh"
+            if own
+            else "resume from another run"
+        )
         raise CheckpointError(
             f"every checkpoint in {reader.directory} is damaged ({'; '.join(damaged)}); {advice}"
         )
     return None
+
+
+def _read(
+    run: Run,
+    reader: ckpt.Checkpointer,
+    step: int,
+    config: dict,
+    wanted: dict,
+    params_only: bool,
+) -> tuple[dict, dict | None, dict]:
+    """Check the step's saved config against the run's (ConfigError), then read it."""
+    compat.check(
+        reader.read_json("config", step),
+        reader.array_metadata(step),
+        config,
+        wanted,
+        params_only=params_only,
+        where=reader.step_path(step),
+    )
+    return reader.restore(step, run.abstract_state, params_only=params_only)
+
+
+def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, ckpt.Damaged | None]:
+    """(fn's result, None), or (None, the `Damaged` it raised); other errors propagate."""
+    try:
+        return fn(*args), None
+    except ckpt.Damaged as e:
+        return None, e
+
+
+def _agreed(damage: ckpt.Damaged | None) -> ckpt.Damaged | None:
+    """This process's finding, or damage seen by another process, so that all decide alike."""
+    if jax.process_count() == 1:
+        return damage
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(damage is not None))
+    if damage is None and np.any(flags):
+        return ckpt.Damaged("unreadable", "unreadable on another process")
+    return damage
+
+
+def _apply_data_state(run: Run, data_state: dict) -> None:
+    """Position the loader; a position that parses but does not apply is damage."""
+    try:
+        run.train_data.set_state(data_state)
+    except Exception as e:  # DataError, or grain's own errors for a malformed state
+        raise ckpt.Damaged("data-state", f"data position does not apply: {e}") from e
 
 
 def _set_aside(reader: ckpt.Checkpointer, step: int, damage: ckpt.Damaged, *, move: bool) -> str:
@@ -145,7 +189,7 @@ def _set_aside(reader: ckpt.Checkpointer, step: int, damage: ckpt.Damaged, *, mo
     if not move:
         log.warning("checkpoint %s is damaged (%s); skipping it", path, damage)
         return f"step {step}: {damage}"
-    target = reader.directory / ckpt.DAMAGED / f"{step}-{damage.reason}"
+    target = f"{reader.directory / ckpt.DAMAGED}/ (by process 0)"
     if jax.process_index() == 0:
         target = reader.move_aside(step, damage.reason)
     log.warning(
