@@ -4,7 +4,6 @@ model-owned data checks, and the step benchmark built through the same builder."
 import json
 import logging
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,23 +39,6 @@ def test_stop_at_ends_the_run_at_that_step_but_not_after_the_last():
     last = _ctx(3, done=True)  # reaching train.steps is not a stop
     hook(last)
     assert last.stop_reason is None and last.final
-
-
-def test_signal_stops_after_the_step_and_a_second_one_interrupts():
-    hook = StopOnSignal()
-    before = signal.getsignal(signal.SIGTERM)
-    ctx = _ctx(5)
-    hook.start(ctx)
-    try:
-        assert signal.getsignal(signal.SIGTERM) == hook._on_signal
-        hook._on_signal(signal.SIGTERM, None)
-        hook(ctx)
-        assert ctx.stop_reason == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):
-            hook._on_signal(signal.SIGTERM, None)
-    finally:
-        hook.close(ctx)
-    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_profile_traces_exactly_its_window(monkeypatch):

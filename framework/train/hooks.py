@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from framework.train.build import Run
 from framework.train.context import Context
 from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
 from framework.train.sample import sample_tokens
+from framework.train.signals import STOP
 
 log = logging.getLogger(__name__)
 Report = Callable[[int, Mapping[str, float], str], None]
@@ -58,51 +58,29 @@ class Hook:
 
 
 class StopOnSignal(Hook):
-    """SIGTERM/SIGINT and `train.stop_at` end the run after the current step with a
-    checkpoint, as a preemption would. With several processes the flag is agreed once per
-    `agree_every` steps (all processes stop at the same step; no per-step host sync)."""
+    """SIGTERM/SIGINT (recorded by `framework.train.signals`, whose handlers `train` installs)
+    and `train.stop_at` end the run after the current step with a checkpoint, as a preemption
+    would. With several processes the signal is agreed once per `agree_every` steps (all
+    processes stop at the same step, naming the same signal; no per-step host sync)."""
 
     every = 1
 
     def __init__(self, stop_at: int | None = None, agree_every: int = 1):
         self.stop_at, self.agree_every = stop_at, agree_every
-        self.signum: int | None = None
-        self._previous: dict = {}
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second one: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        log.warning("%s received: finishing the step, saving a checkpoint, exiting", name)
-
-    def start(self, ctx: Context) -> None:
-        if threading.current_thread() is threading.main_thread():
-            sigs = (signal.SIGTERM, signal.SIGINT)
-            self._previous = {s: signal.signal(s, self._on_signal) for s in sigs}
-
-    def _signalled(self, step: int) -> bool:
-        flag = self.signum is not None
-        if jax.process_count() == 1:
-            return flag
-        if step % self.agree_every:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    def _signalled(self, step: int) -> int | None:
+        """The number of the signal that asks to stop, if one does and it is time to agree."""
+        if jax.process_count() > 1 and step % self.agree_every:
+            return None
+        return STOP.agreed()
 
     def __call__(self, ctx: Context) -> None:
         if ctx.done:
             return
-        if self._signalled(ctx.step):
-            ctx.stop(signal.Signals(self.signum).name if self.signum else "a peer's signal")
+        if (signum := self._signalled(ctx.step)) is not None:
+            ctx.stop(signal.Signals(signum).name)
         elif ctx.step == self.stop_at:
             ctx.stop(f"train.stop_at={self.stop_at}")
-
-    def close(self, ctx: Context) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
 
 class Profile(Hook):

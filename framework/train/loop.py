@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,35 +25,45 @@ from framework.train import nonfinite
 from framework.train.build import Run, compile_step
 from framework.train.context import Context
 from framework.train.hooks import Hook, default_hooks
+from framework.train.lock import run_lock
 from framework.train.resume import Start, plan_resume, restore_or_init
+from framework.train.signals import STOP, stop_signals
 
 log = logging.getLogger(__name__)
 
 
-def prepare_run_dir(run: Run) -> None:
-    """Create the run directory; process 0 writes the resolved config and versions."""
+def make_run_dir(run: Run) -> None:
+    """Create the run directory (it holds the run's lock before anything else is written)."""
     try:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
             f"run.dir: cannot create run directory {run.run_dir} ({e.strerror})"
         ) from e
-    if jax.process_index() == 0:
-        dump_resolved(run.cfg, run.run_dir)
 
 
 def train(
     run: Run, hooks: Sequence[Hook] | None = None, start: Start | None = None
 ) -> dict[str, Any]:
     """Train from `start` (default: per checkpoint.resume) to train.steps or a stop; returns
-    {"step", "state", "eval", "stopped", "skipped_steps", "run_dir"} (+ "sample")."""
+    {"step", "start_step", "state", "eval", "stopped", "skipped_steps", "run_dir"}
+    (+ "sample"). SIGTERM/SIGINT stop it (framework.train.signals), before the first step too."""
     if run.train_data is None:
         raise ValueError("train() needs a Run built with its data (build(cfg, read_data=True))")
-    hooks = default_hooks(run) if hooks is None else list(hooks)
+    with stop_signals():  # before any compile: a Ctrl-C then is a stop like any other
+        make_run_dir(run)
+        with run_lock(run.run_dir):  # before `fresh` may delete: never a live run's files
+            return _train(run, default_hooks(run) if hooks is None else list(hooks), start)
+
+
+def _train(run: Run, hooks: list[Hook], start: Start | None) -> dict[str, Any]:
+    """`train` once the run directory is locked."""
     source = plan_resume(run) if start is None else None  # refuses before anything is written
-    prepare_run_dir(run)
+    if jax.process_index() == 0:
+        dump_resolved(run.cfg, run.run_dir)
     start = restore_or_init(run, source) if start is None else start
     ctx = Context(run, start.state, int(start.state["step"]), skipped_steps=start.skipped_steps)
+    start_step = ctx.step
     nonfinite.check_start(run, ctx.state)
     total = run.cfg.train.steps
     if ctx.step >= total:
@@ -81,6 +92,7 @@ def train(
         raise NonFiniteError(f"{e.message}; {nonfinite.last_checkpoint(run)}") from None
     return {
         "step": ctx.step,
+        "start_step": start_step,
         "state": ctx.state,
         "eval": ctx.summary.get("eval", {}),
         "stopped": ctx.stop_reason,
@@ -97,10 +109,14 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
     while ctx.step < total and ctx.stop_reason is None:
         batch = run.put(next(run.train_data))
         if step_fn is None:
+            if _stop_requested(ctx):
+                break
             step_fn, ctx.hardware_flops = compile_step(run, ctx.state, batch)
             ctx.batch_spec = jax.eval_shape(lambda b: b, batch)
             if math.isnan(ctx.hardware_flops):
                 log.info("hfu not logged: the step has loops (scan over layers, accumulation)")
+            if _stop_requested(ctx):
+                break
             ctx.clock.restart()  # compile time is not step time
         ctx.state, metrics = step_fn(ctx.state, batch)
         ctx.step += 1
@@ -113,3 +129,11 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
                     ctx.clock.restart()
         if ctx.step % run.cfg.train.log_every == 0:
             ctx.fetch()  # NaN/inf stop within a log interval whatever the hooks
+
+
+def _stop_requested(ctx: Context) -> bool:
+    """Before the first step (checked before and after the compile, on every process at the
+    same point): whether a signal asked to stop; the run then ends with nothing to save."""
+    if (signum := STOP.agreed()) is not None:
+        ctx.stop(signal.Signals(signum).name)
+    return ctx.stop_reason is not None
