@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from framework.config import load_config
-from framework.train import build, signals
+from framework.train import build, signals, train
 from framework.train.config import Config, TrainConfig
 from framework.train.context import Context
 from framework.train.hooks import StopOnSignal
@@ -121,3 +121,17 @@ def _no_signal_left():
     """Every test leaves the process's stop state as it found it."""
     yield
     assert STOP.signum is None
+
+
+def test_a_stop_during_build_touches_nothing(tmp_path):
+    """A signal that arrived before train() (during build's compiles): the run ends before the
+    resume plan, so checkpoint.resume=fresh deletes nothing and no config is written."""
+    overrides = [f"run.dir={tmp_path}", "checkpoint.resume=fresh", "train.steps=2"]
+    run = build(load_config(Config, TINY, overrides))
+    kept = run.run_dir / "checkpoints" / "7"
+    kept.mkdir(parents=True)
+    with stop_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        summary = train(run)
+    assert summary["stopped"] == "SIGTERM" and summary["step"] == summary["start_step"] == 0
+    assert kept.is_dir() and not (run.run_dir / "config.yaml").exists()

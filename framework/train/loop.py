@@ -58,6 +58,16 @@ def train(
 
 def _train(run: Run, hooks: list[Hook], start: Start | None) -> dict[str, Any]:
     """`train` once the run directory is locked."""
+    if (signum := STOP.agreed()) is not None:  # stopped while building: touch nothing
+        return {
+            "step": 0,
+            "start_step": 0,
+            "state": None,
+            "eval": {},
+            "stopped": signal.Signals(signum).name,
+            "skipped_steps": 0,
+            "run_dir": str(run.run_dir),
+        }
     source = plan_resume(run) if start is None else None  # refuses before anything is written
     if jax.process_index() == 0:
         dump_resolved(run.cfg, run.run_dir)
