@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from mp_launch import distributed_overrides, free_port, start_all, stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +55,6 @@ def test_survivor_of_a_killed_peer_exits_1_with_one_line(tmp_path):
     assert "Check failure" not in err and "Terminating process" not in err, err[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='process 0 says "a peer\'s signal": StopOnSignal must agree on the signal number',
-)
 def test_sigterm_to_one_process_stops_both_naming_the_signal(tmp_path):
     procs = _start(tmp_path)
     try:

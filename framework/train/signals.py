@@ -66,25 +66,28 @@ class StopSignals:
 
 
 STOP = StopSignals()
-_depth = 0  # nested `stop_signals` blocks; the outermost installs and restores
+_depth = 0  # nested `stop_signals` blocks; the outermost forgets the signals at its end
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[StopSignals]:
     """Inside the block SIGTERM/SIGINT go to `STOP` (main thread only; elsewhere a no-op).
-    Nested blocks share it; the outermost restores the previous handlers and forgets the
-    signals, so the next run in this process starts clean."""
+    Each block installs the handlers again (`jax.distributed.initialize`, inside `build`,
+    takes SIGTERM for its preemption notifier) and puts back the Python ones it replaced;
+    nested blocks share `STOP`, which the outermost forgets at its end (the next run in this
+    process starts clean)."""
     global _depth
     if threading.current_thread() is not threading.main_thread():
         yield STOP
         return
-    previous = {s: signal.signal(s, STOP) for s in SIGNALS} if _depth == 0 else {}
+    previous = {s: signal.signal(s, STOP) for s in SIGNALS}
     _depth += 1
     try:
         yield STOP
     finally:
         _depth -= 1
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(sig, handler)
         if _depth == 0:
             STOP.signum, STOP.count = None, 0
