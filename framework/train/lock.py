@@ -44,7 +44,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
-            os.ftruncate(fd, 0)  # a clean end leaves no holder to report
+            with contextlib.suppress(OSError):  # a broken disk must not hide the run's error
+                os.ftruncate(fd, 0)  # a clean end leaves no holder to report
             os.close(fd)
 
 
