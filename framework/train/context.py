@@ -49,12 +49,9 @@ class Context:
     batch_spec: Any = None  # shapes/dtypes of a training batch (set when the step compiles)
     clock: Clock = dataclasses.field(default_factory=Clock)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # "eval", "sample"
-    skips: nonfinite.SkipMonitor = dataclasses.field(init=False)
+    skips: nonfinite.SkipMonitor | None = None  # nonfinite=skip's recent drops (first fetch)
     _pending: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     _fetched: list[tuple[int, dict]] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.skips = nonfinite.SkipMonitor(self.run.cfg.train.max_skipped_fraction)
 
     @property
     def final(self) -> bool:
@@ -82,13 +79,18 @@ class Context:
         if self.run.cfg.train.nonfinite == "skip":
             flags = [bool(m["skipped"]) for _, m in fetched]
             self.skipped_steps += sum(flags)
+            if self.skips is None:
+                self.skips = nonfinite.SkipMonitor(self.run.cfg.train.max_skipped_fraction)
             self.skips.add(flags)
             if (reason := self.skips.too_many()) is not None:
                 raise NonFiniteError(reason)
-        else:
-            for step, m in fetched:
-                if not m["finite"]:
-                    raise NonFiniteError(nonfinite.describe(self.run, step, m, self.batch_spec))
+        elif bad := [i for i, (_, m) in enumerate(fetched) if not m["finite"]]:
+            step, m = fetched[bad[0]]
+            # steps keep the old state when non-finite: if every later one was too, the state
+            # is still the one the first bad step started from
+            held = len(bad) == len(fetched) - bad[0]
+            before = self.state if held else None
+            raise NonFiniteError(nonfinite.describe(self.run, step, m, self.batch_spec, before))
         self._fetched.extend(fetched)
         del self._fetched[:-MAX_UNTAKEN]  # with no hook taking them, keep only the newest
 

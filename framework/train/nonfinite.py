@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from framework.errors import NonFiniteError
 from framework.train import checkpoint as ckpt
 from framework.train.build import Run
+from framework.train.integrity import leaf_paths
 from framework.train.step import finite_leaves
 
 SKIP_WINDOW = 100  # recent steps over which nonfinite=skip's drop rate is judged
@@ -71,10 +72,7 @@ def first_use_order(jaxpr: Any, n_leaves: int) -> list[int]:
 
 def param_paths(run: Run) -> list[str]:
     """'/'-joined paths of the parameter leaves, in jax.tree.leaves order."""
-    return [
-        jax.tree_util.keystr(path, simple=True, separator="/")
-        for path, _ in jax.tree_util.tree_flatten_with_path(run.abstract_state["params"])[0]
-    ]
+    return leaf_paths(run.abstract_state["params"])
 
 
 def forward_order(run: Run, batch_spec: Any) -> list[int]:
@@ -89,9 +87,11 @@ def forward_order(run: Run, batch_spec: Any) -> list[int]:
         p = jax.tree.unflatten(treedef, flat)
         return run.model.loss(p, batch, run.cfg.model, key=None, state=state)[0]
 
-    state = run.abstract_state["model_state"]
-    jaxpr = jax.make_jaxpr(loss)(leaves, batch_spec, state).jaxpr
-    return first_use_order(jaxpr, len(leaves))
+    try:
+        jaxpr = jax.make_jaxpr(loss)(leaves, batch_spec, run.abstract_state["model_state"])
+    except Exception:  # diagnosis must not hide the report: fall back to path order
+        return list(range(len(leaves)))
+    return first_use_order(jaxpr.jaxpr, len(leaves))
 
 
 def _first_bad(flags: Sequence[bool], order: Sequence[int], paths: Sequence[str]) -> str:
