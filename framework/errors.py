@@ -7,7 +7,13 @@ system or a denied permission) exit with status 1."""
 
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import Sequence
+
+# OS errors about a path the user typed; any other (disk full, read-only file system, permission
+# denied, an immutable directory, I/O errors) is a failure of the environment.
+PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 class _OneLine(Exception):
@@ -63,3 +69,20 @@ class ShapeError(ValueError):
         self.path.insert(0, name)
         self.args = (self._render(),)
         return self
+
+
+def environment_cause(e: BaseException) -> tuple[BaseException, int] | None:
+    """(cause, OS error code) of a disk or file-system failure anywhere in the exception's
+    chain, path mistakes (PATH_ERRNOS) left out. Orbax and tensorstore bury these several
+    exceptions deep, tensorstore only in its message (`[os_error_code='28']`)."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        code = getattr(cause, "errno", None)
+        if code is None and (match := re.search(r"os_error_code='(\d+)'", str(cause))):
+            code = int(match.group(1))
+        if code is not None and code not in PATH_ERRNOS:
+            return cause, code
+        cause = cause.__cause__ or cause.__context__
+    return None

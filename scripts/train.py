@@ -11,16 +11,11 @@ directory gets the resolved config, metrics, plots and checkpoints/."""
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import re
 import sys
 import traceback
-
-# OSErrors about a path the user typed (exit 2); any other (disk full, read-only file system,
-# permission denied, an immutable directory) is the environment's (exit 1).
-USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -70,9 +65,10 @@ def failure(e: BaseException) -> tuple[int, str] | None:
         DistributedError,
         NonFiniteError,
         ShapeError,
+        environment_cause,
     )
 
-    if (found := _environment_cause(e)) is not None:
+    if (found := environment_cause(e)) is not None:
         cause, code = found
         if isinstance(e, ConfigError):  # our own line already names the key and path
             return 1, f"error: {e.message}"
@@ -100,35 +96,11 @@ def failure(e: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def _environment_cause(e: BaseException) -> tuple[BaseException, int] | None:
-    """(cause, OS error code) of a failure of the disk or file system, anywhere in the chain."""
-    for cause in _chain(e):
-        code = getattr(cause, "errno", None) or _os_error_code(cause)
-        if code is not None and code not in USER_ERRNOS:
-            return cause, code
-    return None
-
-
 def _out_of_device_memory(e: BaseException) -> bool:
     """XLA could not allocate: the run is bigger than the estimate `build` checks."""
     import jax
 
     return isinstance(e, jax.errors.JaxRuntimeError) and str(e).startswith("RESOURCE_EXHAUSTED")
-
-
-def _chain(e: BaseException | None) -> list[BaseException]:
-    """The exception and its causes/contexts, outermost first."""
-    out: list[BaseException] = []
-    while e is not None and e not in out:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
-def _os_error_code(e: BaseException) -> int | None:
-    """The OS error code tensorstore puts in its messages (`[os_error_code='28']`)."""
-    match = re.search(r"os_error_code='(\d+)'", str(e))
-    return int(match.group(1)) if match else None
 
 
 def _quoted_path(text: str) -> str | None:
@@ -158,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stderr.write(" ".join(line.split()) + "\n")
         sys.stderr.flush()
-        if _environment_cause(e) is not None:  # writers may hang on the broken disk at exit
+        from framework.errors import environment_cause
+
+        if environment_cause(e) is not None:  # writers may hang on the broken disk at exit
             os._exit(status)
         return status
     return _report(summary)

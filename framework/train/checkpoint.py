@@ -14,9 +14,7 @@ safetensors (no pickle) with '/'-joined keys; `load_safetensors` reverses it."""
 
 from __future__ import annotations
 
-import errno
 import logging
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ import orbax.checkpoint as ocp
 import pydantic
 from orbax.checkpoint import checkpoint_managers as policies
 
-from framework.errors import CheckpointError, DamagedCheckpointError
+from framework.errors import CheckpointError, DamagedCheckpointError, environment_cause
 from framework.train import integrity
 
 log = logging.getLogger(__name__)
@@ -274,21 +272,9 @@ def _damage_or_environment(e: BaseException) -> BaseException:
     """`Damaged` for a read that failed on the checkpoint's content; the error itself for a
     failure of the environment (permission, I/O or disk errors, device memory), which must not
     move good checkpoints aside."""
-    for cause in _causes(e):
-        code = getattr(cause, "errno", None)
-        match = re.search(r"os_error_code='(\d+)'", str(cause))
-        code = code if code is not None else (int(match.group(1)) if match else None)
-        if (code is not None and code != errno.ENOENT) or "RESOURCE_EXHAUSTED" in str(cause):
-            return e
+    if environment_cause(e) is not None or "RESOURCE_EXHAUSTED" in str(e):
+        return e
     return Damaged("unreadable", _first_line(e))
-
-
-def _causes(e: BaseException | None) -> list[BaseException]:
-    out: list[BaseException] = []
-    while e is not None and e not in out:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
 
 
 def _first_line(e: BaseException) -> str:
