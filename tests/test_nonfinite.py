@@ -11,7 +11,7 @@ import pytest
 
 from framework.config import load_config
 from framework.errors import NonFiniteError
-from framework.train import build, train
+from framework.train import build, nanfind, train
 from framework.train import checkpoint as ckpt
 from framework.train.config import Config
 from framework.train.hooks import Hook, default_hooks
@@ -59,18 +59,44 @@ def test_a_bad_parameter_in_the_start_state_is_named(tmp_path):
         train(run, start=Start(state))
 
 
-def test_forward_overflow_is_reported_as_such_not_as_the_first_path(tmp_path):
-    """Huge but finite embeddings: the loss overflows in the forward pass and every gradient
-    is NaN; the message says so instead of naming blocks/attn/k/bias."""
+def test_a_mid_network_blow_up_is_named_where_it_was_made(tmp_path):
+    """One layer's weight so large that its MLP overflows: every gradient is NaN, and the
+    message names that layer's MLP (not blocks/attn/k/bias, the first path)."""
     run = _build(tmp_path, "checkpoint.enabled=false", "train.steps=2", "train.log_every=1")
     state = run.init_state()
-    state["params"] = _set(state["params"], "embed/embedding", 3e38)
+    up = state["params"]["blocks"]["mlp"]["up"]
+    up["kernel"] = up["kernel"].at[1].set(1e38)  # layer 1 of the 2 stacked blocks
     with pytest.raises(NonFiniteError) as info:
         train(run, start=Start(state))
     msg = str(info.value)
     assert msg.startswith("non-finite values at step 1: loss=nan (the forward pass)")
+    assert "the forward pass first makes a NaN/inf in transformer/blocks[1]/mlp;" in msg
     assert "first non-finite gradient: all" in msg and "blocks/attn/k/bias" not in msg
     assert msg.endswith("no checkpoint was written")
+
+
+def test_first_made_skips_propagation_and_masking_constants():
+    """The blamed layer is where a NaN/inf came from finite inputs: not a -inf mask, not the
+    layers that merely carry it on; the scan iteration is the layer index."""
+    sites = nanfind.Sites()
+
+    def layers(x, scales):
+        masked = jnp.where(jnp.arange(4) < 2, x, -jnp.inf)  # a -inf constant is not a blow-up
+        x = x + jnp.exp(jnp.max(masked))
+
+        def body(h, s):
+            with jax.named_scope("grow"):
+                return jnp.exp(h * s), None
+
+        with jax.named_scope("blocks"):
+            return jax.lax.scan(body, x, scales)[0].sum()
+
+    f = jax.jit(nanfind.first_made(layers, sites))
+    out, (site, layer) = f(jnp.arange(4.0), jnp.array([0.1, 0.1, 1000.0, 0.1]))
+    assert not jnp.isfinite(out)
+    assert (sites.name(int(site), int(layer)), int(layer)) == ("blocks[2]/grow", 2)
+    _, (site, _) = f(jnp.arange(4.0), jnp.full(4, 0.1))
+    assert int(site) == nanfind.NONE
 
 
 class _PoisonAfter(Hook):

@@ -18,10 +18,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from framework.errors import NonFiniteError
+from framework.parallel import logical
 from framework.train import checkpoint as ckpt
+from framework.train import nanfind
 from framework.train.build import Run
 from framework.train.integrity import leaf_paths
-from framework.train.step import finite_leaves
+from framework.train.step import finite_leaves, split_micro
 
 SKIP_WINDOW = 100  # recent steps over which nonfinite=skip's drop rate is judged
 SKIP_MIN_STEPS = 10  # ... once at least this many have been seen
@@ -101,12 +103,39 @@ def _first_bad(flags: Sequence[bool], order: Sequence[int], paths: Sequence[str]
     return f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
 
 
-def describe(run: Run, step: int, m: dict, batch_spec: Any = None) -> str:
-    """What went non-finite at `step`, first in computation order."""
+def made_in_forward(run: Run, state: dict) -> str | None:
+    """Where the forward pass from `state` first makes a NaN/inf (`nanfind`), re-run on the
+    first micro-batch of the next training batch (the bad step's own batch is gone), or None.
+    Compiled only here, so healthy runs never pay for it."""
+    sites = nanfind.Sites()
+
+    def loss(params, model_state, batch):
+        return run.model.loss(params, batch, run.cfg.model, key=None, state=model_state)[0]
+
+    def made(params, model_state, batch):
+        with logical.activate(run.mesh, run.rules):
+            return nanfind.first_made(loss, sites)(params, model_state, batch)[1]
+
+    batch = run.put(next(run.train_data))
+    micro = jax.tree.map(lambda x: x[0], split_micro(batch, run.cfg.train.grad_accum))
+    site, layer = jax.device_get(jax.jit(made)(state["params"], state["model_state"], micro))
+    return None if site == nanfind.NONE else sites.name(int(site), int(layer))
+
+
+def describe(
+    run: Run, step: int, m: dict, batch_spec: Any = None, before: dict | None = None
+) -> str:
+    """What went non-finite at `step`, first in computation order; `before`: the state the
+    step started from (kept by the step), to find where its forward pass blew up."""
     loss = float(m["loss"])
     grads_ok, params_ok = np.asarray(m["grad_finite"]), np.asarray(m["param_finite"])
     paths, order = param_paths(run), forward_order(run, batch_spec)
     parts = [f"loss={loss}" + (" (the forward pass)" if not np.isfinite(loss) else "")]
+    if before is not None and (where := made_in_forward(run, before)) is not None:
+        parts.append(
+            f"re-run from the step's starting parameters (on the next batch), the forward pass "
+            f"first makes a NaN/inf in {where}"
+        )
     if not grads_ok.all():
         parts.append(f"first non-finite gradient: {_first_bad(grads_ok, order[::-1], paths)}")
     if not params_ok.all():

@@ -6,8 +6,9 @@ A model's loss is a mean over its counted items (tokens under the mask, examples
 their count as `aux["weight"]`; micro-batches are combined weighted by that count, so the
 gradient is the gradient of the mean over every counted item of the step, however the batch is
 split. Every step flags which gradient and new parameter leaves are finite (one flag per leaf),
-and with `nonfinite="skip"` a non-finite update is dropped inside the step (the step still
-advances, so data order and dropout keys stay those of an uninterrupted run)."""
+and a non-finite update is never applied: the step advances (so data order and dropout keys
+stay those of an uninterrupted run) with the old state, which `nonfinite="skip"` trains on and
+`nonfinite="stop"` keeps so the host can re-run the forward pass that blew up (`nonfinite`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def finite_leaves(tree: Any) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
-def _split_micro(batch: dict, n: int) -> dict:
+def split_micro(batch: dict, n: int) -> dict:
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
@@ -89,7 +90,7 @@ def gradients(
         return loss * aux[1], aux
 
     grad_fn = jax.value_and_grad(weighted, has_aux=True)
-    micro = _split_micro(batch, grad_accum)
+    micro = split_micro(batch, grad_accum)
 
     def body(carry, xs):
         grads_sum, metrics_sum, weight_sum, mstate = carry
@@ -126,9 +127,9 @@ def make_train_step(
     lr_schedule: Callable[[Any], Any] | None = None,
     nonfinite: str = "stop",
 ) -> Callable:
-    """`step(state, batch) -> (state, metrics)` (see `gradients` for micro-batching).
-    `nonfinite="skip"` keeps the old params, optimizer and model state when the loss, a
-    gradient or a new parameter is not finite."""
+    """`step(state, batch) -> (state, metrics)` (see `gradients` for micro-batching). The old
+    params, optimizer and model state are kept when the loss, a gradient or a new parameter is
+    not finite; `nonfinite="skip"` also counts those steps in metrics["skipped"]."""
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
 
@@ -155,10 +156,9 @@ def make_train_step(
             grad_finite=grad_finite,
             param_finite=param_finite,
         )
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = state["step"] + 1
         if nonfinite == "skip":
-            new_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), new_state, state
-            ) | {"step": new_state["step"]}
             out["skipped"] = (~finite).astype(jnp.int32)
         if lr_schedule is not None:
             out["learning_rate"] = lr_schedule(state["step"])
