@@ -4,8 +4,10 @@ the run however it ends, and a lock file left by a killed run is taken over."""
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,11 +83,18 @@ def test_the_lock_goes_with_the_run_however_it_ends(run, caplog):
 
 def test_two_runs_started_together_one_trains_the_other_exits_2(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/train.py"), str(TINY), f"run.dir={tmp_path}"]
-    cmd.append("train.steps=20")
+    cmd.append("train.steps=100000")  # the winner is still running when the loser checks
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
+    deadline = time.monotonic() + 240
+    while all(p.poll() is None for p in procs):  # until the loser has exited
+        assert time.monotonic() < deadline, "neither run stopped"
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # the winner stops with a checkpoint, exit 0
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], [err[-2000:] for _, err in outs]

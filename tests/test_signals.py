@@ -2,7 +2,6 @@
 segfaulted), a second signal never cuts a checkpoint save short, a third aborts."""
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -32,14 +31,14 @@ def test_first_signal_stops_second_warns_third_aborts(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, "framework.train.signals"), stop_signals():
         with stop_signals():  # nested (scripts/train.py, then train()): one shared state
             assert signal.getsignal(signal.SIGINT) is STOP
-            os.kill(os.getpid(), signal.SIGTERM)  # the real handler, not a call
+            signal.raise_signal(signal.SIGTERM)  # the real handler, not a call
             ctx = Context(run=_NO_RUN, state={}, step=5)
             StopOnSignal()(ctx)
             assert ctx.stop_reason == "SIGTERM"
-            os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a save goes on
+            signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: a save goes on
             assert "already stopping (saving a checkpoint)" in caplog.text
             assert not exits
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             assert exits == [130] and "aborting now" in caplog.text
         assert STOP.signum == signal.SIGTERM  # the inner block keeps what the outer records
     assert signal.getsignal(signal.SIGTERM) == before
@@ -68,11 +67,17 @@ def test_sigint_during_the_first_compile_stops_cleanly_5_of_5(tmp_path):
             cmd = _train_cmd(tmp_path / str(i))
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True))
     try:
-        for i, (proc, err) in enumerate(zip(procs, errs, strict=True)):
-            # train() has locked the run directory: the state's init compiles next
-            _wait_for((tmp_path / str(i) / "tiny_lm" / ".lock").exists, proc, err)
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGINT)
+        waiting = set(range(5))
+        deadline = time.monotonic() + 240
+        while waiting:  # each as soon as train() has locked its directory: init compiles next
+            for i in sorted(waiting):
+                if (tmp_path / str(i) / "tiny_lm" / ".lock").exists():
+                    procs[i].send_signal(signal.SIGINT)
+                    waiting.discard(i)
+                else:
+                    assert procs[i].poll() is None, errs[i].read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no lock after 240 s: {sorted(waiting)}"
+            time.sleep(0.01)
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
@@ -131,7 +136,7 @@ def test_a_stop_during_build_touches_nothing(tmp_path):
     kept = run.run_dir / "checkpoints" / "7"
     kept.mkdir(parents=True)
     with stop_signals():
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         summary = train(run)
     assert summary["stopped"] == "SIGTERM" and summary["step"] == summary["start_step"] == 0
     assert kept.is_dir() and not (run.run_dir / "config.yaml").exists()

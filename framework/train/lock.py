@@ -34,7 +34,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     if jax.process_index() == 0:
         try:
             fd = _acquire(run_dir / LOCK_FILE)
-        except ConfigError as e:
+        except (ConfigError, OSError) as e:  # every process must hear of it, not hang
             error = e
     try:
         if not _all_agree(error is None):
@@ -58,6 +58,16 @@ def _acquire(path: Path) -> int:
             f"run.dir: {path.parent} is in use by another run ({_describe(_holder(path))}); "
             "wait for it to end or stop it, or use another run.name"
         )
+    try:
+        _record(fd, path)
+    except BaseException:
+        os.close(fd)  # releases the lock: a failed record must not keep it held
+        raise
+    return fd
+
+
+def _record(fd: int, path: Path) -> None:
+    """Write this process into the locked file, warning about a holder left by a killed run."""
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -72,7 +82,6 @@ def _acquire(path: Path) -> int:
         )
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
-    return fd
 
 
 def _try_flock(fd: int) -> bool:
@@ -87,9 +96,10 @@ def _try_flock(fd: int) -> bool:
 def _read(fd: int) -> dict:
     """The holder recorded in an open lock file ({} when empty or unreadable)."""
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        found = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except ValueError:
         return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _holder(path: Path, tries: int = 20) -> dict:
