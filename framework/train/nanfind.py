@@ -105,17 +105,28 @@ def _earliest_of(found: Sequence[tuple]) -> tuple:
     return sites[first], iters[first]
 
 
+def _scan_inputs(params: dict, args: list) -> tuple[list, list, list]:
+    """A scan's inputs split into (constants, carries, scanned): by counts up to jax 0.11,
+    then by its input tree `ft_in` (as jax's own scan implementation splits them)."""
+    if "num_consts" in params:
+        n_c, n_carry = params["num_consts"], params["num_carry"]
+        return args[:n_c], args[n_c : n_c + n_carry], args[n_c + n_carry :]
+    consts, carry, xs = params["ft_in"].update(args).unpack()
+    return list(consts), list(carry), list(xs)
+
+
 def _scan(eqn: Any, args: list, sites: Sites, prefix: str) -> tuple[list, tuple]:
     """A scan re-run with its body checked; the outermost scan records its iteration."""
     p = eqn.params
-    body, n_c, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
-    consts, init, xs = args[:n_c], args[n_c : n_c + n_carry], args[n_c + n_carry :]
+    body, body_consts = getattr(p["jaxpr"], "jaxpr", p["jaxpr"]), getattr(p["jaxpr"], "consts", ())
+    consts, init, xs = _scan_inputs(p, args)
+    n_carry = len(init)
     outermost = LAYER not in prefix
     scope = _scope(prefix, eqn) + (LAYER if outermost else "")
 
     def step(carry, x):
         c, found, i = carry
-        outs, (site, inner_i) = _eval(body.jaxpr, body.consts, [*consts, *c, *x], sites, scope)
+        outs, (site, inner_i) = _eval(body, body_consts, [*consts, *c, *x], sites, scope)
         layer = (p["length"] - 1 - i if p["reverse"] else i) if outermost else inner_i
         found = earliest(found, (site, layer))
         return (outs[:n_carry], found, i + 1), outs[n_carry:]
