@@ -16,7 +16,7 @@ from framework.train import checkpoint as ckpt
 from framework.train.config import Config
 from framework.train.hooks import Hook, default_hooks
 from framework.train.nonfinite import forward_order, param_paths
-from framework.train.resume import Start
+from framework.train.resume import Start, restore_or_init
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
@@ -120,6 +120,7 @@ def test_stop_message_names_the_checkpoint_saved_asynchronously(tmp_path):
     directory = ckpt.checkpoint_dir(run.run_dir)
     assert "at step 3" in msg and msg.endswith(f"last good checkpoint: step 2 in {directory}")
     assert ckpt.step_dirs(directory) == [2]
+    assert int(restore_or_init(run, directory).state["step"]) == 2  # complete: it restores
 
 
 def test_skip_warns_at_each_log_line_and_stops_when_most_steps_are_dropped(tmp_path, caplog):
