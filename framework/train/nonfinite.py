@@ -10,6 +10,7 @@ sorts first by name. The order is traced only when a non-finite step is reported
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from framework.train.build import Run
 from framework.train.integrity import leaf_paths
 from framework.train.step import finite_leaves, split_micro
 
+log = logging.getLogger(__name__)
 SKIP_WINDOW = 100  # recent steps over which nonfinite=skip's drop rate is judged
 SKIP_MIN_STEPS = 10  # ... once at least this many have been seen
 
@@ -122,6 +124,15 @@ def made_in_forward(run: Run, state: dict) -> str | None:
     return None if site == nanfind.NONE else sites.name(int(site), int(layer))
 
 
+def _made_in_forward_or_none(run: Run, state: dict) -> str | None:
+    """`made_in_forward`, or None if the diagnosis itself fails (it must not hide the report)."""
+    try:
+        return made_in_forward(run, state)
+    except Exception:  # noqa: BLE001 - any failure of the extra diagnosis
+        log.warning("could not re-run the forward pass to find where it blew up", exc_info=True)
+        return None
+
+
 def describe(
     run: Run, step: int, m: dict, batch_spec: Any = None, before: dict | None = None
 ) -> str:
@@ -131,7 +142,7 @@ def describe(
     grads_ok, params_ok = np.asarray(m["grad_finite"]), np.asarray(m["param_finite"])
     paths, order = param_paths(run), forward_order(run, batch_spec)
     parts = [f"loss={loss}" + (" (the forward pass)" if not np.isfinite(loss) else "")]
-    if before is not None and (where := made_in_forward(run, before)) is not None:
+    if before is not None and (where := _made_in_forward_or_none(run, before)) is not None:
         parts.append(
             f"re-run from the step's starting parameters (on the next batch), the forward pass "
             f"first makes a NaN/inf in {where}"
