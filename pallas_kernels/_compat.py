@@ -7,6 +7,7 @@ changed; each name here resolves to whichever spelling the installed jax provide
 
 from __future__ import annotations
 
+import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -24,6 +25,24 @@ CompilerParams = next(
 load = getattr(plgpu, "load", None) or pl.load
 store = getattr(plgpu, "store", None) or pl.store
 SQUEEZED = getattr(pl, "squeezed", None)  # older releases spell a squeezed block dim `None`
+
+
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def target_device() -> tuple[str, str]:
+    """(platform, device_kind) of what the code being traced is compiled for; platform is
+    "gpu" for any GPU. Inside `jax.sharding.use_abstract_mesh` with an abstract device (lowering
+    for a GPU from a host without one) that device, else jax's default device."""
+    abstract = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    device = abstract if abstract is not None else jax.devices()[0]
+    platform = "gpu" if device.platform in _GPU_PLATFORMS else device.platform
+    return platform, device.device_kind
+
+
+def on_gpu() -> bool:
+    """Whether the code being traced is compiled for a GPU (see target_device)."""
+    return target_device()[0] == "gpu"
 
 
 def cdiv(a: int, b: int) -> int:

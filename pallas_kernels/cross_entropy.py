@@ -38,7 +38,9 @@ from pallas_kernels._compat import (
     device_row,
     load,
     next_pow2,
+    on_gpu,
     store,
+    target_device,
 )
 
 _NEG = -1e30  # finite "minus infinity": a fully masked tile must not produce inf - inf = nan
@@ -160,7 +162,7 @@ def _plan(
 
 def _resolve_interpret(interpret: bool | None) -> bool:
     """`None` means interpret when running on CPU."""
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    return not on_gpu() if interpret is None else bool(interpret)
 
 
 def _params(cfg: CEConfig):
@@ -521,7 +523,7 @@ def linear_cross_entropy(
     if n_tokens == 0:
         return jnp.zeros(lead, _F32)
     if device_kind is None:
-        device_kind = jax.devices()[0].device_kind
+        device_kind = target_device()[1]
     cdt = jnp.promote_types(h.dtype, w.dtype)
     cfg = config or choose_config(n_tokens, h.shape[-1], w.shape[1], cdt, device_kind)
     for name, val in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):

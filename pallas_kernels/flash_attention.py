@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import autotune as _autotune
-from pallas_kernels._compat import CompilerParams, next_pow2
+from pallas_kernels._compat import CompilerParams, next_pow2, on_gpu, target_device
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -143,7 +143,7 @@ def choose_config(
     if kernel not in KERNELS:
         raise ValueError(f"choose_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if device_kind is None:
-        device_kind = jax.devices()[0].device_kind
+        device_kind = target_device()[1]
     family = _family(device_kind)
     table = HEURISTIC_TABLE[family]
     d = _padded_head_dim(head_dim)
@@ -692,9 +692,9 @@ def _prepare(
     tk, kh = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = not on_gpu()
     if device_kind is None:
-        device_kind = "cpu" if interpret else jax.devices()[0].device_kind
+        device_kind = "cpu" if interpret else target_device()[1]
 
     def cfg(kernel: str) -> KernelConfig:
         c = choose_config(tq, tk, d, q.dtype, device_kind, kernel)

@@ -27,7 +27,9 @@ from pallas_kernels._compat import (
     device_row,
     load,
     next_pow2,
+    on_gpu,
     store,
+    target_device,
 )
 
 MAX_DIM = 16384
@@ -62,8 +64,8 @@ def _pow2_floor(n: int) -> int:
 
 
 def _default_device_kind() -> str:
-    """The device kind of the default backend's first device."""
-    return jax.devices()[0].device_kind
+    """The device kind the code being traced is compiled for (see _compat.target_device)."""
+    return target_device()[1]
 
 
 def block_dim_for(dim: int) -> int:
@@ -115,8 +117,8 @@ def supports(
 
 
 def _resolve_interpret(interpret: bool | None) -> bool:
-    """`None` means interpret when running on CPU."""
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    """`None` means interpret unless compiling for a GPU."""
+    return not on_gpu() if interpret is None else bool(interpret)
 
 
 def _bwd_steps(n_rows: int, block_rows: int) -> int:

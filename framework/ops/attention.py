@@ -9,9 +9,10 @@ import functools
 
 import jax
 
-from framework.ops import registry
+from framework.ops import attention_dispatch, registry
 from framework.ops.sharded import per_shard
 from pallas_kernels import flash_attention as fa
+from pallas_kernels._compat import target_device
 
 # The plain-XLA impl is the kernel's reference itself, at the backend's default dot precision.
 registry.register("attention", "xla", functools.partial(fa.attention_reference, precision=None))
@@ -62,12 +63,32 @@ def attention_cudnn(
     return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES], _Q_AXES)(q, k, v)
 
 
-def _pallas_ok(q, k, v, **kw):
-    return jax.default_backend() == "gpu" and fa.supports(q, k, v, **kw)
+def _choose(q, k, v, *, causal=False, segment_ids=None, mask=None, **kw) -> tuple[str, str]:
+    """impl=auto: attention_dispatch's table for the device this is compiled for."""
+    platform, kind = target_device()
+    on_gpu = platform == "gpu"
+    call = attention_dispatch.Call(
+        device_kind=kind if on_gpu else "cpu",
+        dtype=str(q.dtype),
+        head_dim=q.shape[3],
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
+        causal=causal,
+        segments=segment_ids is not None,
+        mask=mask is not None,
+        pallas_ok=on_gpu and fa.supports(q, k, v, segment_ids=segment_ids, mask=mask, **kw),
+        # cuDNN's own checks query the local CUDA device: not possible when lowering for an
+        # abstract GPU from a host without one.
+        cudnn_available=on_gpu
+        and jax.default_backend() == "gpu"
+        and kind.lower().startswith(("nvidia", "tesla")),
+    )
+    return attention_dispatch.choose(call, attention_dispatch.measured_entries())
 
 
-registry.register("attention", "pallas", attention_pallas, auto_if=_pallas_ok)
+registry.register("attention", "pallas", attention_pallas)
 registry.register("attention", "cudnn", attention_cudnn)
+registry.set_chooser("attention", _choose)
 
 
 def attention(

@@ -9,6 +9,7 @@ import jax
 from framework.ops import registry
 from framework.ops.sharded import per_shard
 from pallas_kernels import cross_entropy as ce
+from pallas_kernels._compat import on_gpu
 
 # The plain-XLA impls are the kernels' references; linear_cross_entropy's keeps the full
 # logits in h's dtype (w cast to it), halving that buffer for bf16 activations.
@@ -58,7 +59,7 @@ def _per_token_shards(fn, h, w, labels):
 
 
 def _ce_pallas_ok(h, w, labels, **_):
-    return jax.default_backend() == "gpu" and ce.supports(h, w, labels)
+    return on_gpu() and ce.supports(h, w, labels)
 
 
 registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked)

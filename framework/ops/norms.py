@@ -7,6 +7,7 @@ import jax
 from framework.ops import registry
 from framework.ops.sharded import per_shard
 from pallas_kernels import norms as kernels
+from pallas_kernels._compat import on_gpu
 
 # The plain-XLA impls are the kernels' references.
 registry.register("rms_norm", "xla", kernels.rms_norm_reference)
@@ -32,7 +33,7 @@ def layer_norm_pallas(x, weight, bias=None, *, eps=1e-5):
 
 
 def _norm_pallas_ok(x, weight, bias=None, **_):
-    return jax.default_backend() == "gpu" and kernels.supports(x, weight, bias)
+    return on_gpu() and kernels.supports(x, weight, bias)
 
 
 registry.register("rms_norm", "pallas", rms_norm_pallas, auto_if=_norm_pallas_ok)

@@ -1,0 +1,128 @@
+"""Which attention implementation `impl="auto"` runs, per GPU generation and call shape.
+
+The rule, from a table: on Hopper and newer, cuDNN's fused attention where it supports the call
+(published at about 1.6x the FlashAttention-2 level our Triton kernel targets, FlashAttention-3
+paper, hd128 causal forward); the Pallas kernel where cuDNN cannot take the call (segment ids,
+f32, head dims cuDNN refuses) and on older GPUs; XLA where neither can. A measured entry
+(`attention_measured.json`, written by `scripts/gpu_check.sh` from benchmarks on that card)
+overrides the table for its device, dtype, head dim, masking and nearby sequence lengths.
+`choose` is a pure function of the call's description, so the table is testable on any host."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+MEASURED_PATH = Path(__file__).with_name("attention_measured.json")
+
+# Preference per GPU generation, best first; each impl is taken only if it supports the call.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "blackwell": ("cudnn", "pallas"),
+    "hopper": ("cudnn", "pallas"),
+    "ada": ("pallas",),
+    "ampere": ("pallas",),
+    "other": ("pallas",),
+}
+_GENERATIONS = (  # (generation, device_kind substrings), most specific first
+    ("blackwell", ("b100", "b200", "gb200", "b300", "gb300")),
+    ("hopper", ("h100", "h200", "h800", "h20", "gh200")),
+    ("ada", ("l4", "l40", "rtx 40", "rtx 6000 ada")),
+    ("ampere", ("a100", "a800", "a30", "a40", "a10", "rtx 30", "a6000")),
+)
+# A measured entry applies to sequence lengths within this factor of the measured one.
+_SEQ_REACH = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What the dispatch needs to know about one attention call (all static)."""
+
+    device_kind: str  # "cpu" or a GPU's device_kind, e.g. "NVIDIA H100 80GB HBM3"
+    dtype: str  # of q, e.g. "bfloat16"
+    head_dim: int
+    q_len: int
+    kv_len: int
+    causal: bool
+    segments: bool  # segment_ids given
+    mask: bool  # an arbitrary mask given
+    pallas_ok: bool  # pallas_kernels.flash_attention.supports(...) says yes
+    cudnn_available: bool  # a real CUDA backend is present (cuDNN's checks query the device)
+
+
+def generation(device_kind: str) -> str:
+    """GPU generation key of PREFERENCE for a device_kind ("other" if unknown)."""
+    kind = device_kind.lower()
+    for gen, names in _GENERATIONS:
+        if any(name in kind for name in names):
+            return gen
+    return "other"
+
+
+def cudnn_supports(call: Call) -> bool:
+    """Whether jax's cuDNN fused attention takes the call: bf16/f16, causal or no mask, no
+    segments, equal q/kv lengths (cuDNN aligns a causal mask differently otherwise), head dim a
+    multiple of 8 up to 256 on Hopper and newer (128 before)."""
+    max_head_dim = 256 if generation(call.device_kind) in ("hopper", "blackwell") else 128
+    return (
+        call.cudnn_available
+        and call.dtype in ("bfloat16", "float16")
+        and not call.segments
+        and not call.mask
+        and call.q_len == call.kv_len
+        and call.head_dim % 8 == 0
+        and call.head_dim <= max_head_dim
+    )
+
+
+def _supported(impl: str, call: Call) -> bool:
+    return {"cudnn": cudnn_supports(call), "pallas": call.pallas_ok, "xla": True}[impl]
+
+
+def _measured_best(call: Call, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured entry for this device, dtype, head dim and masking whose sequence length is
+    nearest the call's (within _SEQ_REACH), or None."""
+    kind = call.device_kind.lower()
+    near = [
+        e
+        for e in entries
+        if e.get("device", "").lower() == kind
+        and e.get("dtype") == call.dtype
+        and e.get("head_dim") == call.head_dim
+        and bool(e.get("causal")) == call.causal
+        and e.get("seq_len", 0) > 0
+        and abs(math.log(e["seq_len"] / max(call.q_len, 1))) <= math.log(_SEQ_REACH)
+    ]
+    return min(near, key=lambda e: abs(math.log(e["seq_len"] / max(call.q_len, 1))), default=None)
+
+
+def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
+    """(impl, why) for `impl="auto"`."""
+    if call.device_kind.lower() == "cpu" or "cpu" in call.device_kind.lower():
+        return "xla", "CPU: kernels would be interpreted"
+    entry = _measured_best(call, list(measured))
+    if entry is not None and _supported(entry.get("best", ""), call):
+        return entry["best"], f"measured {entry.get('measured', '')} at seq {entry['seq_len']}"
+    gen = generation(call.device_kind)
+    for impl in PREFERENCE[gen]:
+        if _supported(impl, call):
+            return impl, f"{gen} table"
+    return "xla", f"{gen} table: no kernel supports the call"
+
+
+@functools.cache
+def measured_entries(path: str | None = None) -> tuple[dict[str, Any], ...]:
+    """Entries of the measured dispatch file (FRAMEWORK_ATTENTION_MEASURED, else the one beside
+    this module); none if it is absent. A damaged file is an error naming it."""
+    path = Path(path or os.environ.get("FRAMEWORK_ATTENTION_MEASURED") or MEASURED_PATH)
+    if not path.is_file():
+        return ()
+    try:
+        entries = json.loads(path.read_text())["entries"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a measured-dispatch file ({e})") from None
+    return tuple(entries)
