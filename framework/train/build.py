@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from framework import models, nn
 from framework.data import EvalSet, Loader, describe, make_loaders
@@ -169,12 +169,20 @@ class _Plan(NamedTuple):
     abstract: dict
 
 
-def _plan(cfg: Config, model: Model, meta: Mapping[str, Any], devices: list | None) -> _Plan:
+def _plan(
+    cfg: Config,
+    model: Model,
+    meta: Mapping[str, Any],
+    devices: list | None,
+    mesh: AbstractMesh | None = None,
+) -> _Plan:
     """Fit the model to the data's metadata, lay out the mesh and the state's shardings, and
-    refuse (ConfigError) a run that cannot fit its devices: all without allocating."""
+    refuse (ConfigError) a run that cannot fit its devices: all without allocating. With an
+    abstract `mesh` (compiling for devices this host lacks) the memory check is skipped."""
     cfg = cfg.model_copy(update={"model": cfg.model.for_data(meta)})
     is_lm = meta["kind"] == "lm"
-    mesh = make_mesh(cfg.mesh, devices)
+    abstract_only = mesh is not None
+    mesh = make_mesh(cfg.mesh, devices) if mesh is None else mesh
     rules = dict(cfg.mesh.rules)
     check_batch(mesh, rules, cfg.data.batch_size, cfg.data.seq_len if is_lm else None)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
@@ -183,7 +191,8 @@ def _plan(cfg: Config, model: Model, meta: Mapping[str, Any], devices: list | No
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
-    check_fits(cfg, abstract, mesh, is_lm)
+    if not abstract_only:
+        check_fits(cfg, abstract, mesh, is_lm)
     return _Plan(cfg, mesh, rules, tx, shardings, abstract)
 
 
