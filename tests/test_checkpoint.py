@@ -176,7 +176,7 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
         proc = subprocess.Popen(
             _cmd(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # hang guards only: a loaded CI box starts jax slowly
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > seen):
             assert time.monotonic() < deadline, "no progress after a restart"
             if proc.poll() is not None:
@@ -188,7 +188,7 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
         proc.kill()
         proc.wait(timeout=10)
         kills += 1
-        assert time.monotonic() - start < 60
+        assert time.monotonic() - start < 600
     assert kills >= 5, f"the run finished after only {kills} kills"
     done = _train(env, tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
