@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--layers", default="", help="comma list of layer counts to compile")
     parser.add_argument("--out", help="write results as JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from framework.config import exit_on_config_error, load_config
     from framework.train.config import Config

@@ -2,6 +2,7 @@
 candidates; flash attention with autotune on still matches the reference."""
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -18,8 +19,10 @@ def test_tune_picks_fastest_and_caches(tmp_path):
         calls.append(cand["n"])
         if cand["n"] == 3:
             raise ValueError("invalid tile")  # skipped, not fatal
-        x = jax.numpy.ones((cand["n"] * 200, 200))
-        return lambda: x @ x.T
+        x = jax.numpy.ones((200, 200))
+        # Candidate n sleeps n x 20 ms per call: the ranking cannot flip on a loaded machine
+        # (a matmul-size gap did under 2-worker load on jax 0.11.2).
+        return lambda: (time.sleep(cand["n"] * 0.02), x @ x.T)[1]
 
     cands = [{"n": 3}, {"n": 4}, {"n": 1}]
     best = autotune.tune("toy", {"shape": [8]}, cands, make_run, reps=2, path=path)
