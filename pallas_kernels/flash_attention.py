@@ -756,7 +756,7 @@ def tuning_candidates(
 
 def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> KernelConfig:
     """Autotune the forward+backward step over tuning_candidates for these shapes."""
-    kind = device_kind or jax.devices()[0].device_kind
+    kind = device_kind or target_device()[1]
     shape_q, shape_k, dtype = tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype)
     key = {
         "q": shape_q,
@@ -832,7 +832,9 @@ def flash_attention(
     autotune (default: env PALLAS_AUTOTUNE=1) times a few block configurations once per shape
     and device and caches the fastest (pallas_kernels.autotune); explicit blocks disable it.
     """
-    if _autotune.enabled(autotune) and block_q is None and block_k is None:
+    # Timing needs the device being compiled for: no autotuning for an abstract target.
+    local = target_device()[1] == jax.devices()[0].device_kind
+    if _autotune.enabled(autotune) and block_q is None and block_k is None and local:
         tuned = _tuned_blocks(q, k, causal, segment_ids is not None, scale, interpret, device_kind)
         block_q, block_k = tuned.block_q, tuned.block_k
         num_warps, num_stages = tuned.num_warps, tuned.num_stages

@@ -117,8 +117,12 @@ def bench_norms(shapes, dtype, impls, reps) -> list[dict]:
                 "shape": [n, dim],
                 "dtype": str(jnp.dtype(dtype)),
             }
-            fwd = timeit(f, x, w, reps=reps)
-            full = timeit(_grad_fn(f, (0, 1)), x, w, reps=reps)
+            try:
+                fwd = timeit(f, x, w, reps=reps)
+                full = timeit(_grad_fn(f, (0, 1)), x, w, reps=reps)
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                continue
             row.update(
                 fwd_ms=fwd * 1e3,
                 fwd_gbps=2 * nbytes / fwd / 1e9,
@@ -149,14 +153,19 @@ def bench_cross_entropy(shapes, dtype, impls, reps) -> list[dict]:
                 "shape": [n, d, vocab],
                 "dtype": str(jnp.dtype(dtype)),
             }
-            fwd = timeit(f, h, w, reps=reps)
-            full = timeit(_grad_fn(f, (0, 1)), h, w, reps=reps)
+            try:
+                fwd = timeit(f, h, w, reps=reps)
+                full = timeit(_grad_fn(f, (0, 1)), h, w, reps=reps)
+                scratch = temp_bytes(_grad_fn(f, (0, 1)), h, w)
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                rows.append({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                continue
             row.update(
                 fwd_ms=fwd * 1e3,
                 fwd_bwd_ms=full * 1e3,
                 fwd_tflops=2 * n * d * vocab / fwd / 1e12,
                 fwd_gbps=nbytes / fwd / 1e9,
-                fwd_bwd_temp_mib=temp_bytes(_grad_fn(f, (0, 1)), h, w) / 2**20,
+                fwd_bwd_temp_mib=scratch / 2**20,
             )
             rows.append(row)
     return rows
@@ -259,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         _print(rows[printed[0] :])
         printed[0] = len(rows)
         if args.out:
-            with open(args.out, "w") as f:
+            with open(f"{args.out}.tmp", "w") as f:
                 json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
+            os.replace(f"{args.out}.tmp", args.out)
 
     printed = [0]
     rows += bench_attention(attn, dtype, attn_impls, args.reps)

@@ -5,6 +5,7 @@
 # exact core); scripts/gpu_check.sh installs them there. ~7 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rm -rf .whl  # one version of each package: two stop the install on the GPU machine
 platforms=()
 for p in manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 \
   manylinux2014 manylinux1; do platforms+=(--platform "${p}_x86_64"); done

@@ -54,9 +54,15 @@ bash scripts/gpu_wheels.sh   # Python 3.12 manylinux wheels of the missing packa
 """
 
 
-def _load(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def _load(path: str, problems: list[str]) -> Any:
+    """The JSON at path, or None (noted in problems) if it is missing or damaged: a report
+    of what was measured is still worth writing after a step timed out."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        problems.append(f"{os.path.basename(path)}: {type(e).__name__}")
+        return None
 
 
 def reached(kernels: list[dict], steps: dict[str, dict]) -> list[float | None]:
@@ -123,15 +129,20 @@ def _kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(results: str | None, out: str, measured: bool) -> dict[str, Any]:
+def write(results: str | None, out: str, measured: bool, failed: list[str] = ()) -> dict[str, Any]:
     """Write performance.md and performance.json into `out`; return the JSON object."""
-    env = _load(os.path.join(results, "env.json")) if measured else {}
-    kernels_path = os.path.join(results, "kernels.json") if measured else ""
-    kernels = _load(kernels_path)["rows"] if measured and os.path.exists(kernels_path) else []
+    problems = [f"step failed: {name}" for name in failed]
+    env = (_load(os.path.join(results, "env.json"), problems) or {}) if measured else {}
+    kernels = []
+    if measured:
+        kernels = (_load(os.path.join(results, "kernels.json"), problems) or {}).get("rows", [])
     steps = {}
     for path in sorted(glob.glob(os.path.join(results, "step_*.json"))) if measured else []:
-        data = _load(path)
-        steps[os.path.basename(path)[5:-5]] = {**data["main"], "overrides": data["overrides"]}
+        data = _load(path, problems)
+        if data and "step_s" in data.get("main", {}):
+            steps[os.path.basename(path)[5:-5]] = {**data["main"], "overrides": data["overrides"]}
+        elif data:
+            problems.append(f"{os.path.basename(path)}: no step time")
     tests = ""
     log = os.path.join(results, "gpu_tests.log") if measured else ""
     if log and os.path.exists(log):
@@ -142,10 +153,13 @@ def write(results: str | None, out: str, measured: bool) -> dict[str, Any]:
         {"goal": g, "unit": u, "target": t, "reached": v, "met": None if v is None else v >= t}
         for (g, u, t), v in zip(GOALS, values, strict=True)
     ]
+    if measured and not env.get("dry_run") and " passed" not in tests:
+        problems.append(f"GPU tests: {tests or 'no result'}")
     report = {
         "measured": measured,
         **env,
         "gpu_tests": tests,
+        "problems": problems,
         "goals": goals,
         "kernels": kernels,
         "train_steps": steps,
@@ -178,6 +192,8 @@ def write(results: str | None, out: str, measured: bool) -> dict[str, Any]:
             f"GPU-marked tests: {tests or 'not run'}",
             "",
         ]
+        if problems:
+            md += ["**Problems:** " + "; ".join(problems) + ".", ""]
     md += ["## Goals (H100, bf16)", "", "| goal | target | reached |", "| --- | --- | --- |"]
     md += [
         f"| {g['goal']} | >= {g['target']:g} {g['unit']} | {_fmt(g['reached'])} |" for g in goals
@@ -210,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", help="folder gpu_check.sh wrote its results to")
     parser.add_argument("--out", default="docs", help="folder for performance.md/.json")
     parser.add_argument("--not-measured", action="store_true", help="write the page unmeasured")
+    parser.add_argument("--failed", default="", help="space-separated names of failed steps")
     args = parser.parse_args(argv)
     if not args.not_measured and not args.results:
         parser.error("--results is required unless --not-measured")
-    write(args.results, args.out, measured=not args.not_measured)
+    write(args.results, args.out, measured=not args.not_measured, failed=args.failed.split())
     print(f"wrote {args.out}/performance.md and performance.json")
     return 0
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import jax
 
-from framework.parallel.target import H100, abstract_gpu_mesh, export_for_cuda
+from framework.parallel.target import GPU_CUSTOM_CALLS, H100, abstract_gpu_mesh, export_for_cuda
 
-__all__ = ["H100", "abstract_gpu_mesh", "export_cuda", "triton_calls", "TRITON_TARGETS"]
-
-# Custom-call target of a Pallas Triton kernel: jaxlib <= 0.10.2 / newer jaxlib.
-TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+__all__ = ["H100", "abstract_gpu_mesh", "export_cuda", "triton_calls"]
 
 
 def export_cuda(f, *args, device_kind: str = H100) -> str:
@@ -25,4 +22,4 @@ def export_cuda(f, *args, device_kind: str = H100) -> str:
 
 def triton_calls(text: str) -> int:
     """Number of Triton kernel custom calls in exported StableHLO."""
-    return sum(text.count(t) for t in TRITON_TARGETS)
+    return sum(text.count(t) for t in GPU_CUSTOM_CALLS)

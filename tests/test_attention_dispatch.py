@@ -48,7 +48,8 @@ def _call(**kw) -> dispatch.Call:
         ({"device_kind": A100}, "pallas"),  # before Hopper: the Triton kernel
         ({"device_kind": A100, "head_dim": 256, "pallas_ok": False}, "xla"),
         ({"mask": True, "pallas_ok": False}, "xla"),  # an arbitrary mask: only XLA takes it
-        ({"device_kind": "cpu"}, "xla"),
+        ({"device_kind": "cpu", "on_gpu": False}, "xla"),
+        ({"dtype": "mixed"}, "pallas"),  # cuDNN needs one dtype for q, k and v
     ],
 )
 def test_table(kw, impl):
@@ -81,14 +82,22 @@ def test_measured_entry_overrides_the_table_near_its_length():
     )
 
 
-def test_measured_file_is_read_and_a_damaged_one_named(tmp_path):
+def test_measured_file_is_read_and_a_damaged_one_named(tmp_path, monkeypatch):
+    entry = dict(device="x", dtype="bfloat16", head_dim=128, causal=True, seq_len=2048)
     good = tmp_path / "m.json"
-    good.write_text(json.dumps({"entries": [{"device": "x", "best": "pallas"}]}))
-    assert dispatch.measured_entries(str(good)) == ({"device": "x", "best": "pallas"},)
+    good.write_text(json.dumps({"entries": [{**entry, "best": "pallas"}]}))
+    assert dispatch.measured_entries(str(good)) == ({**entry, "best": "pallas"},)
     assert dispatch.measured_entries(str(tmp_path / "absent.json")) == ()
+    # The environment variable is read on every call (not frozen by a cache).
+    monkeypatch.setenv("FRAMEWORK_ATTENTION_MEASURED", str(good))
+    assert dispatch.measured_entries()[0]["best"] == "pallas"
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json: not a measured-dispatch file"):
+    for text in ("{not json", json.dumps({"entries": [{**entry, "best": "flash"}]})):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="bad.json: not a measured-dispatch file"):
+            dispatch.measured_entries(str(bad))
+    bad.write_text(json.dumps({"entries": [{**entry, "seq_len": "2k", "best": "xla"}]}))
+    with pytest.raises(ValueError, match="entry 0: seq_len must be a int"):
         dispatch.measured_entries(str(bad))
 
 
@@ -105,4 +114,29 @@ def test_auto_under_an_abstract_h100_picks_pallas_and_logs_why(monkeypatch, capl
     chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ops.attention")]
     assert len(chosen) == 2, chosen
     assert "chose pallas" in chosen[0] and "hopper table" in chosen[0], chosen
-    assert "chose xla" in chosen[1] and "CPU" in chosen[1], chosen
+    assert "chose xla" in chosen[1] and "cpu: not compiling for a GPU" in chosen[1], chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled on a GPU (scripts/gpu_check.sh runs these; deselected on CPU by `-m 'not gpu'`).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cudnn", "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_and_auto_match_the_reference_on_gpu(impl, causal):
+    """The path auto takes on Hopper (cuDNN) and auto itself: values and gradients, GQA 4."""
+    from test_flash_attention import _assert_close, _inputs, _value_and_grads
+
+    from pallas_kernels.flash_attention import attention_reference
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU")
+    q, k, v, do = _inputs(1, 2, 1024, 1024, 8, 2, 128, jnp.bfloat16)
+    kw = dict(causal=causal)
+    got = _value_and_grads(
+        lambda q, k, v, **a: ops.attention(q, k, v, impl=impl, **a), q, k, v, do, kw
+    )
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    want = [w.astype(jnp.bfloat16) for w in _value_and_grads(attention_reference, *f32, kw)]
+    _assert_close(got, want, jnp.bfloat16)

@@ -63,25 +63,32 @@ def attention_cudnn(
     return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES], _Q_AXES)(q, k, v)
 
 
-def _choose(q, k, v, *, causal=False, segment_ids=None, mask=None, **kw) -> tuple[str, str]:
+def _choose(
+    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, **kw
+) -> tuple[str, str]:
     """impl=auto: attention_dispatch's table for the device this is compiled for."""
     platform, kind = target_device()
     on_gpu = platform == "gpu"
+    dtypes = {str(x.dtype) for x in (q, k, v)}
     call = attention_dispatch.Call(
-        device_kind=kind if on_gpu else "cpu",
-        dtype=str(q.dtype),
+        device_kind=kind if on_gpu else platform,
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
         head_dim=q.shape[3],
         q_len=q.shape[1],
         kv_len=k.shape[1],
         causal=causal,
-        segments=segment_ids is not None,
+        segments=segment_ids is not None or kv_segment_ids is not None,
         mask=mask is not None,
-        pallas_ok=on_gpu and fa.supports(q, k, v, segment_ids=segment_ids, mask=mask, **kw),
+        pallas_ok=on_gpu
+        and fa.supports(
+            q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask, **kw
+        ),
         # cuDNN's own checks query the local CUDA device: not possible when lowering for an
         # abstract GPU from a host without one.
         cudnn_available=on_gpu
         and jax.default_backend() == "gpu"
         and kind.lower().startswith(("nvidia", "tesla")),
+        on_gpu=on_gpu,
     )
     return attention_dispatch.choose(call, attention_dispatch.measured_entries())
 

@@ -42,16 +42,17 @@ _SEQ_REACH = 4.0
 class Call:
     """What the dispatch needs to know about one attention call (all static)."""
 
-    device_kind: str  # "cpu" or a GPU's device_kind, e.g. "NVIDIA H100 80GB HBM3"
-    dtype: str  # of q, e.g. "bfloat16"
+    device_kind: str  # a GPU's device_kind, e.g. "NVIDIA H100 80GB HBM3", or the platform
+    dtype: str  # of q, k and v, e.g. "bfloat16" ("mixed" if they differ)
     head_dim: int
     q_len: int
     kv_len: int
     causal: bool
-    segments: bool  # segment_ids given
+    segments: bool  # segment_ids or kv_segment_ids given
     mask: bool  # an arbitrary mask given
     pallas_ok: bool  # pallas_kernels.flash_attention.supports(...) says yes
     cudnn_available: bool  # a real CUDA backend is present (cuDNN's checks query the device)
+    on_gpu: bool = True  # compiling for a GPU (else device_kind names the platform)
 
 
 def generation(device_kind: str) -> str:
@@ -102,8 +103,8 @@ def _measured_best(call: Call, entries: list[dict[str, Any]]) -> dict[str, Any] 
 
 def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
     """(impl, why) for `impl="auto"`."""
-    if call.device_kind.lower() == "cpu" or "cpu" in call.device_kind.lower():
-        return "xla", "CPU: kernels would be interpreted"
+    if not call.on_gpu:
+        return "xla", f"{call.device_kind}: not compiling for a GPU"
     entry = _measured_best(call, list(measured))
     if entry is not None and _supported(entry.get("best", ""), call):
         return entry["best"], f"measured {entry.get('measured', '')} at seq {entry['seq_len']}"
@@ -114,15 +115,31 @@ def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
     return "xla", f"{gen} table: no kernel supports the call"
 
 
-@functools.cache
+_ENTRY_TYPES = {"device": str, "dtype": str, "head_dim": int, "causal": bool, "seq_len": int}
+_IMPLS = ("cudnn", "pallas", "xla")
+
+
 def measured_entries(path: str | None = None) -> tuple[dict[str, Any], ...]:
     """Entries of the measured dispatch file (FRAMEWORK_ATTENTION_MEASURED, else the one beside
     this module); none if it is absent. A damaged file is an error naming it."""
     path = Path(path or os.environ.get("FRAMEWORK_ATTENTION_MEASURED") or MEASURED_PATH)
     if not path.is_file():
         return ()
+    stat = path.stat()
+    return _read_measured(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _read_measured(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    """Parsed and checked entries of one version (path, mtime, size) of a measured file."""
     try:
-        entries = json.loads(path.read_text())["entries"]
+        entries = json.loads(Path(path).read_text())["entries"]
+        for i, e in enumerate(entries):
+            for field, kind in _ENTRY_TYPES.items():
+                if not isinstance(e.get(field), kind):
+                    raise ValueError(f"entry {i}: {field} must be a {kind.__name__}")
+            if e.get("best") not in _IMPLS:
+                raise ValueError(f"entry {i}: best must be one of {_IMPLS}")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a measured-dispatch file ({e})") from None
     return tuple(entries)

@@ -44,7 +44,10 @@ def resolve(op: str, impl: str, signature: tuple, *args, **kwargs) -> Callable[.
             chosen, why = _CHOOSERS[op](*args, **kwargs)
         else:
             ok = (name for name, ok in _AUTO_ORDER.get(op, []) if ok(*args, **kwargs))
-            chosen, why = next(ok, "xla"), "first impl that supports the call"
+            chosen = next(ok, None)
+            why = "its kernel supports the call on this target"
+            if chosen is None:
+                chosen, why = "xla", "no kernel takes this call on this target"
         key = (op, chosen, signature)
         if key not in _LOGGED:
             _LOGGED.add(key)

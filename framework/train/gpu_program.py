@@ -1,7 +1,9 @@
 """The whole sharded train step as a GPU program, built on a host without GPUs: the config's
 real step (kernels, remat, optimizer, shardings) exported with jax.export for CUDA on an
-abstract mesh of named GPUs. A config that lowers here lowers on the node; what reaches the
-node's compiler (Triton kernels, shardings, program size) can be read before renting it."""
+abstract mesh of named GPUs, so what reaches the node's compiler (Triton kernels, shardings,
+program size) can be read before renting it. One difference from the node: attention
+`impl=auto` takes Pallas here where a Hopper node would take cuDNN (cuDNN's checks need the
+local device; framework/ops/attention_dispatch.py)."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def summarize(exported: jax.export.Exported) -> dict[str, Any]:
             kernels[found.group(1) if found else "?"] += 1
     collectives: collections.Counter[str] = collections.Counter()
     for found in _COLLECTIVE.finditer(text):
-        group = _GROUP_SIZE.search(text, found.end(), found.end() + 2000)
+        group = _GROUP_SIZE.search(text, found.end(), text.find("\n", found.end()))
         if group is None or int(group.group(1)) > 1:
             collectives[found.group(1)] += 1
     main = text[text.index("func.func public @main") :]

@@ -46,7 +46,8 @@ def activation_bytes(mcfg: Any, batch: int, seq_len: int | None) -> int:
     stream = batch * seq_len * d_model * n_layers
     heads = getattr(mcfg, "n_heads", 0)
     flash = mcfg.attention_impl in FLASH_ATTENTION or (
-        mcfg.attention_impl == "auto" and jax.default_backend() == "gpu"  # auto picks pallas
+        # on a GPU, auto picks a flash kernel (cuDNN or Pallas) for the causal LM calls
+        mcfg.attention_impl == "auto" and jax.default_backend() == "gpu"
     )
     scores = 0 if flash else batch * heads * seq_len**2
     return (stream + scores) * MIN_ACTIVATION_BYTES
