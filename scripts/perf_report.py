@@ -39,7 +39,11 @@ vs XLA vs `auto`; RMSNorm and LayerNorm GB/s vs XLA; fused cross-entropy time an
 memory vs chunked and XLA at vocab 32k and 128k), and train-step benchmarks on one GPU for
 gpt2_small and llama_1b with bf16 compute on synthetic tokens (`scripts/bench_step.py`: step
 time, tokens/s, MFU against the card's peak dense bf16 FLOP/s). The measured attention entries
-go to `framework/ops/attention_measured.json`, which `impl=auto` reads.
+go to `framework/ops/attention_measured.json`, which `impl=auto` reads. Where only one folder
+comes back from the machine (a lent device's `$OUT`), point both there:
+`GPU_CHECK_OUT=$OUT GPU_CHECK_DISPATCH=$OUT/attention_measured.json bash scripts/gpu_check.sh`,
+then copy `performance.md`, `performance.json` into docs/ and the dispatch file into
+framework/ops/.
 
 ## Preparing a GPU machine without network
 
