@@ -266,7 +266,8 @@ class Evaluate(Hook):
 
 
 class Sample(Hook):
-    """At the end of a finished run: `tokens` sampled after `prompt`, decoded to text."""
+    """At the end of a finished run: `tokens` sampled after `prompt` with the KV-cache decoder
+    (`framework.generate`), decoded to text."""
 
     def __init__(self, run: Run, tokens: int, prompt: str, temperature: float):
         self.run, self.tokens, self.prompt, self.temperature = run, tokens, prompt, temperature
@@ -283,6 +284,8 @@ class Sample(Hook):
             window=cfg.data.seq_len,  # the context length the model was trained on
             temperature=self.temperature,
             key=jax.random.key(cfg.run.seed + 1),
+            mesh=self.run.mesh,
+            rules=self.run.rules,
         )
         ctx.summary["sample"] = tokenizer.decode(tokens)
 

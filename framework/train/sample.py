@@ -1,18 +1,27 @@
-"""Text sampling from a trained language model: a jitted fixed-shape forward per token over a
-sliding window (no KV cache; meant for short end-of-run samples, not serving)."""
+"""The end-of-run text sample: a thin wrapper over `framework.generate` (KV cache, one jitted
+decode step per token), restarting from the last half of the context when the sample is longer
+than the context the model was trained on."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import logging
+from collections.abc import Mapping
+from typing import Any
 
+import jax
+from jax.sharding import Mesh
+
+from framework.errors import ConfigError
+from framework.generate import generate_long
 from framework.models.registry import Model, ModelConfig
+from framework.models.transformer import TransformerConfig
+
+log = logging.getLogger(__name__)
 
 
 def sample_tokens(
     model: Model,
-    params,
+    params: Any,
     mcfg: ModelConfig,
     prompt: list[int],
     n: int,
@@ -20,18 +29,32 @@ def sample_tokens(
     window: int,
     temperature: float = 0.8,
     key: jax.Array,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Append `n` sampled tokens to `prompt`; the model sees at most the last `window`."""
-
-    @jax.jit
-    def next_token(params, buf, last, key):
-        logits, _ = model.apply(params, buf[None], mcfg)
-        return jax.random.categorical(key, logits[0, last].astype(jnp.float32) / temperature)
-
+    """`prompt` (or [0] if empty) followed by `n` sampled tokens; the model sees at most the
+    last `window` tokens (the trained sequence length). Prompt ids outside the model's
+    vocabulary (a byte prompt for a synthetic-token model) are left out of what it sees."""
+    if not isinstance(mcfg, TransformerConfig):
+        raise ConfigError(f"sampling needs a transformer model, not model.name={model.name!r}")
     tokens = list(prompt) or [0]
-    for i in range(n):
-        ctx = tokens[-window:]
-        buf = np.zeros(window, np.int32)
-        buf[: len(ctx)] = ctx
-        tokens.append(int(next_token(params, buf, len(ctx) - 1, jax.random.fold_in(key, i))))
-    return tokens
+    known = [t for t in tokens if 0 <= t < mcfg.vocab_size]
+    if len(known) < len(tokens):
+        log.warning(
+            "sample prompt: %d of %d token ids are outside the vocabulary [0, %d); left out",
+            len(tokens) - len(known),
+            len(tokens),
+            mcfg.vocab_size,
+        )
+    new = generate_long(
+        params,
+        mcfg,
+        known or [0],
+        max_new_tokens=n,
+        context=window,
+        temperature=temperature,
+        key=key,
+        mesh=mesh,
+        rules=rules,
+    )
+    return tokens + new
