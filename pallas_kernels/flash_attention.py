@@ -167,6 +167,12 @@ def causal_allowed(q_pos: Any, kv_pos: Any, q_len: int, kv_len: int) -> jax.Arra
     return kv_pos <= q_pos + (kv_len - q_len)
 
 
+def window_allowed(q_pos: Any, kv_pos: Any, q_len: int, kv_len: int, window: int) -> jax.Array:
+    """True where the key is among the `window` latest positions up to the (end-aligned) query's
+    own: kv_pos > q_pos + (kv_len - q_len) - window."""
+    return kv_pos > q_pos + (kv_len - q_len) - window
+
+
 def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
     """[1, 1, q_len, kv_len] bool (True = attend), queries aligned to the end of the keys."""
     kv_len = q_len if kv_len is None else kv_len
@@ -183,12 +189,18 @@ def attention_mask(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     mask: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """[batch|1, heads|1, q_len, kv_len] bool (True = attend) combining the requested masks;
-    `mask` is any bool array broadcastable to [batch, heads, q_len, kv_len]."""
+    `mask` is any bool array broadcastable to [batch, heads, q_len, kv_len]; `window` keeps the
+    latest `window` keys of each (end-aligned) query, itself included."""
     allowed = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
     if causal:
         allowed = allowed & causal_mask(q_len, kv_len)
+    if window is not None:
+        q_pos = jnp.arange(q_len)[:, None]
+        kv_pos = jnp.arange(kv_len)[None, :]
+        allowed = allowed & window_allowed(q_pos, kv_pos, q_len, kv_len, window)[None, None]
     if segment_ids is not None:
         kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
         allowed = allowed & (segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
@@ -206,6 +218,7 @@ def attention_reference(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     mask: jax.Array | None = None,
+    window: int | None = None,
     scale: float | None = None,
     precision: lax.Precision | None = lax.Precision.HIGHEST,
 ) -> jax.Array:
@@ -232,6 +245,7 @@ def attention_reference(
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         mask=mask,
+        window=window,
     )  # [b|1, 1|h, t, s] -> [b|1, 1|kh, 1|groups, t, s]
     allowed = (
         allowed.reshape(allowed.shape[0], 1, 1, t, s)
@@ -265,6 +279,7 @@ class _Static:
     kv_len: int
     groups: int
     has_segments: bool
+    window: int | None  # sliding window (keys within the last `window` positions), causal only
     fwd: KernelConfig
     dq: KernelConfig
     dkdv: KernelConfig
@@ -292,12 +307,14 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _mask(st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg) -> jax.Array:
-    """[bq, bk] bool, True where attention is allowed (causal, key padding, segments)."""
+    """[bq, bk] bool, True where attention is allowed (causal, window, key padding, segments)."""
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
     allowed = cols < st.kv_len  # padded keys (a no-op when kv_len is a multiple of bk)
     if st.causal:
         allowed = allowed & causal_allowed(rows, cols, st.q_len, st.kv_len)
+    if st.window is not None:
+        allowed = allowed & window_allowed(rows, cols, st.q_len, st.kv_len, st.window)
     if q_seg is not None:
         allowed = allowed & (q_seg[:, None] == kv_seg[None, :])
     return allowed
@@ -314,7 +331,9 @@ def _floordiv0(x, d: int):
 
 
 def _kv_range(st: _Static, q_start, bq: int, bk: int, nk: int):
-    """K/V block range [0, n_end) for a query block, and n_full: blocks [0, n_full) need no mask."""
+    """K/V block range [n_start, n_end) for a query block, and n_full: blocks [n_start, n_full)
+    need no mask. A sliding window starts at the block of the first row's oldest key and masks
+    every block it visits."""
     kv_pad_free = st.kv_len // bk  # blocks without padded keys
     if st.causal:
         n_end = jnp.minimum(_cdiv0(q_start + bq + st.offset, bk), nk)
@@ -325,11 +344,15 @@ def _kv_range(st: _Static, q_start, bq: int, bk: int, nk: int):
         n_full = min(kv_pad_free, nk)
     if st.has_segments:
         n_full = 0
-    return n_full, n_end
+    if st.window is not None:
+        n_start = jnp.minimum(_floordiv0(q_start + st.offset - st.window + 1, bk), n_end)
+        return n_start, n_start, n_end
+    return 0, n_full, n_end
 
 
 def _q_range(st: _Static, k_start, bq: int, bk: int, nq: int):
-    """Query block range [q_lo, nq) for a K/V block; blocks [q_lo, q_full) need the mask."""
+    """Query block range [q_lo, q_hi) for a K/V block; blocks [q_lo, q_full) need the mask (with
+    a sliding window: all of them, up to the last query whose window reaches the block)."""
     if st.causal:
         q_lo = jnp.minimum(_floordiv0(k_start - st.offset, bq), nq)
         q_full = jnp.minimum(_cdiv0(k_start + bk - 1 - st.offset, bq), nq)
@@ -341,7 +364,11 @@ def _q_range(st: _Static, k_start, bq: int, bk: int, nq: int):
         q_full = jnp.where(k_start + bk > st.kv_len, nq, q_full)
     if st.has_segments:
         q_full = nq
-    return q_lo, q_full
+    if st.window is not None:
+        q_hi = jnp.minimum(_cdiv0(k_start + bk - 1 - st.offset + st.window, bq), nq)
+        q_hi = jnp.maximum(q_hi, q_lo)
+        return q_lo, q_hi, q_hi
+    return q_lo, q_full, nq
 
 
 def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
@@ -380,8 +407,8 @@ def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    n_start, n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
+    carry = lax.fori_loop(n_start, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     acc, m, lsum = carry
     empty = lsum == 0.0  # fully masked rows: output 0, lse -inf
@@ -419,9 +446,9 @@ def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
+    n_start, n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_start, n_full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
@@ -462,11 +489,11 @@ def _dkdv_kernel(*refs, st: _Static, nq: int):
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
-    q_lo, q_full = _q_range(st, k_start, bq, bk, nq)
+    q_lo, q_full, q_hi = _q_range(st, k_start, bq, bk, nq)
 
     def group_body(g, carry):
         carry = lax.fori_loop(q_lo, q_full, functools.partial(body, g=g, masked=True), carry)
-        return lax.fori_loop(q_full, nq, functools.partial(body, g=g, masked=False), carry)
+        return lax.fori_loop(q_full, q_hi, functools.partial(body, g=g, masked=False), carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     if st.groups == 1:
@@ -604,8 +631,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public API
 
 
-def _check(q, k, v, segment_ids, kv_segment_ids) -> str | None:
+def _check(q, k, v, segment_ids, kv_segment_ids, causal=True, window=None) -> str | None:
     """Why the kernel cannot handle this call, or None if it can."""
+    if window is not None and (not causal or int(window) < 1):
+        return f"window={window} needs causal=True and window >= 1"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return (
             f"expects rank-4 q/k/v [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, "
@@ -650,6 +679,8 @@ def supports(
     kv_segment_ids: Any = None,
     mask: Any = None,
     scale: Any = None,
+    causal: Any = True,
+    window: Any = None,
     **_: Any,
 ) -> bool:
     """Whether `flash_attention` handles this call (for `auto` dispatch); never raises."""
@@ -658,7 +689,7 @@ def supports(
     try:
         if scale is not None:
             float(scale)
-        return _check(q, k, v, segment_ids, kv_segment_ids) is None
+        return _check(q, k, v, segment_ids, kv_segment_ids, causal, window) is None
     except Exception:  # noqa: BLE001 - anything odd (tracers as scale, bad objects): say no
         return False
 
@@ -677,9 +708,10 @@ def _prepare(
     num_stages,
     interpret,
     device_kind,
+    window=None,
 ):
     """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg)."""
-    problem = _check(q, k, v, segment_ids, kv_segment_ids)
+    problem = _check(q, k, v, segment_ids, kv_segment_ids, causal, window)
     if problem:
         raise ValueError(f"flash_attention: {problem}")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
@@ -729,6 +761,7 @@ def _prepare(
         kv_len=tk,
         groups=h // kh,
         has_segments=segment_ids is not None,
+        window=None if window is None else int(window),
         fwd=fwd,
         dq=dq,
         dkdv=dkdv,
@@ -754,7 +787,9 @@ def tuning_candidates(
     return out
 
 
-def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> KernelConfig:
+def _tuned_blocks(
+    q, k, causal, has_segments, scale, interpret, device_kind, window=None
+) -> KernelConfig:
     """Autotune the forward+backward step over tuning_candidates for these shapes."""
     kind = device_kind or target_device()[1]
     shape_q, shape_k, dtype = tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype)
@@ -764,6 +799,7 @@ def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> 
         "dtype": dtype.name,
         "causal": bool(causal),
         "segments": has_segments,
+        **({"window": int(window)} if window is not None else {}),
     }
 
     def make_run(cand: dict[str, int]):
@@ -783,6 +819,7 @@ def _tuned_blocks(q, k, causal, has_segments, scale, interpret, device_kind) -> 
                     v,
                     causal=causal,
                     segment_ids=seg,
+                    window=window,
                     scale=scale,
                     interpret=interpret,
                     device_kind=device_kind,
@@ -812,6 +849,7 @@ def flash_attention(
     causal: bool = False,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    window: int | None = None,
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -826,16 +864,20 @@ def flash_attention(
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]. causal aligns
     queries to the end of the keys (a KV cache works); segment_ids [batch, q_len] restrict
     attention to equal ids (kv_segment_ids [batch, kv_len] defaults to segment_ids); fully
-    masked rows give 0. scale defaults to head_dim**-0.5. block_q/block_k/num_warps/num_stages
-    override the heuristics (choose_config) for all three kernels; device_kind picks the
-    heuristics' device (default: the default device). interpret=None interprets on CPU.
-    autotune (default: env PALLAS_AUTOTUNE=1) times a few block configurations once per shape
-    and device and caches the fastest (pallas_kernels.autotune); explicit blocks disable it.
+    masked rows give 0. window (causal only): each query sees its `window` latest keys, itself
+    included (sliding-window attention; blocks outside the band are skipped). scale defaults
+    to head_dim**-0.5. block_q/block_k/num_warps/num_stages override the heuristics
+    (choose_config) for all three kernels; device_kind picks the heuristics' device (default:
+    the default device). interpret=None interprets on CPU. autotune (default: env
+    PALLAS_AUTOTUNE=1) times a few block configurations once per shape and device and caches
+    the fastest (pallas_kernels.autotune); explicit blocks disable it.
     """
     # Timing needs the device being compiled for: no autotuning for an abstract target.
     local = target_device()[1] == jax.devices()[0].device_kind
     if _autotune.enabled(autotune) and block_q is None and block_k is None and local:
-        tuned = _tuned_blocks(q, k, causal, segment_ids is not None, scale, interpret, device_kind)
+        tuned = _tuned_blocks(
+            q, k, causal, segment_ids is not None, scale, interpret, device_kind, window
+        )
         block_q, block_k = tuned.block_q, tuned.block_k
         num_warps, num_stages = tuned.num_warps, tuned.num_stages
     st, qp, kp, vp, q_seg, kv_seg = _prepare(
@@ -852,6 +894,7 @@ def flash_attention(
         num_stages,
         interpret,
         device_kind,
+        window,
     )
     out = _flash(st, qp, kp, vp, q_seg, kv_seg)
     return out[:, : q.shape[1], :, : q.shape[3]]
@@ -874,6 +917,7 @@ def flash_attention_with_lse(
         "num_stages",
         "interpret",
         "device_kind",
+        "window",
     )
     unknown = set(kwargs) - set(names)
     if unknown:

@@ -131,6 +131,48 @@ def test_parity_low_precision(case: str):
     _assert_close(got, want, dtype)
 
 
+# (dtype, b, tq, tk, h, kh, d, window, segments, blocks): windows narrower than, equal to and
+# wider than a block, end-aligned q/kv lengths, GQA, segments on top of the window.
+WINDOW_CASES = {
+    "f32-w5-gqa2": (jnp.float32, 2, 40, 40, 4, 2, 32, 5, False, (16, 16)),
+    "f32-w16-block-q-longer-kv": (jnp.float32, 1, 24, 61, 2, 1, 64, 16, False, (16, 32)),
+    "f32-w23-seg": (jnp.float32, 1, 61, 61, 2, 2, 32, 23, True, (16, 16)),
+    "f32-w1-self-only": (jnp.float32, 1, 33, 33, 2, 2, 32, 1, False, (16, 16)),
+    "bf16-w9-mqa": (jnp.bfloat16, 1, 48, 48, 4, 1, 64, 9, False, (16, 32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+def test_sliding_window_parity(case: str):
+    """window= (Mistral's sliding window): kernel forward and gradients equal the reference,
+    whose mask is checked against a mask written out by hand."""
+    dtype, b, tq, tk, h, kh, d, window, seg, (bq, bk) = WINDOW_CASES[case]
+    seed = sum(map(ord, case))
+    q, k, v, do = _inputs(seed, b, tq, tk, h, kh, d, dtype)
+    kw = dict(causal=True, window=window)
+    if seg:
+        kw["segment_ids"] = _segments(seed + 1, b, tq)
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, block_q=bq, block_k=bk, **a), q, k, v, do, kw
+    )
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    want = [w.astype(dtype) for w in _value_and_grads(attention_reference, *f32, kw)]
+    _assert_close(got, want, dtype)
+    rows = np.arange(tq)[:, None] + (tk - tq)  # each query's absolute (end-aligned) position
+    cols = np.arange(tk)[None, :]
+    by_hand = (cols <= rows) & (cols > rows - window)
+    mask = np.asarray(attention_mask(tq, tk, causal=True, window=window))[0, 0]
+    np.testing.assert_array_equal(mask, by_hand)
+
+
+def test_window_needs_causal():
+    q, k, v, _ = _inputs(0, 1, 16, 16, 2, 2, 32, jnp.float32)
+    assert not supports(q, k, v, causal=False, window=4)
+    assert supports(q, k, v, causal=True, window=4)
+    with pytest.raises(ValueError, match="window=4 needs causal"):
+        flash_attention(q, k, v, causal=False, window=4)
+
+
 def test_reference_mask_argument_and_framework_xla_impl():
     """An explicit `mask` built from causal_mask and segment equality gives what causal= and
     segment_ids= give (also per head, broadcast), and framework.ops' xla impl is this reference."""
@@ -314,8 +356,9 @@ def test_heuristic_cases_cover_every_config():
         dict(h=2, kh=2, d=64, dtype=jnp.float32, causal=True, segments=False),  # f32 (TF32 dots)
         dict(h=2, kh=1, d=256, dtype=jnp.float32, causal=True, segments=False),  # f32 halved blocks
         dict(h=4, kh=2, d=80, dtype=jnp.bfloat16, causal=True, segments=False),  # padded head dim
+        dict(h=4, kh=2, d=64, dtype=jnp.bfloat16, causal=True, segments=False, window=96),
     ],
-    ids=["mqa-seg", "gqa3-f16", "f32", "f32-d256", "d80"],
+    ids=["mqa-seg", "gqa3-f16", "f32", "f32-d256", "d80", "window"],
 )
 def test_lowers_for_cuda_variants(kw):
     """GQA/MQA, segments, dtypes, padded head dim, and short/odd lengths (shrunk blocks)."""
@@ -333,6 +376,7 @@ def test_lowers_for_cuda_variants(kw):
             causal=kw["causal"],
             segments=kw["segments"],
             device_kind=fa.FAMILY_EXAMPLES["hopper"],
+            window=kw.get("window"),
         )
         assert triton_calls(text) == 3
 

@@ -1,9 +1,11 @@
-"""Decoder-only transformer; the config makes it GPT-2 style or Llama style.
+"""Decoder-only transformer; the config makes it GPT-2, Llama, Mistral or Qwen style.
 
 GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings.
-Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, separate unembedding.
+Llama: RoPE (optionally scaled), RMSNorm, SwiGLU, grouped-query attention, no biases.
+Mistral adds a sliding window; Qwen2 biases on q/k/v only; Qwen3 a per-head QK RMSNorm.
 Blocks carry a leading "layers" axis and run under `lax.scan` (or a Python loop over the same
 params when `scan_layers` is false), each under the remat policy named in the config.
+`decode` runs the same blocks over a KV cache (`init_cache`) for generation.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ REMAT_POLICIES = {
 }
 
 
+class RopeScaling(pydantic.BaseModel):
+    """RoPE frequency scaling of long-context checkpoints (Hugging Face's `rope_scaling`)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    type: Literal["linear", "llama3"] = pydantic.Field(
+        description="linear: positions / factor; llama3: Llama 3.1's per-frequency rule"
+    )
+    factor: float = pydantic.Field(gt=0, description="context extension factor")
+    low_freq_factor: float = pydantic.Field(1.0, gt=0, description="llama3 only")
+    high_freq_factor: float = pydantic.Field(4.0, gt=0, description="llama3 only")
+    original_max_position_embeddings: int = pydantic.Field(
+        8192, gt=0, description="llama3 only: the context the model was pre-trained at"
+    )
+
+
 class TransformerConfig(ModelConfig):
     """Decoder-only language model; defaults are a small GPT-2 style byte-level model."""
 
@@ -47,10 +64,24 @@ class TransformerConfig(ModelConfig):
     max_seq_len: int = pydantic.Field(256, gt=0, description="longest sequence (learned pos.)")
     position: Literal["learned", "rope"] = pydantic.Field("learned", description="positions")
     rope_theta: float = pydantic.Field(10000.0, gt=0, description="RoPE base frequency")
+    rope_scaling: RopeScaling | None = pydantic.Field(
+        None, description="RoPE frequency scaling (Llama 3.1: type llama3); null = none"
+    )
+    sliding_window: int | None = pydantic.Field(
+        None, gt=0, description="each token attends to at most this many latest (Mistral)"
+    )
     norm: Literal["layernorm", "rmsnorm"] = pydantic.Field("layernorm", description="norm type")
     norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon inside the norms")
-    activation: Literal["gelu", "swiglu"] = pydantic.Field("gelu", description="MLP type")
+    activation: Literal["gelu", "gelu_exact", "swiglu"] = pydantic.Field(
+        "gelu", description="MLP type: gelu (tanh approximation, GPT-2), gelu_exact (erf), swiglu"
+    )
     bias: bool = pydantic.Field(True, description="biases in linear layers and norms")
+    qkv_bias: bool | None = pydantic.Field(
+        None, description="biases on the q/k/v projections (Qwen2); null = same as bias"
+    )
+    qk_norm: bool = pydantic.Field(
+        False, description="RMSNorm of each query and key head before RoPE (Qwen3)"
+    )
     tie_embeddings: bool = pydantic.Field(True, description="unembed with the embedding table")
     dropout: float = pydantic.Field(0.0, ge=0, lt=1, description="residual dropout rate")
     scan_layers: bool = pydantic.Field(True, description="lax.scan over blocks (else unroll)")
@@ -77,7 +108,19 @@ class TransformerConfig(ModelConfig):
             )
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError("rope_scaling needs position: rope")
         return self
+
+    @property
+    def head_size(self) -> int:
+        """Per-head width: head_dim, else d_model // n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, else n_heads."""
+        return self.n_kv_heads or self.n_heads
 
     def unset(self) -> list[str]:
         return ["vocab_size"] if self.vocab_size is None else []
@@ -130,7 +173,13 @@ def block_spec(cfg: TransformerConfig) -> dict:
     return {
         "attn_norm": _norm_spec(cfg),
         "attn": nn.attention_spec(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.bias
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            bias=cfg.bias,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
         ),
         "mlp_norm": _norm_spec(cfg),
         "mlp": nn.mlp_spec(cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.bias),
@@ -154,6 +203,17 @@ def spec(cfg: TransformerConfig) -> dict:
     return tree
 
 
+def _attention_options(cfg: TransformerConfig) -> dict:
+    """The attention keywords the config decides (shared by training and cached decoding)."""
+    rope = cfg.position == "rope"
+    return dict(
+        rope_theta=cfg.rope_theta if rope else None,
+        rope_scaling=cfg.rope_scaling.model_dump() if rope and cfg.rope_scaling else None,
+        window=cfg.sliding_window,
+        norm_eps=cfg.norm_eps,
+    )
+
+
 def block(
     params: dict,
     x: jax.Array,
@@ -161,24 +221,32 @@ def block(
     key: jax.Array | None,
     segment_ids: jax.Array | None,
     positions: jax.Array,
-) -> jax.Array:
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    cache: dict | None = None,
+) -> tuple[jax.Array, dict | None]:
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). With a layer's KV
+    `cache` the attention reads and extends it; returns (x, updated cache or None)."""
     k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
     with scope("attn"):
-        h = nn.attention(
-            params["attn"],
-            _norm(params["attn_norm"], x, cfg),
-            causal=True,
-            segment_ids=segment_ids,
-            positions=positions,
-            rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
-            impl=cfg.attention_impl,
-        )
+        h = _norm(params["attn_norm"], x, cfg)
+        if cache is None:
+            h = nn.attention(
+                params["attn"],
+                h,
+                causal=True,
+                segment_ids=segment_ids,
+                positions=positions,
+                impl=cfg.attention_impl,
+                **_attention_options(cfg),
+            )
+        else:
+            h, cache = nn.cached_attention(
+                params["attn"], h, cache, positions, **_attention_options(cfg)
+            )
     x = x + nn.dropout(h, cfg.dropout, k_attn)
     with scope("mlp"):
-        h = nn.mlp(params["mlp"], _norm(params["mlp_norm"], x, cfg))
+        h = nn.mlp(params["mlp"], _norm(params["mlp_norm"], x, cfg), cfg.activation)
     x = x + nn.dropout(h, cfg.dropout, k_mlp)
-    return constrain(x, ("batch", "seq", "embed"))
+    return constrain(x, ("batch", "seq", "embed")), cache
 
 
 def _run_blocks(
@@ -188,29 +256,38 @@ def _run_blocks(
     key: jax.Array | None,
     segment_ids: jax.Array | None,
     positions: jax.Array,
-) -> jax.Array:
+    cache: dict | None = None,
+) -> tuple[jax.Array, dict | None]:
     keys = None if key is None else jax.random.split(key, cfg.n_layers)
     policy = REMAT_POLICIES[cfg.remat]
 
-    def one(p, h, k):
-        return block(p, h, cfg, k, segment_ids, positions)
+    def one(p, h, k, c):
+        return block(p, h, cfg, k, segment_ids, positions, c)
 
-    if cfg.remat != "none":
+    if cfg.remat != "none" and cache is None:
         one = jax.checkpoint(one, policy=policy, prevent_cse=not cfg.scan_layers)
 
     if cfg.scan_layers:
 
         def body(h, layer):
-            p, k = layer
-            return one(p, h, k), None
+            p, k, c = layer
+            return one(p, h, k, c)
 
         with scope("blocks"):
-            x, _ = jax.lax.scan(body, x, (blocks, keys))
-        return x
+            return jax.lax.scan(body, x, (blocks, keys, cache))
+    layer_caches = []
     for i in range(cfg.n_layers):
         with scope(f"blocks/{i}"):
-            x = one(jax.tree.map(lambda a, i=i: a[i], blocks), x, None if keys is None else keys[i])
-    return x
+            x, c = one(
+                jax.tree.map(lambda a, i=i: a[i], blocks),
+                x,
+                None if keys is None else keys[i],
+                None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache),
+            )
+        layer_caches.append(c)
+    if cache is None:
+        return x, None
+    return x, jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
 
 
 def hidden_states(
@@ -221,9 +298,10 @@ def hidden_states(
     key: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     positions: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    cache: dict | None = None,
+) -> tuple[jax.Array, jax.Array, dict | None]:
     """tokens [batch, seq] -> (final-norm hidden states [batch, seq, d_model], unembedding
-    [d_model, vocab]), both in the compute dtype."""
+    [d_model, vocab], both in the compute dtype; the updated KV cache when one is given)."""
     check_int(tokens, "tokens")
     check_rank(tokens, 2, "tokens", "batch, seq")
     seq = tokens.shape[1]
@@ -241,10 +319,10 @@ def hidden_states(
     if cfg.position == "learned":
         x = x + nn.embed(p["pos_embed"], positions)
     x = constrain(nn.dropout(x, cfg.dropout, k_embed), ("batch", "seq", "embed"))
-    x = _run_blocks(p["blocks"], x, cfg, k_blocks, segment_ids, positions)
+    x, cache = _run_blocks(p["blocks"], x, cfg, k_blocks, segment_ids, positions, cache)
     x = _norm(p["final_norm"], x, cfg)
     unembed = p["embed"]["embedding"].T if cfg.tie_embeddings else p["unembed"]["kernel"]
-    return x, unembed
+    return x, unembed, cache
 
 
 def apply(
@@ -262,11 +340,47 @@ def apply(
     segment_ids [batch, seq] restricts attention to each packed document; positions default
     to the position within each segment."""
     with scope("transformer"):
-        x, unembed = hidden_states(
+        x, unembed, _ = hidden_states(
             params, tokens, cfg, key=key, segment_ids=segment_ids, positions=positions
         )
         logits = constrain(jnp.einsum("btd,dv->btv", x, unembed), ("batch", "seq", "vocab"))
     return cfg.policy.cast_to_output(logits), state if state is not None else {}
+
+
+CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # logical axes of cache k and v
+
+
+def init_cache(
+    cfg: TransformerConfig, batch: int, length: int, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """An empty KV cache {"k", "v": [n_layers, batch, length, kv_heads, head_dim]} (zeros, in
+    the compute dtype unless `dtype`) for `decode`; length bounds prompt + generated tokens."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_size)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    return {name: jnp.zeros(shape, dtype) for name in ("k", "v")}
+
+
+def decode(
+    params: dict,
+    tokens: jax.Array,
+    cfg: TransformerConfig,
+    *,
+    cache: dict[str, jax.Array],
+    positions: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """tokens [batch, seq] at `positions` [batch, seq] (each row contiguous, rows may start at
+    different positions) -> (logits [batch, seq, vocab] in the output dtype, updated cache).
+
+    The blocks are the training ones; each layer writes the tokens' keys and values into the
+    cache at their positions and attends to the cached positions up to its own (within the
+    sliding window). Prefill: the right-padded prompts at 0..P-1; then one token per step."""
+    check_int(positions, "positions")
+    if positions.shape != tokens.shape:
+        raise ShapeError(f"positions {positions.shape} must match tokens {tokens.shape}")
+    with scope("transformer"):
+        x, unembed, cache = hidden_states(params, tokens, cfg, positions=positions, cache=cache)
+        logits = jnp.einsum("btd,dv->btv", x, unembed)
+    return cfg.policy.cast_to_output(logits), cache
 
 
 def loss(
@@ -284,7 +398,7 @@ def loss(
     The unembedding and the loss are one op (`loss_impl`), so fused kernels never hold the
     full f32 logits."""
     with scope("transformer"):
-        x, unembed = hidden_states(
+        x, unembed, _ = hidden_states(
             params, batch["inputs"], cfg, key=key, segment_ids=batch.get("segment_ids")
         )
     per_token = ops.linear_cross_entropy(
@@ -306,13 +420,13 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     unembedding included) plus the attention scores and weighted sum, 12 x layers x seq x
     heads x head_dim for dense attention (PaLM appendix B), halved because attention is causal
     (each query sees on average half the keys; MaxText counts it the same way)."""
-    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    kv_heads = cfg.n_kv_heads or cfg.n_heads
+    head_dim, kv_heads = cfg.head_size, cfg.kv_heads
     attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
     mlp = cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
     unembed = cfg.d_model * cfg.vocab_size
     matmul_params = cfg.n_layers * (attn + mlp) + unembed
-    causal_attention = 0.5 * 12.0 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
+    seen = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
+    causal_attention = 0.5 * 12.0 * cfg.n_layers * seen * cfg.n_heads * head_dim
     return 6.0 * matmul_params + causal_attention
 
 

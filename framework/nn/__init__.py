@@ -1,7 +1,7 @@
 """Pure-functional layers: each is a `*_spec(...)` declaring Params plus a pure apply function."""
 
 from framework.errors import ShapeError
-from framework.nn.attention import attention, attention_spec
+from framework.nn.attention import attention, attention_spec, cached_attention
 from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
 from framework.nn.checks import scope
@@ -27,6 +27,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_spec",
     "batch_norm_state_spec",
+    "cached_attention",
     "causal_mask",
     "conv2d",
     "conv2d_spec",

@@ -1,4 +1,5 @@
-"""Transformer feed-forward block: GELU (two matrices) or SwiGLU (three)."""
+"""Transformer feed-forward block: GELU, tanh-approximated or exact (two matrices), or SwiGLU
+(three)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from framework.nn.basic import linear, linear_spec
 from framework.nn.checks import scope
 from framework.parallel.logical import constrain
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
 
 
 def mlp_spec(d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True) -> dict:
@@ -23,15 +24,16 @@ def mlp_spec(d_model: int, d_ff: int, activation: str = "gelu", bias: bool = Tru
     return spec
 
 
-def mlp(params: dict, x: jax.Array) -> jax.Array:
-    """[..., d_model] -> [..., d_model]; SwiGLU when the params have a "gate"."""
+def mlp(params: dict, x: jax.Array, activation: str = "gelu") -> jax.Array:
+    """[..., d_model] -> [..., d_model]; SwiGLU when the params have a "gate", else GELU (the
+    erf form when activation is "gelu_exact", the tanh approximation otherwise)."""
     with scope("up"):
         h = linear(params["up"], x)
     if "gate" in params:
         with scope("gate"):
             h = jax.nn.silu(linear(params["gate"], x)) * h
     else:
-        h = jax.nn.gelu(h)
+        h = jax.nn.gelu(h, approximate=activation != "gelu_exact")
     h = constrain(h, ("batch", "seq", "mlp")) if h.ndim == 3 else h
     with scope("down"):
         return linear(params["down"], h)

@@ -26,7 +26,16 @@ _SEG_AXES = ("batch", None)
 
 
 def attention_pallas(
-    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, scale=None
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    mask=None,
+    window=None,
+    scale=None,
 ):
     """Flash attention (pallas_kernels.flash_attention); interpreted on CPU."""
     if mask is not None:
@@ -37,7 +46,14 @@ def attention_pallas(
 
     def run(q, k, v, seg, kv_seg):
         return fa.flash_attention(
-            q, k, v, causal=causal, segment_ids=seg, kv_segment_ids=kv_seg, scale=scale
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=seg,
+            kv_segment_ids=kv_seg,
+            window=window,
+            scale=scale,
         )
 
     return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES, _SEG_AXES, _SEG_AXES], _Q_AXES)(
@@ -46,13 +62,22 @@ def attention_pallas(
 
 
 def attention_cudnn(
-    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, scale=None
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    mask=None,
+    window=None,
+    scale=None,
 ):
     """cuDNN fused attention through jax.nn.dot_product_attention (GPU only)."""
-    if segment_ids is not None or kv_segment_ids is not None or mask is not None:
+    if segment_ids is not None or kv_segment_ids is not None or mask is not None or window:
         raise ValueError(
-            "attention impl=cudnn supports causal masking only (no segment_ids "
-            "or mask); use impl=pallas or impl=xla"
+            "attention impl=cudnn supports causal masking only (no segment_ids, "
+            "window or mask); use impl=pallas or impl=xla"
         )
 
     def run(q, k, v):
@@ -64,7 +89,7 @@ def attention_cudnn(
 
 
 def _choose(
-    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, **kw
+    q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, mask=None, window=None, **kw
 ) -> tuple[str, str]:
     """impl=auto: attention_dispatch's table for the device this is compiled for."""
     platform, kind = target_device()
@@ -78,10 +103,17 @@ def _choose(
         kv_len=k.shape[1],
         causal=causal,
         segments=segment_ids is not None or kv_segment_ids is not None,
-        mask=mask is not None,
+        mask=mask is not None or window is not None,  # cuDNN takes neither here
         pallas_ok=on_gpu
         and fa.supports(
-            q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask, **kw
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            mask=mask,
+            window=window,
+            **kw,
         ),
         # cuDNN's own checks query the local CUDA device: not possible when lowering for an
         # abstract GPU from a host without one.
@@ -107,6 +139,7 @@ def attention(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     mask: jax.Array | None = None,
+    window: int | None = None,
     scale: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
@@ -115,8 +148,9 @@ def attention(
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
     segment_ids: [batch, q_len] ints; tokens attend only within their segment (packing,
     padding). kv_segment_ids defaults to segment_ids. mask: optional boolean broadcastable to
-    [batch, heads, q_len, kv_len], True where attention is allowed. scale defaults to
-    head_dim**-0.5.
+    [batch, heads, q_len, kv_len], True where attention is allowed. window (with causal):
+    each query sees at most that many latest keys, itself included (sliding window). scale
+    defaults to head_dim**-0.5.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects rank-4 q/k/v, got {q.shape}, {k.shape}, {v.shape}")
@@ -126,13 +160,16 @@ def attention(
         raise ValueError(
             f"attention: {q.shape[2]} query heads not a multiple of {k.shape[2]} kv heads"
         )
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"attention: window={window} needs causal=True and window >= 1")
     kwargs = dict(
         causal=causal,
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         mask=mask,
+        window=window,
         scale=scale,
     )
-    signature = (q.shape, k.shape, str(q.dtype), causal, segment_ids is not None)
+    signature = (q.shape, k.shape, str(q.dtype), causal, segment_ids is not None, window)
     fn = registry.resolve("attention", impl, signature, q, k, v, **kwargs)
     return fn(q, k, v, **kwargs)
