@@ -147,7 +147,7 @@ class Checkpointer:
             return
         # An empty tree (a model without mutable state) is not an orbax item: it is rebuilt.
         arrays = {k: state[k] for k in ARRAY_ITEMS if jax.tree.leaves(state[k])}
-        sums: dict[str, Any] = {k: integrity.array_checksums(v) for k, v in arrays.items()}
+        sums: dict[str, Any] = {k: _checksums(v) for k, v in arrays.items()}
         sums |= {"data": integrity.json_checksum(data_state)}
         sums |= {"config": integrity.json_checksum(config)}
         sums["meta"] = integrity.json_checksum(meta)
@@ -258,6 +258,23 @@ class Checkpointer:
                 f"checkpoint {self.step_path(step)} is damaged: {e}"
             ) from e
         return step, jax.device_get(out[item])
+
+
+def _checksums(tree: Any, batch_bytes: int = 1 << 30) -> dict[str, str]:
+    """`integrity.array_checksums`; a tree of host numpy arrays (an imported model) goes to the
+    device in batches of at most `batch_bytes` (or one larger leaf), never whole."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves or not all(isinstance(x, np.ndarray) for x in leaves):
+        return integrity.array_checksums(tree)
+    paths, sums = integrity.leaf_paths(tree), {}
+    start, size = 0, 0
+    for end, leaf in enumerate([*leaves, None]):
+        if leaf is None or (size and size + leaf.nbytes > batch_bytes):
+            batch = integrity.array_checksums(leaves[start:end])
+            sums |= dict(zip(paths[start:end], batch.values(), strict=True))
+            start, size = end, 0
+        size += 0 if leaf is None else leaf.nbytes
+    return sums
 
 
 class Damaged(Exception):

@@ -78,6 +78,13 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
     params_only = run.cfg.checkpoint.resume_params_only and not own
     reader = ckpt.Checkpointer(source, run.cfg.checkpoint, read_only=True)
     try:
+        if not params_only and _weights_only(reader):
+            log.warning(
+                "%s holds weights only (no optimizer state or data position, e.g. an imported "
+                "checkpoint): taking its params with a fresh optimizer at step 0",
+                source,
+            )
+            params_only = True
         found = _newest_good(run, reader, params_only=params_only, own=own)
     finally:
         reader.close()
@@ -85,18 +92,32 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
         log.warning("no complete checkpoint in %s; starting from scratch", source)
         return Start(run.init_state())
     step, arrays, meta = found
-    if params_only:
-        state = run.init_state() | {
+    if params_only:  # no random init: it would compile and hold a second copy of the params
+        init_opt = jax.jit(run.tx.init, out_shardings=run.shardings["opt_state"])
+        state = {
+            "step": jax.device_put(np.int32(0), run.shardings["step"]),
             "params": arrays["params"],
+            "opt_state": init_opt(arrays["params"]),
             "model_state": arrays["model_state"],
         }
-        init_opt = jax.jit(run.tx.init, out_shardings=run.shardings["opt_state"])
-        state["opt_state"] = init_opt(arrays["params"])
         log.warning("initialized params from %s step %d (fine-tuning from step 0)", source, step)
         return Start(state)
     log.warning("resumed from %s step %d", source, step)
     step_array = jax.device_put(np.int32(meta["step"]), run.shardings["step"])
     return Start(arrays | {"step": step_array}, int(meta.get("skipped_steps", 0)))
+
+
+def _weights_only(reader: ckpt.Checkpointer) -> bool:
+    """Whether the newest checkpoint is marked weights-only in its meta (an unreadable meta is
+    not: the restore then finds the damage)."""
+    steps = reader.steps()
+    if not steps:
+        return False
+    try:
+        meta = reader.read_json("meta", steps[-1])
+    except ckpt.Damaged:
+        return False
+    return isinstance(meta, dict) and bool(meta.get("weights_only"))
 
 
 def _newest_good(
