@@ -30,6 +30,11 @@ from framework.parallel.mesh import DEFAULT_RULES, axis_size
 from framework.parallel.sharding import logical_shardings
 
 NO_EOS = -1  # an id no token has
+BUCKET = 8  # prompt width and new-token count round up to this: fewer distinct programs
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def check_lengths(cfg: TransformerConfig, lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -62,8 +67,10 @@ def _check_prompts(cfg: TransformerConfig, prompts: Sequence[Sequence[int]]) -> 
 
 
 def _eos_array(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    """EOS ids padded with NO_EOS to a multiple of 4 (one program for one to four ids)."""
     ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, int | np.integer) else eos_id
-    return np.asarray(list(ids) or [NO_EOS], np.int32)
+    ids = [int(i) for i in ids] or [NO_EOS]
+    return np.asarray(ids + [NO_EOS] * (-len(ids) % 4), np.int32)
 
 
 def _traced(fn, layout):
@@ -79,14 +86,17 @@ def _traced(fn, layout):
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(cfg_json: str, filtered: bool, layout: tuple | None):
-    """(prefill, decode loop), jitted for one model config, mesh layout and whether top-k/top-p
-    filter (temperature, k and p are traced: any values share the program)."""
+def _programs(cfg_json: str, mode: str, layout: tuple | None):
+    """(prefill, decode loop), jitted for one model config, mesh layout and sampling mode:
+    "greedy" (argmax only), "sample" (temperature) or "filter" (also top-k/top-p: a sort of the
+    vocabulary per step). Temperature, k and p are traced: any values share the program."""
     cfg = TransformerConfig.model_validate_json(cfg_json)
 
     def pick(logits, keys, knobs):
         temperature, top_k, top_p = knobs
-        if not filtered:
+        if mode == "greedy":
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if mode == "sample":
             return sample(logits, keys, temperature=temperature)
         return sample(logits, keys, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -104,14 +114,14 @@ def _programs(cfg_json: str, filtered: bool, layout: tuple | None):
         first = pick(last, row_keys(key, 0, batch), knobs)
         return replicated(first), constrain_cache(cache)
 
-    def decode_loop(params, cache, first, lengths, done, out, key, knobs, eos):
-        batch, max_new = out.shape
+    def decode_loop(params, cache, first, lengths, done, out, limit, key, knobs, eos):
+        batch = out.shape[0]
         out = out.at[:, 0].set(first)
         done = done | jnp.isin(first, eos)
 
         def cond(carry):
             i, _, _, done, _ = carry
-            return (i < max_new) & ~jnp.all(done)
+            return (i < limit) & ~jnp.all(done)
 
         def body(carry):
             i, cache, last, done, out = carry
@@ -204,17 +214,19 @@ def generate(
     batch = n
     if layout is not None:
         shards = axis_size(mesh, logical.partition_spec(("batch",), dict(layout[1]))[0])
-        batch = -(-n // shards) * shards
-    width = max(lengths)
+        batch = _round_up(n, shards)
+    width = min(_round_up(max(lengths), BUCKET), max(cfg.max_seq_len, max(lengths)))
+    steps = _round_up(max_new_tokens, BUCKET)
     tokens = np.zeros((batch, width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     lens = np.ones(batch, np.int32)
     lens[:n] = lengths
     done = np.arange(batch) >= n  # rows added to fill the mesh are finished from the start
-    length = max(width, width + max_new_tokens - 1)
+    length = width + steps  # >= every position written: a row's last is len + max_new - 2
 
-    prefill, decode_loop = _programs(cfg.model_dump_json(), sampling.filtered, layout)
+    mode = "greedy" if temperature == 0 else "filter" if sampling.filtered else "sample"
+    prefill, decode_loop = _programs(cfg.model_dump_json(), mode, layout)
     params = place_params(params, cfg, mesh, rules)
     cache = _new_cache(cfg, batch, length, layout)
     key = jax.random.key(0) if key is None else key
@@ -226,10 +238,11 @@ def generate(
     )
     lens_d = _put(lens, layout, ("batch",))
     first, cache = prefill(params, cache, _put(tokens, layout, ("batch", None)), lens_d, key, knobs)
-    out = _put(np.zeros((batch, max_new_tokens), np.int32), layout, ("batch", None))
+    out = _put(np.zeros((batch, steps), np.int32), layout, ("batch", None))
     done_d = _put(done, layout, ("batch",))
-    out, _, _ = decode_loop(params, cache, first, lens_d, done_d, out, key, knobs, eos)
-    return [_until_eos(row, eos) for row in np.asarray(out)[:n]]
+    limit = np.int32(max_new_tokens)
+    out, _, _ = decode_loop(params, cache, first, lens_d, done_d, out, limit, key, knobs, eos)
+    return [_until_eos(row[:max_new_tokens], eos) for row in np.asarray(out)[:n]]
 
 
 def _until_eos(row: np.ndarray, eos: np.ndarray) -> list[int]:

@@ -47,8 +47,8 @@ def filter_logits(
         return x
     order = jnp.argsort(-x, axis=-1, stable=True)
     sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    rank = jnp.arange(x.shape[-1])
-    keep = jnp.ones(sorted_x.shape, bool) if top_k is None else rank < top_k
+    rank = jnp.broadcast_to(jnp.arange(x.shape[-1]), x.shape)
+    keep = jnp.ones(x.shape, bool) if top_k is None else rank < top_k
     if top_p is not None:
         probs = jax.nn.softmax(jnp.where(keep, sorted_x, -jnp.inf), axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs
