@@ -155,7 +155,8 @@ def load_run(run_dir: Path, step: int | None) -> Loaded:
         raise _usage_error(f"{run_dir}/config.yaml has no model.vocab_size (not a resolved config)")
     spec = _find_tokenizer(str((tree.get("data") or {}).get("tokenizer", "byte")), run_dir)
     tokenizer = load_tokenizer(spec)
-    eos = [] if spec == "byte" else _tokenizer_eos(Path(spec))
+    # an imported folder keeps generation_config.json; else the tokenizer's own EOS
+    eos = _hf_eos(run_dir) or ([] if spec == "byte" else _tokenizer_eos(Path(spec)))
     return Loaded(cfg, params, tokenizer, eos, f"{directory} step {step}")
 
 
