@@ -109,8 +109,13 @@ def _programs(cfg_json: str, mode: str, layout: tuple | None):
     def prefill(params, cache, tokens, lengths, key, knobs):
         batch, width = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-        logits, cache = transformer.decode(params, tokens, cfg, cache=cache, positions=positions)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        # transformer.decode, unembedding only each row's last prompt token: full prefill
+        # logits would be [batch, prompt, vocab] (GBs for long prompts and 128k vocabularies)
+        x, unembed, cache = transformer.hidden_states(
+            params, tokens, cfg, positions=positions, cache=cache
+        )
+        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        last = cfg.policy.cast_to_output(jnp.einsum("btd,dv->btv", x, unembed))[:, 0]
         first = pick(last, row_keys(key, 0, batch), knobs)
         return replicated(first), constrain_cache(cache)
 
@@ -177,10 +182,12 @@ def _new_cache(cfg: TransformerConfig, batch: int, length: int, layout: tuple | 
 
 
 def _put(x: np.ndarray, layout: tuple | None, axes: tuple) -> jax.Array:
+    """A host array (the same on every process) on the device, or laid out over the mesh."""
     if layout is None:
         return jnp.asarray(x)
     mesh, rules = layout[0], dict(layout[1])
-    return jax.device_put(x, NamedSharding(mesh, logical.partition_spec(axes, rules)))
+    sharding = NamedSharding(mesh, logical.partition_spec(axes, rules))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def generate(
@@ -215,7 +222,7 @@ def generate(
     if layout is not None:
         shards = axis_size(mesh, logical.partition_spec(("batch",), dict(layout[1]))[0])
         batch = _round_up(n, shards)
-    width = min(_round_up(max(lengths), BUCKET), max(cfg.max_seq_len, max(lengths)))
+    width = min(_round_up(max(lengths), BUCKET), cfg.max_seq_len)  # >= every prompt (checked)
     steps = _round_up(max_new_tokens, BUCKET)
     tokens = np.zeros((batch, width), np.int32)
     for i, p in enumerate(prompts):
