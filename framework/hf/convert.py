@@ -72,7 +72,6 @@ def _read_params(
     return out
 
 
-
 def _find_tokenizer(hf_dir: Path) -> Path | None:
     path = hf_dir / "tokenizer.json"
     return path if path.is_file() else None
