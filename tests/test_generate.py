@@ -55,9 +55,24 @@ def _params(cfg: TransformerConfig):
     return _random_params(cfg)
 
 
+# XLA:CPU without its expensive passes (as tests/test_hf.py): less compile time, same f32 math
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compiled(fn, *args):
+    """`fn` jitted and compiled for these arguments' shapes with FAST_COMPILE."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
+
+
 @functools.cache
+def _forward_compiled(cfg: TransformerConfig, shape: tuple):
+    tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+    return _compiled(lambda p, t: transformer.apply(p, t, cfg)[0], _params(cfg), tokens)
+
+
 def _forward(cfg: TransformerConfig):
-    return jax.jit(lambda p, t: transformer.apply(p, t, cfg)[0])
+    """Full-forward logits of [batch, seq] int32 tokens (one fast compile per shape)."""
+    return lambda params, tokens: _forward_compiled(cfg, tokens.shape)(params, tokens)
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2, MISTRAL], ids=["llama_gqa_rope", "gpt2", "window"])
@@ -68,20 +83,25 @@ def test_cached_decode_logits_equal_full_forward_at_every_step(cfg):
     lengths = np.array([len(p) for p in PROMPTS])
     width = lengths.max()
     with jax.default_matmul_precision("highest"):
-        full = np.asarray(_forward(cfg)(params, jnp.asarray(seqs)))
-        step = jax.jit(functools.partial(transformer.decode, cfg=cfg))
+        full = np.asarray(_forward(cfg)(params, jnp.asarray(seqs, jnp.int32)))
         cache = transformer.init_cache(cfg, len(PROMPTS), total)
+        decode = lambda p, t, c, q: transformer.decode(p, t, cfg, cache=c, positions=q)
         padded = np.where(np.arange(width) < lengths[:, None], seqs[:, :width], 0)
-        positions = np.broadcast_to(np.arange(width), padded.shape)
-        logits, cache = step(params, jnp.asarray(padded), cache=cache, positions=positions)
+        padded = padded.astype(np.int32)
+        positions = np.broadcast_to(np.arange(width, dtype=np.int32), padded.shape)
+        logits, cache = _compiled(decode, params, padded, cache, positions)(
+            params, padded, cache, positions
+        )
+        column = np.zeros((len(PROMPTS), 1), np.int32)
+        step = _compiled(decode, params, column, cache, column)
         errs = [
             np.abs(np.asarray(logits)[b, : lengths[b]] - full[b, : lengths[b]]).max()
             for b in range(len(PROMPTS))
         ]
         for s in range(total - width):  # one token per row per step, rows at their own position
-            pos = lengths + s
-            tok = seqs[np.arange(len(PROMPTS)), pos]
-            logits, cache = step(params, tok[:, None], cache=cache, positions=pos[:, None])
+            pos = (lengths + s).astype(np.int32)
+            tok = seqs[np.arange(len(PROMPTS)), pos].astype(np.int32)
+            logits, cache = step(params, tok[:, None], cache, pos[:, None])
             errs.append(np.abs(np.asarray(logits)[:, 0] - full[np.arange(len(PROMPTS)), pos]).max())
     assert max(errs) < 1e-5, errs
 
@@ -93,7 +113,7 @@ def _greedy_reference(cfg, params, prompts, n):
     for _ in range(n):
         for b, seq in enumerate(seqs):
             buf[b, : len(seq)] = seq
-        logits = np.asarray(_forward(cfg)(params, jnp.asarray(buf)))
+        logits = np.asarray(_forward(cfg)(params, buf))
         for b, seq in enumerate(seqs):
             seq.append(int(np.argmax(logits[b, len(seq) - 1])))
     return [seq[len(p) :] for seq, p in zip(seqs, prompts, strict=True)]
