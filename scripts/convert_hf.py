@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"imported {s['architecture']} ({s['params']:,} params) -> {s['checkpoint']}")
         print(f"tokenizer: {s['tokenizer'] or 'none in the checkpoint'}")
         print(f"train from it: python scripts/train.py {s['config']}")
+        if s["warning"]:
+            print(f"warning: {s['warning']}")
         return
     from framework.hf import export_run
     from framework.hf.files import parse_size

@@ -3,7 +3,8 @@
 Each variant is a transformers config that exercises one mapping: GPT-2 (tanh and exact GELU,
 tied and untied), Llama 3 with GQA and llama3 rope scaling, Llama 2 style with biases and
 linear scaling, Mistral with a window shorter than the test sequence (and multi-query
-attention), Qwen2 (q/k/v biases, tied), Qwen3 (QK-norm, head_dim != d_model / n_heads)."""
+attention), Qwen2 (q/k/v biases, tied, every layer sliding), Qwen3 (QK-norm, head_dim !=
+d_model / n_heads)."""
 
 from __future__ import annotations
 
@@ -73,8 +74,14 @@ VARIANTS = {
     "mistral_window": lambda: transformers.MistralConfig(
         **_rope(num_key_value_heads=1, sliding_window=5)
     ),
-    "qwen2": lambda: transformers.Qwen2Config(
-        **_rope(num_key_value_heads=2, tie_word_embeddings=True)
+    "qwen2_window": lambda: transformers.Qwen2Config(
+        **_rope(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=6,
+            max_window_layers=0,
+        )
     ),
     "qwen3": lambda: transformers.Qwen3Config(**_rope(num_key_value_heads=2, head_dim=16)),
 }

@@ -118,7 +118,9 @@ def test_import_folder_contents(hf, roundtrip):
         hf["gpt2"][0] / "tokenizer.json"
     ).read_bytes()
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == 2
-    assert not (roundtrip["qwen2"][1] / "tokenizer.json").exists()  # byte-level: none written
+    assert not (
+        roundtrip["qwen2_window"][1] / "tokenizer.json"
+    ).exists()  # byte-level: none written
 
 
 def _config_class():
@@ -159,6 +161,22 @@ def _pairs(a, b):
     fa, fb = flatten_params(a), flatten_params(b)
     assert fa.keys() == fb.keys()
     return [(fa[k], fb[k]) for k in fa]
+
+
+def test_base_model_names_and_buffers(hf, tmp_path):
+    """Published GPT-2 stores the base model's names (no `transformer.` prefix) and its
+    attention-mask buffers; both import."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = hf["gpt2"]
+    shutil.copytree(path, tmp_path / "base")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    tensors["h.0.attn.bias"] = np.ones((1, 1, 4, 4), np.float32)
+    save_file(tensors, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    _, params, _ = load(path)
+    _, base, _ = load(tmp_path / "base")
+    assert all(np.array_equal(x, y) for x, y in _pairs(params, base))
 
 
 def test_sharded_import_and_export(hf, roundtrip, tmp_path):
@@ -316,12 +334,29 @@ def test_bad_inputs_exit_2_naming_the_thing(hf, roundtrip, tmp_path, capsys):
     status, err = _main(capsys, "import", bad, "--out", out)
     assert status == 2 and "rope_scaling.rope_type='yarn'" in err
 
+    def mixed(c):  # Qwen2 sliding only from layer 1 on
+        c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True)
+        c.update(sliding_window=4, max_window_layers=1, layer_types=None)
+
+    bad = _rewrite(path, tmp_path / "mixed", mixed)
+    status, err = _main(capsys, "import", bad, "--out", out)
+    assert status == 2 and "layer_types mixes sliding and full attention" in err
+
+    from safetensors.numpy import load_file, save_file
+
+    extra = _rewrite(path, tmp_path / "extra", lambda c: None)
+    tensors = load_file(str(extra / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
+    save_file(tensors, str(extra / "model.safetensors"), metadata={"format": "pt"})
+    status, err = _main(capsys, "import", extra, "--out", out)
+    assert status == 2 and "tensor model.layers.0.self_attn.q_proj.bias" in err
+
     bad = _rewrite(path, tmp_path / "gelu", lambda c: c.update(hidden_act="gelu"))
     status, err = _main(capsys, "import", bad, "--out", out)
     assert status == 2 and "hidden_act='gelu'" in err
     assert not out.exists()  # nothing written for a bad input
 
-    status, err = _main(capsys, "export", roundtrip["qwen2"][0], "--out", out, "--step", 7)
+    status, err = _main(capsys, "export", roundtrip["qwen2_window"][0], "--out", out, "--step", 7)
     assert status == 2 and "step 7" in err
     status, err = _main(capsys, "export", tmp_path / "empty", "--out", out)
     assert status == 2 and "not a run directory" in err

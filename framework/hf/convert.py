@@ -83,6 +83,8 @@ def load(
     """(model config, params as nested numpy dicts, tokenizer.json path or None) of a local
     Hugging Face checkpoint directory; ConfigError (one line) for anything it cannot read."""
     hf_dir = Path(hf_dir)
+    if param_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"param_dtype {param_dtype!r}: expected float32, bfloat16 or float16")
     cfg, source = hfc.to_framework(hfc.read_config(hf_dir))
     cfg = cfg.model_copy(update={"param_dtype": param_dtype})
     flat = _load_flat(hf_dir, cfg, source)
@@ -153,6 +155,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> dict:
         writer.close()
     n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
     return {
+        "warning": _vocab_warning(tokenizer, cfg),
         "architecture": source.architecture,
         "params": n_params,
         "tokenizer": str(tokenizer) if tokenizer else None,
@@ -165,3 +168,18 @@ def _leaves(tree: Any) -> list[np.ndarray]:
     if isinstance(tree, dict):
         return [x for v in tree.values() for x in _leaves(v)]
     return [tree]
+
+
+def _vocab_warning(tokenizer: Path | None, cfg: TransformerConfig) -> str | None:
+    """A line when the tokenizer has more ids than the model embeds (training would refuse)."""
+    if tokenizer is None:
+        return None
+    import tokenizers
+
+    n = tokenizers.Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+    if n <= (cfg.vocab_size or 0):
+        return None
+    return (
+        f"tokenizer.json has {n} ids but the model embeds {cfg.vocab_size}: training on text "
+        "with it will refuse (data.tokenizer); use token ids below the model's vocabulary"
+    )
