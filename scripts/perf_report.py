@@ -220,9 +220,29 @@ def write(results: str | None, out: str, measured: bool, failed: list[str] = ())
             )
         md.append("")
     md.append(HOW_TO_RUN)
-    with open(os.path.join(out, "performance.md"), "w") as f:
-        f.write("\n".join(md))
+    path = os.path.join(out, "performance.md")
+    text = "\n".join(md)
+    kept = _kept_sections(path, _titles(text))
+    with open(path, "w") as f:
+        f.write(text + "".join(f"\n{section}" for section in kept))
     return report
+
+
+def _titles(text: str) -> set[str]:
+    return {line[3:].strip() for line in text.splitlines() if line.startswith("## ")}
+
+
+def _kept_sections(path: str, generated: set[str]) -> list[str]:
+    """The `## ` sections of the existing report that this script does not write (e.g. the
+    decoding benchmark), so regenerating the GPU part keeps them."""
+    if not os.path.exists(path):
+        return []
+    parts = open(path).read().split("\n## ")[1:]
+    return [
+        "## " + part.rstrip("\n") + "\n"
+        for part in parts
+        if part.splitlines()[0].strip() not in generated
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
