@@ -179,6 +179,29 @@ def test_base_model_names_and_buffers(hf, tmp_path):
     assert all(np.array_equal(x, y) for x, y in _pairs(params, base))
 
 
+def test_host_checksums_equal_the_device_ones():
+    """The weights-only checkpoint is checksummed on the host, chunk by chunk: the same values
+    `integrity` computes on the device (so restores verify it)."""
+    import ml_dtypes
+
+    from framework.train import integrity
+    from framework.train.checkpoint import host_checksum
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "f32": rng.standard_normal((3, 5, 7)).astype(np.float32),
+        "bf16": rng.standard_normal((4, 9)).astype(ml_dtypes.bfloat16),
+        "f16": rng.standard_normal(11).astype(np.float16),
+        "i32": rng.integers(-1000, 1000, (6, 6)).astype(np.int32),
+        "u8": rng.integers(0, 255, 13).astype(np.uint8),
+        "bool": rng.integers(0, 2, (5, 3)).astype(bool),
+        "scalar": np.ones((), np.float32),
+    }
+    paths, leaves = integrity.leaf_paths(tree), jax.tree.leaves(tree)
+    host = {p: host_checksum(x, chunk=4) for p, x in zip(paths, leaves, strict=True)}
+    assert host == integrity.array_checksums(tree)
+
+
 def test_sharded_import_and_export(hf, roundtrip, tmp_path):
     path, model = hf["llama3_gqa"]
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")

@@ -8,9 +8,11 @@ reads a run's checkpoint and writes config.json and safetensors that transformer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +146,16 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> dict:
     (out_dir / SOURCE_FILE).write_text(json.dumps(source.to_json(), indent=2) + "\n")
     params = unflatten_params(flat)
     del flat
-    writer = Checkpointer(out_dir / "checkpoints", CheckpointConfig(async_save=False))
+    writer = Checkpointer(
+        out_dir / "checkpoints", CheckpointConfig(async_save=False), save_concurrent_gb=1
+    )
     try:
         state = {"params": params, "opt_state": {}, "model_state": {}}
         meta = {"step": 0, "skipped_steps": 0, "weights_only": True}
         meta |= {"source": f"huggingface {source.architecture}", "from": str(hf_dir.absolute())}
-        writer.save(state, {}, run_config, meta)
-        writer.wait()
+        with _numpy_saved_in_place():
+            writer.save(state, {}, run_config, meta)
+            writer.wait()
     finally:
         writer.close()
     n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
@@ -162,6 +167,23 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> dict:
         "config": str(out_dir / "config.yaml"),
         "checkpoint": str(out_dir / "checkpoints" / "0"),
     }
+
+
+@contextlib.contextmanager
+def _numpy_saved_in_place() -> Iterator[None]:
+    """orbax deep-copies host arrays before writing them (a second copy of the model); the
+    import saves synchronously and never mutates them, so it writes them as they are."""
+    import orbax.checkpoint as ocp
+
+    handlers = ocp.type_handlers
+    previous = handlers.get_type_handler(np.ndarray)
+    handlers.register_type_handler(
+        np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True
+    )
+    try:
+        yield
+    finally:
+        handlers.register_type_handler(np.ndarray, previous, override=True)
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:

@@ -1,10 +1,10 @@
 """Safetensors files read lazily and written tensor by tensor, without torch.
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}} and the raw little-endian data. Reading maps each file once (`np.memmap`) and
-hands out views, so a checkpoint is never loaded whole; bfloat16 comes from `ml_dtypes` (numpy
-has none, and `safe_open(framework="numpy")` refuses it). Writing plans every shard's header
-first, then asks for one tensor at a time."""
+data_offsets}} and the raw little-endian data. Reading parses the headers, then reads one
+tensor at a time on request, so a checkpoint is never loaded whole; bfloat16 comes from
+`ml_dtypes` (numpy has none, and `safe_open(framework="numpy")` refuses it). Writing plans
+every shard's header first, then asks for one tensor at a time."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -68,7 +69,7 @@ def _header(path: Path) -> tuple[dict, int]:
 
 
 class Reader:
-    """All tensors of a local checkpoint (one file or a sharded index), opened lazily."""
+    """All tensors of a local checkpoint (one file or a sharded index), read one at a time."""
 
     def __init__(self, hf_dir: str | Path):
         hf_dir = Path(hf_dir)
@@ -88,7 +89,7 @@ class Reader:
             hint = f" (found {found[0]}: pickled weights are not read; save with safetensors)"
             raise ConfigError(f"{hf_dir}: no {SINGLE} or {INDEX}" + (hint if found else ""))
         self.entries: dict[str, Entry] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._files: dict[Path, Any] = {}
         for name in files:
             path = hf_dir / name
             if not path.is_file():
@@ -126,16 +127,23 @@ class Reader:
         return sorted(self.entries)
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view of one tensor (mapped from disk, not copied)."""
+        """One tensor, read from its file into a new array (the caller drops it after use;
+        plain reads rather than a memory map, so only the page cache holds the files)."""
         entry = self.entries[name]
-        if entry.file not in self._maps:
-            self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-        raw = self._maps[entry.file][entry.start : entry.end]
-        return raw.view(entry.dtype).reshape(entry.shape)
+        if entry.file not in self._files:
+            self._files[entry.file] = entry.file.open("rb")
+        f = self._files[entry.file]
+        out = np.empty(entry.shape, entry.dtype)
+        f.seek(entry.start)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != entry.end - entry.start:
+            raise ConfigError(f"{entry.file}: tensor {name} is truncated")
+        return out
 
     def close(self) -> None:
-        """Drop the file mappings (views handed out keep theirs alive)."""
-        self._maps.clear()
+        """Close the files."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 @dataclass(frozen=True)

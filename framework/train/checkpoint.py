@@ -105,14 +105,26 @@ def _quiet_abandoned_reads() -> None:
 class Checkpointer:
     """An orbax CheckpointManager for one run directory: save, list, restore with fallback."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | Path,
+        cfg: CheckpointConfig,
+        *,
+        read_only: bool = False,
+        save_concurrent_gb: int = 96,
+    ):
+        """`save_concurrent_gb` bounds the bytes orbax writes at once (orbax's default 96;
+        a converter writing host arrays lowers it to bound its memory)."""
         self.directory = Path(directory).absolute()
         self.cfg = cfg
         _quiet_abandoned_reads()
         keep: list[Any] = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
-        handlers = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
+        handlers = {
+            k: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
+            for k in ARRAY_ITEMS
+        }
         handlers |= {k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS}
         absl = logging.getLogger("absl")
         level = absl.level
@@ -260,21 +272,36 @@ class Checkpointer:
         return step, jax.device_get(out[item])
 
 
-def _checksums(tree: Any, batch_bytes: int = 1 << 30) -> dict[str, str]:
-    """`integrity.array_checksums`; a tree of host numpy arrays (an imported model) goes to the
-    device in batches of at most `batch_bytes` (or one larger leaf), never whole."""
+def _checksums(tree: Any) -> dict[str, str]:
+    """`integrity.array_checksums`; a tree of host numpy arrays (an imported model) is summed
+    on the host in chunks (`host_checksum`), so it never goes to a device."""
     leaves = jax.tree.leaves(tree)
     if not leaves or not all(isinstance(x, np.ndarray) for x in leaves):
         return integrity.array_checksums(tree)
-    paths, sums = integrity.leaf_paths(tree), {}
-    start, size = 0, 0
-    for end, leaf in enumerate([*leaves, None]):
-        if leaf is None or (size and size + leaf.nbytes > batch_bytes):
-            batch = integrity.array_checksums(leaves[start:end])
-            sums |= dict(zip(paths[start:end], batch.values(), strict=True))
-            start, size = end, 0
-        size += 0 if leaf is None else leaf.nbytes
-    return sums
+    return {
+        path: host_checksum(x) for path, x in zip(integrity.leaf_paths(tree), leaves, strict=True)
+    }
+
+
+def host_checksum(x: np.ndarray, chunk: int = 1 << 22) -> str:
+    """`integrity`'s checksum of one host array, computed `chunk` elements at a time (memory
+    bounded by the chunk, not the array): the same position-weighted sums of the element bits
+    with uint32 wrap-around. 8-byte dtypes take the device path."""
+    if x.dtype.itemsize == 8:
+        (value,) = integrity.array_checksums([x]).values()
+        return value
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    flat = np.ascontiguousarray(x).reshape(-1)
+    flat = flat.view(np.uint8) if x.dtype == np.bool_ else flat.view(unsigned)
+    weighted = mixed = 0
+    for start in range(0, flat.size, chunk):
+        bits = flat[start : start + chunk].astype(np.uint32)
+        index = np.arange(start, start + bits.size, dtype=np.uint64).astype(np.uint32)
+        weighted += int(np.sum(bits * (index * integrity._GOLDEN | np.uint32(1)), dtype=np.uint32))
+        mixed += int(
+            np.sum((bits ^ (index * integrity._MIX_A)) * integrity._MIX_B, dtype=np.uint32)
+        )
+    return f"{weighted % 2**32:08x}{mixed % 2**32:08x}"
 
 
 class Damaged(Exception):
