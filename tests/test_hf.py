@@ -22,8 +22,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from framework.config import load_config  # noqa: E402
-from framework.hf import config as hfc  # noqa: E402
-from framework.hf import export_run, import_checkpoint, load  # noqa: E402
+from framework.hf import (  # noqa: E402
+    export_run,
+    import_checkpoint,
+    load,
+    target,  # noqa: E402
+)
 from framework.models.transformer import TransformerConfig, apply  # noqa: E402
 from framework.train.checkpoint import flatten_params  # noqa: E402
 
@@ -287,7 +291,7 @@ def test_resume_from_imported_folder(roundtrip, tmp_path, caplog):
 def test_inexpressible_models_name_the_field(fields, named):
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=4, **fields)
     with pytest.raises(Exception, match=named.replace(".", r"\.")):
-        hfc.choose(cfg, None)
+        target.choose(cfg, None)
 
 
 @pytest.mark.parametrize(
@@ -304,16 +308,16 @@ def test_inexpressible_models_name_the_field(fields, named):
 def test_architecture_chosen_from_fields(fields, arch):
     rope = dict(position="rope", norm="rmsnorm", activation="swiglu")
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=4, **rope, **fields)
-    assert hfc.choose(cfg, None) == arch
+    assert target.choose(cfg, None) == arch
 
 
 def test_remembered_architecture_kept_while_it_fits():
     rope = dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False)
     llama = TransformerConfig(vocab_size=64, d_model=32, n_heads=4, **rope)
-    assert hfc.choose(llama, "MistralForCausalLM") == "MistralForCausalLM"
-    assert hfc.choose(llama, "Qwen3ForCausalLM") == "LlamaForCausalLM"  # no qk_norm: not Qwen3
+    assert target.choose(llama, "MistralForCausalLM") == "MistralForCausalLM"
+    assert target.choose(llama, "Qwen3ForCausalLM") == "LlamaForCausalLM"  # no qk_norm: not Qwen3
     qwen2 = llama.model_copy(update={"qkv_bias": True})
-    assert hfc.choose(qwen2, "LlamaForCausalLM") == "Qwen2ForCausalLM"
+    assert target.choose(qwen2, "LlamaForCausalLM") == "Qwen2ForCausalLM"
 
 
 def _main(capsys, *argv) -> tuple[int, str]:

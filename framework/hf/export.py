@@ -19,7 +19,7 @@ import yaml
 
 from framework.errors import CheckpointError, ConfigError
 from framework.hf import config as hfc
-from framework.hf import files, weights
+from framework.hf import files, target, weights
 from framework.hf.convert import SOURCE_FILE, TOKENIZER_FILES
 from framework.models.transformer import TransformerConfig
 from framework.train.checkpoint import flatten_params
@@ -163,11 +163,11 @@ def export_run(
     got, flat, saved = _read_run(run_dir, step)
     cfg = _model_config(saved, flat)
     source, source_dir = find_source(run_dir, saved)
-    name = hfc.choose(cfg, source.architecture if source else None)
+    name = target.choose(cfg, source.architecture if source else None)
     dtype = dtype or (source.dtype if source and source.dtype else cfg.param_dtype)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    hf_config = hfc.from_framework(cfg, name, dtype, source)
+    hf_config = target.from_framework(cfg, name, dtype, source)
     plan = _plan(cfg, hfc.ARCHITECTURES[name], flat, EXPORT_DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
