@@ -1,8 +1,11 @@
-"""Force 8 simulated CPU devices before jax is imported anywhere in the test session."""
+"""Before jax is imported anywhere in the test session: 8 simulated CPU devices, XLA's backend
+at -O0 and a session-wide persistent compilation cache (tests/jax_setup.py says why)."""
 
-import os
+import jax_setup
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+jax_setup.configure()
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # xdist's controller, or the only process
+        jax_setup.remove_cache()

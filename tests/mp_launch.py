@@ -1,9 +1,10 @@
 """Helpers for tests that start a real multi-process jax.distributed run on 127.0.0.1."""
 
-import os
 import socket
 import subprocess
 from pathlib import Path
+
+from jax_setup import cpu_env
 
 
 def free_port() -> int:
@@ -45,12 +46,7 @@ def run_all(commands: list[list[str]], *, timeout: float = 150, **popen) -> list
 def start_all(commands: list[list[str]], logs: Path, **popen) -> list[subprocess.Popen]:
     """Start the commands (process i writes logs/p{i}.out and logs/p{i}.err, unbuffered, on
     CPU with 2 devices each); stop them with `stop_all`."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-        PYTHONUNBUFFERED="1",
-    )
+    env = cpu_env(2, PYTHONUNBUFFERED="1")
     procs = []
     for i, cmd in enumerate(commands):
         with open(logs / f"p{i}.out", "w") as out, open(logs / f"p{i}.err", "w") as err:

@@ -4,8 +4,8 @@ non-finite policy, restore onto another mesh / unrolled layers, safetensors roun
 Runs that must be separate processes use scripts/train.py with a shared persistent compilation
 cache, so only the first start compiles."""
 
+import importlib.util
 import json
-import os
 import random
 import shutil
 import signal
@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax_setup import cpu_env
 from mp_launch import distributed_overrides, free_port, run_all
 
 from framework.config import load_config
@@ -36,9 +37,11 @@ from framework.train.resume import plan_resume, restore_or_init
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
 STEPS = 40
-# Checkpoint often so kills land during asynchronous saves; log every step to compare losses.
+# Log every step to compare losses. Saves cost most of a run's time (orbax moves each of 8
+# devices' slices), so every 4 steps here; the kill -9 loop saves every 2 so that its kills
+# often land during an asynchronous save.
 RUN = (
-    "checkpoint.every=2",
+    "checkpoint.every=4",
     "checkpoint.keep=2",
     "train.log_every=1",
     "train.eval_every=1000",
@@ -48,16 +51,9 @@ RUN = (
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: 8 CPU devices (from conftest) and a shared compilation cache."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONUNBUFFERED="1",
-    )
+def env():
+    """Subprocess environment: 8 CPU devices and the session's compilation cache (conftest)."""
+    return cpu_env(PYTHONUNBUFFERED="1")
 
 
 def _cmd(run_dir: Path, *overrides: str) -> list[str]:
@@ -174,7 +170,10 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
     while kills < 5:
         seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         proc = subprocess.Popen(
-            _cmd(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            _cmd(tmp_path, "checkpoint.every=2"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120  # hang guards only: a loaded CI box starts jax slowly
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > seen):
@@ -190,7 +189,7 @@ def test_kill9_loop_resumes_to_the_same_result(env, straight, tmp_path):
         kills += 1
         assert time.monotonic() - start < 600
     assert kills >= 5, f"the run finished after only {kills} kills"
-    done = _train(env, tmp_path, timeout=60)
+    done = _train(env, tmp_path, "checkpoint.every=2", timeout=180)  # a hang guard only
     assert done.returncode == 0, done.stderr[-3000:]
     losses, ref = _losses(tmp_path), _losses(straight)
     assert max(losses) == STEPS and losses[STEPS] == ref[STEPS]
@@ -341,23 +340,18 @@ def test_skipped_count_in_checkpoints_between_log_lines(at_half, tmp_path):
     assert meta["skipped_steps"] == 2
 
 
-def test_safetensors_export_round_trip(straight, tmp_path, env):
+def _script(name: str):
+    """scripts/NAME.py as a module (its main(argv) returns the exit status)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_safetensors_export_round_trip(straight, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/export_safetensors.py"),
-            str(straight / "tiny_lm"),
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    status = _script("export_safetensors").main([str(straight / "tiny_lm"), "--out", str(out)])
+    assert status == 0, capsys.readouterr().err[-2000:]
     params = load_safetensors(out)
     _assert_same(params, _read(straight, "params")[1])
     assert "blocks/attn/q/kernel" in flatten_params(params)
@@ -369,10 +363,17 @@ def test_restore_with_two_processes_continues_the_run(env, straight, at_half, tm
     the first resumed step's loss equals the uninterrupted run's, and the run finishes."""
     run_dir = _copy(at_half, tmp_path)
     port = free_port()
-    env4 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env4 = cpu_env(4, PYTHONUNBUFFERED="1")
     run_all(
         [
-            _cmd(run_dir, "mesh.data=2", "mesh.fsdp=4", *distributed_overrides(port, i))
+            # one save, the last: saving in 2 processes is slow, and once shows it works
+            _cmd(
+                run_dir,
+                "mesh.data=2",
+                "mesh.fsdp=4",
+                "checkpoint.every=1000",
+                *distributed_overrides(port, i),
+            )
             for i in range(2)
         ],
         env=env4,

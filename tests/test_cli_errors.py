@@ -3,13 +3,13 @@ user mistakes and 1 for the environment's; --debug / FRAMEWORK_DEBUG=1 show the 
 
 import errno
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
+from jax_setup import cpu_env
 
 from framework.config import load_config
 from framework.config.loader import parse_value
@@ -22,7 +22,7 @@ TINY = str(ROOT / "configs/tiny/lm.yaml")
 
 
 def _run(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_env(8)
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts/train.py"), *args],
         cwd=cwd,

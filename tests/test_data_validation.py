@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jax_setup import cpu_env
 
 from framework.config import load_config
 from framework.data import DataConfig, DataError, make_loaders, sources
@@ -144,7 +145,7 @@ def test_train_script_negative_id_exits_2_with_one_line(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=cpu_env(8),
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

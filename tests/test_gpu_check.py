@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from jax_setup import cpu_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def _script(name: str):
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = cpu_env(1)  # one CPU device, the session's other XLA flags and compilation cache
     return {**env, "PYTHON": os.environ.get("PYTHON", "python"), **extra}
 
 

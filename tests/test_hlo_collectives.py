@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax_setup import no_compilation_cache
 
 from framework.config import load_config
 from framework.parallel.sharding import batch_spec
@@ -202,7 +203,7 @@ def compile_step(tmp: Path, layout: tuple[str, ...]) -> Compiled:
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in ("inputs", "targets")
     }
-    with captured_fd2() as err:
+    with no_compilation_cache(), captured_fd2() as err:  # a cache hit would compile nothing
         hlo = run.train_step.lower(run.abstract_state, batch).compile().as_text()
     return Compiled(run, hlo, err[0], collectives(hlo))
 
@@ -311,15 +312,13 @@ def test_capture_sees_the_partitioners_cxx_warning():
         return jax.lax.with_sharding_constraint(v * 2, split(None, "y")) + 1
 
     arg = jax.ShapeDtypeStruct((16, 16), jnp.float32, sharding=split("x", None))
-    with captured_fd2() as err:
+    with no_compilation_cache(), captured_fd2() as err:
         jax.jit(conflicting).lower(arg).compile()
     assert REMAT_WARNING in err[0].lower(), err[0]
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "fsdp_remat", "tensor"])
 def test_no_involuntary_full_rematerialization(layout, request):
-    if jax.config.jax_compilation_cache_dir:  # a persistent-cache hit compiles nothing
-        pytest.skip("a persistent compilation cache is set: the step may not be compiled")
     compiled: Compiled = request.getfixturevalue(layout)
     assert REMAT_WARNING not in compiled.stderr.lower(), compiled.stderr
 

@@ -2,7 +2,6 @@
 params and optimizer state, and impossible layouts are one-line config errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax_setup import cpu_env
 from mp_launch import distributed_overrides, free_port, run_all
 
 from framework.config import ConfigError, load_config
@@ -115,7 +115,7 @@ def test_impossible_layout_is_a_config_error(overrides, needle, tmp_path):
 
 
 def test_impossible_layout_exits_2_naming_the_axis(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_env(8)
     done = subprocess.run(
         [
             sys.executable,
@@ -177,6 +177,15 @@ print(json.dumps({"devices": run.mesh.devices.size, "losses": losses}))
 """
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[float]:
+    """The 5 losses of the two-process runs' config trained in this one process."""
+    run = _build(
+        tmp_path_factory.mktemp("one_process"), "train.steps=5", "mesh.data=2", "mesh.fsdp=4"
+    )
+    return _train(run, 5)[0]
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -186,13 +195,11 @@ print(json.dumps({"devices": run.mesh.devices.size, "losses": losses}))
     ],
     ids=["flat", "across_nodes"],
 )
-def test_two_processes_with_gloo_match_one_process(layout, tmp_path):
+def test_two_processes_with_gloo_match_one_process(layout, one_process, tmp_path):
     overrides = [f"run.dir={tmp_path}", "train.steps=5", *layout]
-    expected, _ = _train(_build(tmp_path, "train.steps=5", "mesh.data=2", "mesh.fsdp=4"), 5)
+    expected = one_process
     port = free_port()
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    env = cpu_env(4)
     outs = run_all(
         [
             [

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from jax_setup import cpu_env
 
 from framework.config import load_config
 from framework.train import build, signals, train
@@ -65,7 +66,10 @@ def test_sigint_during_the_first_compile_stops_cleanly_5_of_5(tmp_path):
         errs.append(tmp_path / f"{i}.err")
         with open(errs[-1], "w") as err:
             cmd = _train_cmd(tmp_path / str(i))
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True))
+            env = cpu_env(cache=False)  # a compile for the signal to interrupt, not a cache hit
+            procs.append(
+                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            )
     try:
         waiting = set(range(5))
         deadline = time.monotonic() + 240
