@@ -173,6 +173,12 @@ def window_allowed(q_pos: Any, kv_pos: Any, q_len: int, kv_len: int, window: int
     return kv_pos > q_pos + (kv_len - q_len) - window
 
 
+def effective_window(window: int | None, kv_len: int) -> int | None:
+    """The causal sliding window, or None where it masks nothing: a window of kv_len or more
+    keeps every key causal attention keeps (the latest query sees keys kv_len - 1 .. 0)."""
+    return None if window is None or window >= kv_len else int(window)
+
+
 def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
     """[1, 1, q_len, kv_len] bool (True = attend), queries aligned to the end of the keys."""
     kv_len = q_len if kv_len is None else kv_len
@@ -761,7 +767,7 @@ def _prepare(
         kv_len=tk,
         groups=h // kh,
         has_segments=segment_ids is not None,
-        window=None if window is None else int(window),
+        window=effective_window(window, tk),  # causal and >= 1 (checked above)
         fwd=fwd,
         dq=dq,
         dkdv=dkdv,
@@ -872,6 +878,8 @@ def flash_attention(
     PALLAS_AUTOTUNE=1) times a few block configurations once per shape and device and caches
     the fastest (pallas_kernels.autotune); explicit blocks disable it.
     """
+    if causal and window is not None and window >= 1:  # else _prepare refuses it
+        window = effective_window(window, k.shape[1])  # no masked band where none is needed
     # Timing needs the device being compiled for: no autotuning for an abstract target.
     local = target_device()[1] == jax.devices()[0].device_kind
     if _autotune.enabled(autotune) and block_q is None and block_k is None and local:

@@ -4,6 +4,7 @@ parameters or the math exactly as documented. Parity with transformers is in tes
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -21,17 +22,19 @@ LLAMA = dict(TINY, position="rope", norm="rmsnorm", activation="swiglu", bias=Fa
 
 
 def _params(cfg: T.TransformerConfig, seed: int = 0) -> dict:
-    """Random params with every leaf perturbed (norm scales and biases included)."""
-    params = nn.init(T.spec(cfg), jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    )
+    """Random host params with every leaf perturbed (norm scales ~1, biases ~0): numpy, so no
+    initializer is compiled per shape."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, shape):
+        base = 1.0 if jax.tree_util.keystr(path).endswith("'scale']") else 0.0
+        return (base + 0.2 * rng.standard_normal(shape.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(one, nn.shapes(T.spec(cfg)))
 
 
-def _tokens(seq: int = 24) -> jax.Array:
-    return jax.random.randint(jax.random.key(7), (2, seq), 0, TINY["vocab_size"])
+def _tokens(seq: int = 24) -> np.ndarray:
+    return np.random.default_rng(7).integers(0, TINY["vocab_size"], (2, seq)).astype(np.int32)
 
 
 def _logits(cfg: T.TransformerConfig, params: dict, tokens: jax.Array) -> np.ndarray:
@@ -85,7 +88,8 @@ def test_sliding_window_limits_what_a_token_sees():
     params = _params(cfg)
     tokens = _tokens()
     base = _logits(cfg, params, tokens)
-    changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % TINY["vocab_size"])
+    changed = tokens.copy()
+    changed[:, 2] = (tokens[:, 2] + 1) % TINY["vocab_size"]
     after = _logits(cfg, params, changed)
     np.testing.assert_array_equal(after[:, 6:], base[:, 6:])  # position 2 is out of reach
     assert not np.allclose(after[:, 2:6], base[:, 2:6])  # ... but inside the window it counts
@@ -144,3 +148,134 @@ def test_config_errors():
     with pytest.raises(ValueError, match="needs causal"):
         q = jnp.ones((1, 4, 2, 8))
         ops.attention(q, q, q, causal=False, window=2)
+
+
+def _band(tq: int, tk: int, nq_pad: int, nk_pad: int, window: int | None) -> np.ndarray:
+    """[nq_pad, nk_pad] bool written out by hand: causal, end-aligned, within the window, real
+    keys only."""
+    rows = np.arange(nq_pad)[:, None] + (tk - tq)
+    cols = np.arange(nk_pad)[None, :]
+    allowed = (cols <= rows) & (cols < tk)
+    return allowed if window is None else allowed & (cols > rows - window)
+
+
+@pytest.mark.parametrize("tq, tk", [(33, 33), (7, 40), (40, 9), (64, 16), (1, 64)])
+def test_window_block_ranges_cover_the_band(tq, tk):
+    """The kernel's block loops (_kv_range for the forward/dq, _q_range for dk/dv) visit every
+    block holding an allowed (query, key) pair of a real query, and skip the mask only on blocks
+    where every pair is allowed: windows narrower than, equal to and wider than a block,
+    queries longer or shorter than the keys (end-aligned), padded last blocks, segments."""
+    from pallas_kernels import flash_attention as fa
+
+    for window, (bq, bk), seg in itertools.product(
+        [None, 1, 3, 16, 17, 100], [(16, 16), (16, 32), (32, 16)], [False, True]
+    ):
+        blocks = fa.KernelConfig(bq, bk, 4, 1)
+        st = fa._Static(1.0, True, tq, tk, 1, seg, window, blocks, blocks, blocks, True)
+        nq, nk = -(-tq // bq), -(-tk // bk)
+        allowed = _band(tq, tk, nq * bq, nk * bk, window)
+        tiles = allowed.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)
+        real = tiles & (np.arange(nq * bq) < tq).reshape(nq, 1, bq, 1)
+        needed, whole = real.any(axis=(2, 3)), tiles.all(axis=(2, 3)) & (not seg)
+        where = (window, bq, bk, seg)
+        for i in range(nq):
+            start, full, end = (int(x) for x in fa._kv_range(st, i * bq, bq, bk, nk))
+            visited = (np.arange(nk) >= start) & (np.arange(nk) < end)
+            unmasked = (np.arange(nk) >= start) & (np.arange(nk) < full)
+            assert np.all(visited[needed[i]]), (where, i, start, end)
+            assert np.all(whole[i][unmasked]), (where, i, start, full)
+        for j in range(nk):
+            lo, full, hi = (int(x) for x in fa._q_range(st, j * bk, bq, bk, nq))
+            visited = (np.arange(nq) >= lo) & (np.arange(nq) < hi)
+            unmasked = (np.arange(nq) >= full) & (np.arange(nq) < hi)
+            assert np.all(visited[needed[:, j]]), (where, j, lo, hi)
+            assert np.all(whole[:, j][unmasked]), (where, j, full, hi)
+
+
+def test_window_as_wide_as_the_keys_is_no_window():
+    """A window of kv_len or more masks nothing: ops.attention and the kernel drop it (so
+    cuDNN may take the call and the kernel skips the mask on full blocks), same values."""
+    from pallas_kernels import flash_attention as fa
+
+    assert fa.effective_window(None, 8) is None and fa.effective_window(7, 8) == 7
+    assert fa.effective_window(8, 8) is None and fa.effective_window(4096, 8) is None
+    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+    k, v = q[:, :, :1], q[:, :, 1:] * 2
+    st = fa._prepare(q, k, v, True, None, None, None, 16, 16, None, None, True, "cpu", 8)[0]
+    assert st.window is None
+    st = fa._prepare(q, k, v, True, None, None, None, 16, 16, None, None, True, "cpu", 7)[0]
+    assert st.window == 7
+    np.testing.assert_array_equal(
+        ops.attention(q, k, v, causal=True, window=8, impl="xla"),
+        ops.attention(q, k, v, causal=True, impl="xla"),
+    )
+    assert not np.allclose(
+        ops.attention(q, k, v, causal=True, window=7, impl="xla"),
+        ops.attention(q, k, v, causal=True, impl="xla"),
+    )
+
+
+def test_flops_per_token_counts_the_keys_a_window_leaves():
+    """Attention FLOPs follow the keys each query sees: half the sequence when causal, and
+    min(position + 1, window) with a window (not half the window)."""
+    cfg = T.TransformerConfig(**LLAMA)
+    per_key = 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size  # attention FLOPs per key seen
+    dense = T.flops_per_token(cfg, 1024)
+    for window in (64, 1000):
+        windowed = T.flops_per_token(cfg.model_copy(update={"sliding_window": window}), 1024)
+        seen = np.minimum(np.arange(1, 1025), window).mean()  # keys per query, counted
+        want = dense - per_key * (1024 / 2 - seen)
+        np.testing.assert_allclose(windowed, want, rtol=2e-3)
+    wide = cfg.model_copy(update={"sliding_window": 1024})
+    assert T.flops_per_token(wide, 1024) == dense
+
+
+def test_cudnn_with_a_window_narrower_than_the_sequence_is_a_config_error():
+    from framework.errors import ConfigError
+
+    meta = {"kind": "lm", "vocab_size": 40, "seq_len": 32}
+    cfg = T.TransformerConfig(**LLAMA, sliding_window=16, attention_impl="cudnn")
+    with pytest.raises(ConfigError, match="cudnn takes no sliding window"):
+        cfg.for_data(meta)
+
+
+def test_cached_decode_with_every_option_unrolled():
+    """QK-norm, q/k/v biases, llama3 RoPE scaling and a window, layers in a Python loop (the
+    unrolled branch of the blocks with a cache): prefill then one token per step equal the full
+    forward."""
+    rope = {"type": "llama3", "factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = T.TransformerConfig(
+        **LLAMA,
+        n_kv_heads=2,
+        qk_norm=True,
+        qkv_bias=True,
+        rope_scaling=rope,
+        sliding_window=3,
+        scan_layers=False,
+    )
+    params, tokens = _params(cfg), _tokens(10)
+    # XLA:CPU without its expensive passes (as tests/test_generate.py): same f32 math
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+    def compiled(fn, *args):
+        return jax.jit(fn).lower(*args).compile(fast)
+
+    def decode(p, t, c, pos):
+        return T.decode(p, t, cfg, cache=c, positions=pos)
+
+    with jax.default_matmul_precision("highest"):
+        full = np.asarray(
+            compiled(lambda p, t: T.apply(p, t, cfg)[0], params, tokens)(params, tokens)
+        )
+        cache = T.init_cache(cfg, 2, 16)
+        assert jax.tree.map(jnp.shape, cache) == {"k": (2, 2, 16, 2, 8), "v": (2, 2, 16, 2, 8)}
+        prefill = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        logits, cache = compiled(decode, params, tokens[:, :6], cache, prefill)(
+            params, tokens[:, :6], cache, prefill
+        )
+        got = [np.asarray(logits)]
+        step = compiled(decode, params, tokens[:, :1], cache, prefill[:, :1])
+        for s in range(6, 10):
+            logits, cache = step(params, tokens[:, s : s + 1], cache, jnp.full((2, 1), s))
+            got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, rtol=1e-5, atol=1e-5)

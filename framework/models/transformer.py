@@ -147,6 +147,12 @@ class TransformerConfig(ModelConfig):
                 f"data.seq_len ({seq_len}) is longer than model.max_seq_len "
                 f"({self.max_seq_len}) of the learned position table"
             )
+        window = self.sliding_window
+        if self.attention_impl == "cudnn" and window is not None and (seq_len or 0) > window:
+            raise ConfigError(
+                f"model.attention_impl=cudnn takes no sliding window (model.sliding_window "
+                f"{window} < data.seq_len {seq_len}); use auto, pallas or xla"
+            )
         if self.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise ConfigError(
                 f"model.attention_impl=cudnn needs a GPU (backend is {jax.default_backend()}); "
@@ -367,18 +373,24 @@ def decode(
     *,
     cache: dict[str, jax.Array],
     positions: jax.Array,
+    last: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """tokens [batch, seq] at `positions` [batch, seq] (each row contiguous, rows may start at
     different positions) -> (logits [batch, seq, vocab] in the output dtype, updated cache).
 
     The blocks are the training ones; each layer writes the tokens' keys and values into the
     cache at their positions and attends to the cached positions up to its own (within the
-    sliding window). Prefill: the right-padded prompts at 0..P-1; then one token per step."""
+    sliding window). Prefill: the right-padded prompts at 0..P-1; then one token per step.
+    Positions must stay below the cache length (a write past it lands clamped, unchecked).
+    `last` [batch] (a prefill's prompt length - 1) unembeds only that token of each row:
+    logits [batch, 1, vocab] instead of [batch, seq, vocab]."""
     check_int(positions, "positions")
     if positions.shape != tokens.shape:
         raise ShapeError(f"positions {positions.shape} must match tokens {tokens.shape}")
     with scope("transformer"):
         x, unembed, cache = hidden_states(params, tokens, cfg, positions=positions, cache=cache)
+        if last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)
         logits = jnp.einsum("btd,dv->btv", x, unembed)
     return cfg.policy.cast_to_output(logits), cache
 
@@ -419,14 +431,18 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     """Model FLOPs per trained token: 6 x matmul params (embedding lookups excluded, the
     unembedding included) plus the attention scores and weighted sum, 12 x layers x seq x
     heads x head_dim for dense attention (PaLM appendix B), halved because attention is causal
-    (each query sees on average half the keys; MaxText counts it the same way)."""
+    (each query sees on average half the keys; MaxText counts it the same way). A sliding
+    window w < seq: each query sees min(position + 1, w) keys, on average w - w**2 / (2 seq)."""
     head_dim, kv_heads = cfg.head_size, cfg.kv_heads
     attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
     mlp = cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
     unembed = cfg.d_model * cfg.vocab_size
     matmul_params = cfg.n_layers * (attn + mlp) + unembed
-    seen = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
-    causal_attention = 0.5 * 12.0 * cfg.n_layers * seen * cfg.n_heads * head_dim
+    seen = 0.5 * seq_len  # keys a query sees, on average
+    if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
+        w = cfg.sliding_window
+        seen = w - w * w / (2.0 * seq_len)
+    causal_attention = 12.0 * cfg.n_layers * seen * cfg.n_heads * head_dim
     return 6.0 * matmul_params + causal_attention
 
 

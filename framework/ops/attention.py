@@ -162,6 +162,7 @@ def attention(
         )
     if window is not None and (not causal or window < 1):
         raise ValueError(f"attention: window={window} needs causal=True and window >= 1")
+    window = fa.effective_window(window, k.shape[1])  # None if it masks nothing: cuDNN may run
     kwargs = dict(
         causal=causal,
         segment_ids=segment_ids,
