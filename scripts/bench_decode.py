@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def "
@@ -27,10 +29,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("new_tokens", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    return args
 
 
-def recompute_sampler(apply, params, mcfg, prompt, n, *, window, temperature, key):
+def recompute_sampler(
+    apply: Callable[..., Any],
+    params: Any,
+    mcfg: Any,
+    prompt: list[int],
+    n: int,
+    *,
+    window: int,
+    temperature: float,
+    key: Any,
+) -> list[int]:
     """The pre-KV-cache sampler: one jitted forward over a fixed window per new token."""
     import jax
     import jax.numpy as jnp

@@ -126,8 +126,9 @@ def _find_tokenizer(spec: str, run_dir: Path) -> str:
 def load_run(run_dir: Path, step: int | None) -> Loaded:
     """A training run directory: its model config, newest (or `step`) params and tokenizer."""
     from framework import models
-    from framework.config.loader import load_yaml_tree
+    from framework.config.loader import load_yaml_tree, validate
     from framework.data import load_tokenizer
+    from framework.errors import ConfigError
     from framework.models.transformer import TransformerConfig
     from framework.train.checkpoint import CheckpointConfig, Checkpointer, step_dirs
 
@@ -145,11 +146,14 @@ def load_run(run_dir: Path, step: int | None) -> Loaded:
         step, params = reader.read_numpy("params", step)
     finally:
         reader.close()
-    model = tree.get("model") or {}
-    name = model.get("name")
+    model = tree.get("model") if isinstance(tree, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
     if name != "transformer":
         raise _usage_error(f"generation needs a transformer language model; model.name={name!r}")
-    cfg = models.get(name).config.model_validate(model)
+    try:
+        cfg = validate(models.get(name).config, model)
+    except ConfigError as e:
+        raise _usage_error(f"model section of {run_dir}: {e.message}") from None
     assert isinstance(cfg, TransformerConfig)
     if cfg.vocab_size is None:
         raise _usage_error(f"{run_dir}/config.yaml has no model.vocab_size (not a resolved config)")

@@ -6,6 +6,9 @@ scripts/generate.py on a tiny run directory (bad input: one line, exit 2)."""
 import functools
 import importlib.util
 import json
+import logging
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -144,6 +147,33 @@ def test_eos_stops_a_row_while_the_others_continue():
     assert generate(
         _params(LLAMA), LLAMA, PROMPTS, max_new_tokens=NEW, temperature=0, eos_id=[63, eos]
     ) == [r[: min([r.index(e) + 1 for e in (63, eos) if e in r] or [NEW])] for r in greedy]
+
+
+def test_a_repeated_call_compiles_nothing(caplog):
+    """The programs, the empty cache included, are compiled once per shape, not per call."""
+    want = _llama_greedy()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        got = generate(_params(LLAMA), LLAMA, PROMPTS, max_new_tokens=NEW, temperature=0)
+    assert got == want
+    compiled = [r.getMessage() for r in caplog.records if "XLA compilation" in r.getMessage()]
+    assert not compiled, compiled
+
+
+def test_filters_that_keep_every_token_are_no_filters(monkeypatch):
+    """top_p=1 and top_k >= the vocabulary take the temperature-only program (no sort per step,
+    no f32 cumulative mass dropping the least likely tokens), with the same draws."""
+    modes = []
+    programs = gen_loop._programs
+
+    def recording(cfg_json, mode, layout):
+        modes.append(mode)
+        return programs(cfg_json, mode, layout)
+
+    monkeypatch.setattr(gen_loop, "_programs", recording)
+    kw = dict(max_new_tokens=NEW, key=jax.random.key(5))
+    plain = generate(_params(LLAMA), LLAMA, PROMPTS, **kw)
+    assert generate(_params(LLAMA), LLAMA, PROMPTS, top_p=1.0, top_k=64, **kw) == plain
+    assert modes == ["sample", "sample"]  # (top_k=1 filtering: test_sharded_generation...)
 
 
 _filter_traced = jax.jit(lambda x, t, k, p: filter_logits(x, temperature=t, top_k=k, top_p=p))
@@ -299,6 +329,17 @@ def test_cli_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys, args, ne
     code, out, err = _cli(capsys, *[a.format(**where) for a in args])
     assert code == 2 and not out, (code, out, err)
     assert len(err.strip().splitlines()) == 1 and needle.format(**where) in err, err
+
+
+def test_cli_invalid_model_section_exits_2_with_one_line(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    text = (bad / "config.yaml").read_text()
+    assert re.search(r"(?m)^  d_model: ", text)
+    (bad / "config.yaml").write_text(re.sub(r"(?m)^  d_model: .*$", "  d_model: -3", text))
+    code, out, err = _cli(capsys, bad, "--prompt", "x")
+    assert code == 2 and not out, (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and "d_model" in err, err
 
 
 def test_generate_long_restarts_past_the_context(run_dir):

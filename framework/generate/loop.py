@@ -109,14 +109,12 @@ def _programs(cfg_json: str, mode: str, layout: tuple | None):
     def prefill(params, cache, tokens, lengths, key, knobs):
         batch, width = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-        # transformer.decode, unembedding only each row's last prompt token: full prefill
-        # logits would be [batch, prompt, vocab] (GBs for long prompts and 128k vocabularies)
-        x, unembed, cache = transformer.hidden_states(
-            params, tokens, cfg, positions=positions, cache=cache
+        # only each row's last prompt token is unembedded: full prefill logits would be
+        # [batch, prompt, vocab] (GBs for long prompts and 128k vocabularies)
+        logits, cache = transformer.decode(
+            params, tokens, cfg, cache=cache, positions=positions, last=lengths - 1
         )
-        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-        last = cfg.policy.cast_to_output(jnp.einsum("btd,dv->btv", x, unembed))[:, 0]
-        first = pick(last, row_keys(key, 0, batch), knobs)
+        first = pick(logits[:, 0], row_keys(key, 0, batch), knobs)
         return replicated(first), constrain_cache(cache)
 
     def decode_loop(params, cache, first, lengths, done, out, limit, key, knobs, eos):
@@ -170,15 +168,24 @@ def place_params(
     return jax.device_put(params, logical_shardings(axes, params, mesh, rules, "param"))
 
 
-def _new_cache(cfg: TransformerConfig, batch: int, length: int, layout: tuple | None) -> dict:
+@functools.lru_cache(maxsize=16)
+def _cache_maker(cfg_json: str, batch: int, length: int, layout: tuple | None):
+    """A jitted maker of an empty cache (placed over the mesh): compiled once per shape, not
+    once per `generate` call."""
+    cfg = TransformerConfig.model_validate_json(cfg_json)
     make = functools.partial(transformer.init_cache, cfg, batch, length)
     if layout is None:
-        return jax.jit(make)()
+        return jax.jit(make)
     mesh, rules = layout[0], dict(layout[1])
     shapes = jax.eval_shape(make)
     axes = jax.tree.map(lambda _: transformer.CACHE_AXES, shapes)
     shardings = logical_shardings(axes, shapes, mesh, rules, "KV cache")
-    return jax.jit(make, out_shardings=shardings)()
+    return jax.jit(make, out_shardings=shardings)
+
+
+def _new_cache(cfg: TransformerConfig, batch: int, length: int, layout: tuple | None) -> dict:
+    """An empty KV cache [n_layers, batch, length, kv_heads, head_dim] (sharded under a mesh)."""
+    return _cache_maker(cfg.model_dump_json(), batch, length, layout)()
 
 
 def _put(x: np.ndarray, layout: tuple | None, axes: tuple) -> jax.Array:
@@ -208,7 +215,14 @@ def generate(
     max_new_tokens). temperature 0 = greedy; top_k / top_p filter before sampling; `eos_id` is
     one id or several; under `mesh` (with logical `rules`, default the mesh defaults) params,
     cache and batch are sharded. ConfigError for prompts that do not fit the context."""
-    sampling = Sampling(temperature, top_k, top_p)
+    Sampling(temperature, top_k, top_p)  # ConfigError for values out of range
+    # filters that keep every token are no filters (transformers skips them too): no sort per
+    # step, and no f32 rounding of a cumulative mass of 1.0 dropping the least likely tokens
+    sampling = Sampling(
+        temperature,
+        None if top_k is None or top_k >= cfg.vocab_size else top_k,
+        None if top_p is None or top_p >= 1 else top_p,
+    )
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_prompts(cfg, prompts)
@@ -240,8 +254,8 @@ def generate(
     eos = _eos_array(eos_id)
     knobs = (
         np.float32(temperature),
-        np.int32(cfg.vocab_size if top_k is None else top_k),
-        np.float32(2.0 if top_p is None else top_p),  # > 1: keeps every token
+        np.int32(cfg.vocab_size if sampling.top_k is None else sampling.top_k),
+        np.float32(2.0 if sampling.top_p is None else sampling.top_p),  # > 1: keeps every token
     )
     lens_d = _put(lens, layout, ("batch",))
     first, cache = prefill(params, cache, _put(tokens, layout, ("batch", None)), lens_d, key, knobs)
