@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out of the framework (no torch, no network).
 
-    python scripts/convert_hf.py import HF_DIR --out OUT_DIR
+    python scripts/convert_hf.py import HF_DIR --out OUT_DIR [--param-dtype float32]
     python scripts/convert_hf.py export RUN_DIR --out HF_DIR [--step N]
         [--dtype float32|bfloat16|float16] [--max-shard-size 5GB]
 
@@ -23,11 +23,18 @@ import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line: `import` or `export` and their options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF checkpoint directory -> framework folder")
     imp.add_argument("hf_dir", help="local transformers checkpoint directory")
     imp.add_argument("--out", required=True, help="folder for config.yaml and checkpoints/")
+    imp.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype the params are stored and trained in (model.param_dtype; default float32)",
+    )
     exp = sub.add_parser("export", help="framework run directory -> HF checkpoint directory")
     exp.add_argument("run_dir", help="run directory (config.yaml + checkpoints/) or import folder")
     exp.add_argument("--out", required=True, help="folder for config.json and safetensors")
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "import":
         from framework.hf import import_checkpoint
 
-        s = import_checkpoint(args.hf_dir, args.out)
+        s = import_checkpoint(args.hf_dir, args.out, param_dtype=args.param_dtype)
         print(f"imported {s['architecture']} ({s['params']:,} params) -> {s['checkpoint']}")
         print(f"tokenizer: {s['tokenizer'] or 'none in the checkpoint'}")
         print(f"train from it: python scripts/train.py {s['config']}")
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; the exit status (2: bad input, 1: unreadable checkpoint or a failing
+    disk, each reported in one line on stderr)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:

@@ -24,7 +24,8 @@ LLAMA3 = {
 }
 
 
-def _rope(**kw):
+def _rope(**kw) -> dict:
+    """A tiny RoPE model's config arguments (32 wide, 2 layers, 4 heads), with `kw`."""
     return dict(
         vocab_size=VOCAB,
         hidden_size=32,

@@ -3,8 +3,10 @@
 Tiny random models of every supported architecture are saved locally in float32, imported,
 and their framework logits compared with transformers' (1e-4 relative); exported back, they
 load with from_pretrained with no missing keys, bitwise-equal state dicts and equal logits.
-Both config.json layouts, sharded import/export, bf16 checkpoints, resuming a run from an
-imported folder and every bad input (one line, exit status 2) are covered."""
+Both config.json layouts, keys whose reading transformers defines (rope precedence, aliases,
+ignored biases), sharded import/export (and re-export into the same folder), bf16 checkpoints
+and --param-dtype, the export of a run never imported, resuming a run from an imported folder
+and every bad input (one line, exit status 2) are covered."""
 
 import json
 import shutil
@@ -22,12 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from framework.config import load_config  # noqa: E402
-from framework.hf import (  # noqa: E402
-    export_run,
-    import_checkpoint,
-    load,
-    target,  # noqa: E402
-)
+from framework.errors import ConfigError  # noqa: E402
+from framework.hf import export_run, import_checkpoint, load, target  # noqa: E402
 from framework.models.transformer import TransformerConfig, apply  # noqa: E402
 from framework.train.checkpoint import flatten_params  # noqa: E402
 
@@ -117,6 +115,7 @@ def test_import_folder_contents(hf, roundtrip):
     cfg = load_config(_config_class(), imported / "config.yaml")
     assert Path(cfg.data.tokenizer) == imported / "tokenizer.json"
     assert cfg.data.seq_len <= cfg.model.max_seq_len and cfg.checkpoint.resume == str(imported)
+    assert cfg.run.name == f"{imported.name}_finetune"  # never trains into the import folder
     assert json.loads((imported / "hf.json").read_text())["architecture"] == "GPT2LMHeadModel"
     assert (exported / "tokenizer.json").read_bytes() == (
         hf["gpt2"][0] / "tokenizer.json"
@@ -159,6 +158,62 @@ def test_both_config_layouts(hf, tmp_path):
         cfg2, params2, _ = load(old)
         assert cfg2 == cfg and cfg2.rope_scaling.type == "llama3"
         assert all(np.array_equal(params2_, p) for p, params2_ in _pairs(params, params2))
+
+
+def _hf_rope(path: Path) -> dict:
+    """transformers' own reading of a directory's RoPE parameters."""
+    return dict(transformers.AutoConfig.from_pretrained(path).rope_parameters)
+
+
+def test_config_keys_read_as_transformers_reads_them(hf, tmp_path):
+    """Keys whose reading is easy to get wrong give the values transformers derives: a
+    rope_theta inside rope_scaling wins, llama3's original context defaults to
+    max_position_embeddings, Mistral and Qwen2 ignore attention_bias (fixed biases), GPT-2
+    takes the common names (hidden_size, ...) for its own."""
+    llama, _ = hf["llama3_gqa"]
+    _, reference, _ = load(llama)
+
+    def linear_inner_theta(c):
+        c.pop("rope_parameters")
+        c["rope_theta"] = 500000.0
+        c["rope_scaling"] = {"type": "linear", "factor": 2.0, "rope_theta": 1000.0}
+
+    def llama3_no_original(c):
+        rope = c.pop("rope_parameters")
+        rope.pop("original_max_position_embeddings")
+        c["rope_scaling"], c["rope_theta"] = rope, rope.pop("rope_theta")
+
+    for edit in (linear_inner_theta, llama3_no_original):
+        path = _rewrite(llama, tmp_path / edit.__name__, edit)
+        cfg, params, _ = load(path)
+        want = _hf_rope(path)
+        assert cfg.rope_theta == want["rope_theta"] and cfg.rope_scaling.factor == want["factor"]
+        if cfg.rope_scaling.type == "llama3":
+            omax = want["original_max_position_embeddings"]
+            assert cfg.rope_scaling.original_max_position_embeddings == omax
+        assert all(np.array_equal(x, y) for x, y in _pairs(reference, params))
+
+    for name in ("mistral_window", "qwen2_window"):
+        path = _rewrite(hf[name][0], tmp_path / name, lambda c: c.update(attention_bias=True))
+        cfg, params, _ = load(path)
+        assert not cfg.bias and bool(cfg.qkv_bias) == (name == "qwen2_window")
+        assert all(np.array_equal(x, y) for x, y in _pairs(load(hf[name][0])[1], params))
+
+    def common_names(c):
+        for alias, own in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer")):
+            c[alias] = c.pop(own)
+
+    path = _rewrite(hf["gpt2"][0], tmp_path / "gpt2_common", common_names)
+    cfg, params, _ = load(path)
+    assert (cfg.d_model, cfg.n_layers) == (32, 2)
+    assert all(np.array_equal(x, y) for x, y in _pairs(load(hf["gpt2"][0])[1], params))
+
+    def no_factor(c):
+        c.pop("rope_parameters")
+        c["rope_scaling"] = {"rope_type": "linear"}
+
+    with pytest.raises(ConfigError, match=r"rope_scaling\.factor is missing"):
+        load(_rewrite(llama, tmp_path / "no_factor", no_factor))
 
 
 def _pairs(a, b):
@@ -213,14 +268,72 @@ def test_sharded_import_and_export(hf, roundtrip, tmp_path):
     _, params, _ = load(path)
     _, sharded, _ = load(tmp_path / "sharded")
     assert all(np.array_equal(x, y) for x, y in _pairs(params, sharded))
+    # an export over an earlier one in the same folder leaves none of its weight files behind
+    # (transformers would load a stale model.safetensors rather than the new index)
+    other = hf_models.build("llama3_gqa", seed=1)
+    other.save_pretrained(tmp_path / "other")
+    import_checkpoint(tmp_path / "other", tmp_path / "other_fw")
+    export_run(tmp_path / "other_fw", tmp_path / "out")
     summary = export_run(roundtrip["llama3_gqa"][0], tmp_path / "out", max_shard_bytes=20_000)
     assert "model.safetensors.index.json" in summary["files"] and len(summary["files"]) > 2
+    assert not (tmp_path / "out" / "model.safetensors").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     a, b = model.state_dict(), back.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    export_run(tmp_path / "other_fw", tmp_path / "out")  # and back to one file
+    assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
+    # a folder with both layouts is read as transformers reads it: model.safetensors first
+    shutil.copyfile(
+        tmp_path / "other" / "model.safetensors", tmp_path / "sharded" / "model.safetensors"
+    )
+    _, both, _ = load(tmp_path / "sharded")
+    assert all(np.array_equal(x, y) for x, y in _pairs(load(tmp_path / "other")[1], both))
 
 
-def test_bfloat16_checkpoint_round_trips(hf, tmp_path):
+def test_export_of_a_run_never_imported(tmp_path):
+    """A model trained here (no hf.json: the class from its fields, no special tokens) exports
+    to a folder transformers loads with the framework's logits."""
+    from framework.hf import weights
+    from framework.train.checkpoint import CheckpointConfig, Checkpointer, unflatten_params
+
+    cfg = TransformerConfig(
+        vocab_size=hf_models.VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=32,
+        position="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        bias=False,
+        qkv_bias=True,
+        sliding_window=6,
+        tie_embeddings=False,
+    )
+    rng = np.random.default_rng(0)
+    flat = {
+        path: (1.0 if path.endswith("/scale") else 0.0)
+        + 0.3 * rng.standard_normal(shape).astype(dtype)
+        for path, (shape, dtype) in weights.leaf_shapes(cfg).items()
+    }
+    params = unflatten_params(flat)
+    run_config = {"model": cfg.model_dump(mode="json"), "data": {"tokenizer": "byte"}}
+    writer = Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig(async_save=False))
+    writer.save({"params": params, "opt_state": {}, "model_state": {}}, {}, run_config, {"step": 5})
+    writer.close()
+    summary = export_run(tmp_path / "run", tmp_path / "out")
+    assert summary["architecture"] == "Qwen2ForCausalLM" and summary["step"] == 5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eos_token_id"] is None  # not Qwen2's or Llama's default ids
+    assert not summary["generation_config"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = hf_models.logits(back, IDS).numpy()
+    assert _rel(_framework_logits(cfg, params), ref) < TOL
+
+
+def test_bfloat16_checkpoint_round_trips(hf, tmp_path, capsys):
     _, model = hf["qwen3"]
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model.to(torch.float32)
@@ -232,6 +345,22 @@ def test_bfloat16_checkpoint_round_trips(hf, tmp_path):
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    # --param-dtype bfloat16: the checkpoint holds bf16 params, config.yaml trains in bf16
+    status, _ = _main(
+        capsys, "import", tmp_path / "bf16", "--out", tmp_path / "fw16", "--param-dtype", "bfloat16"
+    )
+    assert status == 0
+    cfg16 = load_config(_config_class(), tmp_path / "fw16" / "config.yaml")
+    assert cfg16.model.param_dtype == "bfloat16"
+    from framework.train.checkpoint import CheckpointConfig, Checkpointer
+
+    reader = Checkpointer(tmp_path / "fw16" / "checkpoints", CheckpointConfig(), read_only=True)
+    _, params16 = reader.read_numpy("params")
+    reader.close()
+    flat = flatten_params(params16)
+    assert {str(x.dtype) for x in flat.values()} == {"bfloat16"}
+    embedding = a["model.embed_tokens.weight"].float().numpy()  # bf16 -> f32 is exact
+    assert np.array_equal(flat["embed/embedding"].astype(np.float32), embedding)
 
 
 def test_resume_from_imported_folder(roundtrip, tmp_path, caplog):
@@ -290,7 +419,7 @@ def test_resume_from_imported_folder(roundtrip, tmp_path, caplog):
 )
 def test_inexpressible_models_name_the_field(fields, named):
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=4, **fields)
-    with pytest.raises(Exception, match=named.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         target.choose(cfg, None)
 
 
@@ -321,6 +450,7 @@ def test_remembered_architecture_kept_while_it_fits():
 
 
 def _main(capsys, *argv) -> tuple[int, str]:
+    """convert_hf's exit status and stderr (checked to be one line on failure)."""
     capsys.readouterr()  # drop what came before (transformers' progress bars)
     status = convert_hf.main(list(map(str, argv)))
     err = capsys.readouterr().err
@@ -381,7 +511,16 @@ def test_bad_inputs_exit_2_naming_the_thing(hf, roundtrip, tmp_path, capsys):
     bad = _rewrite(path, tmp_path / "gelu", lambda c: c.update(hidden_act="gelu"))
     status, err = _main(capsys, "import", bad, "--out", out)
     assert status == 2 and "hidden_act='gelu'" in err
+
+    bad = _rewrite(path, tmp_path / "tok", lambda c: None)
+    (bad / "tokenizer.json").write_text("{not json")
+    status, err = _main(capsys, "import", bad, "--out", out)
+    assert status == 2 and "tokenizer.json: not a tokenizer.json" in err
     assert not out.exists()  # nothing written for a bad input
+
+    imported = roundtrip["qwen2_window"][0]
+    status, err = _main(capsys, "export", imported, "--out", imported)
+    assert status == 2 and "holds the run's own files" in err
 
     status, err = _main(capsys, "export", roundtrip["qwen2_window"][0], "--out", out, "--step", 7)
     assert status == 2 and "step 7" in err

@@ -64,6 +64,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {  # transformers' class defaults for keys
     | {"max_window_layers": 28, "layer_types": None},
 }
 DEFAULTS["qwen3"] = DEFAULTS["qwen2"] | {"head_dim": 128, "attention_bias": False}
+GPT2_ALIASES = {
+    "hidden_size": "n_embd",
+    "max_position_embeddings": "n_positions",
+    "num_attention_heads": "n_head",
+    "num_hidden_layers": "n_layer",
+}
 GELU = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 ROPE_TYPES = ("default", "linear", "llama3")
 KEPT_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
@@ -78,10 +84,12 @@ class Source:
     config: dict
 
     def to_json(self) -> dict:
+        """As written to hf.json."""
         return {"architecture": self.architecture, "dtype": self.dtype, "config": self.config}
 
     @classmethod
     def from_json(cls, data: dict) -> Source:
+        """From hf.json's contents."""
         return cls(data["architecture"], data.get("dtype"), data.get("config", {}))
 
 
@@ -116,27 +124,30 @@ def architecture(hf: dict) -> str:
 
 
 def _torch_dtype(hf: dict) -> str | None:
+    """The weights' dtype config.json names (`dtype`, or 4.x's `torch_dtype`), if a float one."""
     value = hf.get("dtype", hf.get("torch_dtype"))
     return value if value in ("float32", "bfloat16", "float16") else None
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
-    """(theta, framework rope_scaling) from either config.json layout."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        key, theta = "rope_parameters", params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = params
-        if all(isinstance(v, dict) for v in params.values()):
-            raise ConfigError("config.json: rope_parameters per layer type is not supported")
-    else:
-        key, theta, scaling = "rope_scaling", hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
-    if (
-        hf.get("partial_rotary_factor", 1.0) != 1.0
-        or (scaling or {}).get("partial_rotary_factor", 1.0) != 1.0
-    ):
-        raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
-    if not scaling:
-        return float(theta), None
+    """(theta, framework rope_scaling) from either config.json layout, read as transformers
+    does: `rope_scaling` wins over `rope_parameters`, a `rope_theta` inside the dict over the
+    top-level one, and llama3's `original_max_position_embeddings` defaults to
+    `max_position_embeddings`."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get(key) or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: {key} must be an object, not {scaling!r}")
+    if scaling and all(isinstance(v, dict) for v in scaling.values()):
+        raise ConfigError(f"config.json: {key} per layer type is not supported")
+    theta = scaling.get("rope_theta", hf.get("rope_theta"))
+    theta = 10000.0 if theta is None else theta  # transformers' default_theta
+    for where, holder in (("", hf), (f"{key}.", scaling)):
+        if holder.get("partial_rotary_factor") not in (None, 1, 1.0):
+            raise ConfigError(
+                f"config.json: {where}partial_rotary_factor="
+                f"{holder['partial_rotary_factor']!r} is not supported (only 1.0)"
+            )
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ConfigError(
@@ -145,12 +156,16 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
         )
     if kind == "default":
         return float(theta), None
-    out: dict[str, Any] = {"type": kind, "factor": float(scaling["factor"])}
+    defaults = {"original_max_position_embeddings": hf.get("max_position_embeddings")}
+    names = ["factor"]
     if kind == "llama3":
-        for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if name not in scaling:
-                raise ConfigError(f"config.json: {key}.{name} is missing (rope_type llama3)")
-            out[name] = scaling[name]
+        names += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    out: dict[str, Any] = {"type": kind}
+    for name in names:
+        value = scaling.get(name, defaults.get(name))
+        if value is None:
+            raise ConfigError(f"config.json: {key}.{name} is missing (rope_type {kind})")
+        out[name] = value
     return float(theta), out
 
 
@@ -176,6 +191,7 @@ def _window(hf: dict, family: str) -> int | None:
 
 
 def _check(hf: dict, key: str, allowed: tuple) -> None:
+    """ConfigError naming `key` unless its value is one of `allowed`."""
     if hf.get(key) not in allowed:
         raise ConfigError(
             f"config.json: {key}={hf.get(key)!r} is not supported (expected {allowed})"
@@ -186,7 +202,10 @@ def to_framework(hf: dict) -> tuple[TransformerConfig, Source]:
     """(model config, source record) for a supported config.json."""
     name = architecture(hf)
     family = ARCHITECTURES[name]
-    c = DEFAULTS[family] | {k: v for k, v in hf.items() if v is not None or k == "sliding_window"}
+    given = {k: v for k, v in hf.items() if v is not None or k == "sliding_window"}
+    if family == "gpt2":  # GPT2Config.attribute_map: the common names set the GPT-2 ones
+        given |= {GPT2_ALIASES[k]: v for k, v in given.items() if k in GPT2_ALIASES}
+    c = DEFAULTS[family] | given
     if family == "gpt2":
         if c["activation_function"] not in GELU:
             raise ConfigError(
@@ -212,7 +231,8 @@ def to_framework(hf: dict) -> tuple[TransformerConfig, Source]:
     else:
         _check(c, "hidden_act", ("silu",))
         theta, scaling = _rope(c)
-        bias = bool(c.get("attention_bias", False))
+        # Llama and Qwen3 read attention_bias; Mistral and Qwen2 ignore the key (fixed biases)
+        bias = bool(c.get("attention_bias")) if family in ("llama", "qwen3") else False
         if family == "llama" and bool(c["mlp_bias"]) != bias:
             raise ConfigError(
                 f"config.json: attention_bias={bias} with mlp_bias={c['mlp_bias']} is not "

@@ -1,16 +1,16 @@
 """Import a local Hugging Face checkpoint into the framework, and export a run back.
 
 Import reads config.json, then fills each framework leaf (stacked [n_layers, ...] arrays,
-allocated once in the param dtype) tensor by tensor from memory-mapped safetensors, so the
-model is held once. `load` returns it in memory; `import_checkpoint` writes a run-ready folder
-(config.yaml, a weights-only orbax checkpoint at step 0, tokenizer files, hf.json). Export
-reads a run's checkpoint and writes config.json and safetensors that transformers loads."""
+allocated once in the param dtype) tensor by tensor, each read from its safetensors file on
+request and dropped after use, so the model is held once. `load` returns it in memory;
+`import_checkpoint` writes a run-ready folder (config.yaml, a weights-only orbax checkpoint at
+step 0, tokenizer files, hf.json). Export (`framework.hf.export`) reads a run's checkpoint and
+writes config.json and safetensors that transformers loads."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +24,6 @@ from framework.hf import files, weights
 from framework.models.transformer import TransformerConfig
 from framework.train.checkpoint import unflatten_params
 
-log = logging.getLogger(__name__)
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -37,6 +35,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 SOURCE_FILE = "hf.json"  # what an imported folder was: architecture, dtype, config.json
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
 BUFFERS = weights.BUFFERS
 
 
@@ -75,8 +74,17 @@ def _read_params(
 
 
 def _find_tokenizer(hf_dir: Path) -> Path | None:
+    """The checkpoint's tokenizer.json, if it has one."""
     path = hf_dir / "tokenizer.json"
     return path if path.is_file() else None
+
+
+def _model(hf_dir: Path, param_dtype: str) -> tuple[TransformerConfig, hfc.Source]:
+    """(model config with `param_dtype`, source record) of a checkpoint's config.json."""
+    if param_dtype not in PARAM_DTYPES:
+        raise ConfigError(f"param_dtype {param_dtype!r}: expected one of {', '.join(PARAM_DTYPES)}")
+    cfg, source = hfc.to_framework(hfc.read_config(hf_dir))
+    return cfg.model_copy(update={"param_dtype": param_dtype}), source
 
 
 def load(
@@ -85,15 +93,13 @@ def load(
     """(model config, params as nested numpy dicts, tokenizer.json path or None) of a local
     Hugging Face checkpoint directory; ConfigError (one line) for anything it cannot read."""
     hf_dir = Path(hf_dir)
-    if param_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"param_dtype {param_dtype!r}: expected float32, bfloat16 or float16")
-    cfg, source = hfc.to_framework(hfc.read_config(hf_dir))
-    cfg = cfg.model_copy(update={"param_dtype": param_dtype})
+    cfg, source = _model(hf_dir, param_dtype)
     flat = _load_flat(hf_dir, cfg, source)
     return cfg, unflatten_params(flat), _find_tokenizer(hf_dir)
 
 
 def _load_flat(hf_dir: Path, cfg: TransformerConfig, source: hfc.Source) -> dict:
+    """{'/'-joined path: array} of the checkpoint's tensors, read one at a time."""
     reader = files.Reader(hf_dir)
     try:
         family = hfc.ARCHITECTURES[source.architecture]
@@ -114,7 +120,9 @@ def _run_config(cfg: TransformerConfig, out_dir: Path, tokenizer: Path | None) -
     else:
         data = {"source": "synthetic_lm", "vocab_size": cfg.vocab_size}
     tree = {
-        "run": {"name": out_dir.name or "imported"},
+        # not out_dir's own name: a run in runs/ beside an import there would train into the
+        # import folder, and its checkpoint rotation would delete the imported weights
+        "run": {"name": f"{(out_dir.name or 'imported')[:100]}_finetune"},
         "model": cfg.model_dump(mode="json"),
         "data": data | {"seq_len": seq_len, "batch_size": 8},
         "optim": {"learning_rate": 3e-5, "warmup_steps": 10, "weight_decay": 0.0},
@@ -124,18 +132,23 @@ def _run_config(cfg: TransformerConfig, out_dir: Path, tokenizer: Path | None) -
     return Config.model_validate(tree).model_dump(mode="json")
 
 
-def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write `out_dir`/config.yaml, checkpoints/0 (weights only), tokenizer files and hf.json
-    from a local HF checkpoint; returns a summary. `out_dir` must not hold checkpoints."""
+def import_checkpoint(
+    hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str = "float32"
+) -> dict:
+    """Write `out_dir`/config.yaml, checkpoints/0 (weights only, in `param_dtype`), tokenizer
+    files and hf.json from a local HF checkpoint; returns a summary. `out_dir` must not hold
+    checkpoints."""
     import yaml
 
     from framework.train.checkpoint import CheckpointConfig, Checkpointer, step_dirs
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).expanduser().absolute()
-    cfg, source = hfc.to_framework(hfc.read_config(hf_dir))
+    cfg, source = _model(hf_dir, param_dtype)
     if step_dirs(out_dir / "checkpoints") or (out_dir / "checkpoints").is_file():
         raise ConfigError(f"--out {out_dir} already holds checkpoints; choose a new folder")
+    warning = _vocab_warning(_find_tokenizer(hf_dir), cfg)
     flat = _load_flat(hf_dir, cfg, source)  # every check passes before anything is written
+    n_params = sum(v.size for v in flat.values())
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (hf_dir / n).is_file()]
     for name in copied:
@@ -158,9 +171,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> dict:
             writer.wait()
     finally:
         writer.close()
-    n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
     return {
-        "warning": _vocab_warning(tokenizer, cfg),
+        "warning": warning,
         "architecture": source.architecture,
         "params": n_params,
         "tokenizer": str(tokenizer) if tokenizer else None,
@@ -186,19 +198,16 @@ def _numpy_saved_in_place() -> Iterator[None]:
         handlers.register_type_handler(np.ndarray, previous, override=True)
 
 
-def _leaves(tree: Any) -> list[np.ndarray]:
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _leaves(v)]
-    return [tree]
-
-
 def _vocab_warning(tokenizer: Path | None, cfg: TransformerConfig) -> str | None:
     """A line when the tokenizer has more ids than the model embeds (training would refuse)."""
     if tokenizer is None:
         return None
     import tokenizers
 
-    n = tokenizers.Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+    try:
+        n = tokenizers.Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
+        raise ConfigError(f"{tokenizer}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
     if n <= (cfg.vocab_size or 0):
         return None
     return (

@@ -55,6 +55,8 @@ def _read_run(run_dir: Path, step: int | None) -> tuple[int, dict, dict]:
 
 
 def _model_config(saved: dict, flat: dict) -> TransformerConfig:
+    """The transformer config saved in the checkpoint (vocab_size from the embedding if
+    unset); ConfigError for another model or an invalid one."""
     model = dict(saved.get("model") or {})
     if model.get("name") != "transformer":
         raise ConfigError(
@@ -65,7 +67,11 @@ def _model_config(saved: dict, flat: dict) -> TransformerConfig:
     try:
         return TransformerConfig.model_validate(model)
     except pydantic.ValidationError as e:
-        raise ConfigError(f"the checkpoint's model config is invalid: {e.errors()[0]}") from None
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(
+            f"the checkpoint's model config is invalid (model.{where}: {err['msg']})"
+        ) from None
 
 
 def find_source(run_dir: Path, saved: dict, hops: int = 8) -> tuple[hfc.Source | None, Path | None]:
@@ -119,14 +125,21 @@ def _plan(cfg: TransformerConfig, family: str, flat: dict, dtype: np.dtype) -> l
     return plan
 
 
-def _tokenizer_files(saved: dict, source_dir: Path | None, out: Path) -> list[str]:
-    """Copy the run's tokenizer.json (and the HF tokenizer files beside it); [] if byte-level."""
+def _tokenizer_path(saved: dict) -> Path | None:
+    """The run's tokenizer.json (None: byte-level); ConfigError if the file is gone."""
     tokenizer = (saved.get("data") or {}).get("tokenizer", "byte")
     if tokenizer == "byte":
-        return []
+        return None
     path = Path(tokenizer)
     if not path.is_file():
         raise ConfigError(f"data.tokenizer: {tokenizer} does not exist (needed for export)")
+    return path
+
+
+def _tokenizer_files(path: Path | None, out: Path) -> list[str]:
+    """Copy the tokenizer.json at `path` (and the HF tokenizer files beside it); [] if None."""
+    if path is None:
+        return []
     shutil.copyfile(path, out / "tokenizer.json")
     copied = ["tokenizer.json"]
     for name in TOKENIZER_FILES[1:]:
@@ -134,6 +147,17 @@ def _tokenizer_files(saved: dict, source_dir: Path | None, out: Path) -> list[st
             shutil.copyfile(path.parent / name, out / name)
             copied.append(name)
     return copied
+
+
+def _remove_previous_export(out: Path) -> None:
+    """Delete what an earlier export into `out` wrote (weights, index, tokenizer and generation
+    files): transformers prefers a stale model.safetensors over a new sharded index, and would
+    pair the new weights with a stale tokenizer."""
+    stale = [out / n for n in (files.SINGLE, files.INDEX, *TOKENIZER_FILES)]
+    stale += [out / "generation_config.json", *out.glob("model-*-of-*.safetensors")]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
 
 
 def _generation_config(hf_config: dict, source_dir: Path | None, out: Path) -> bool:
@@ -158,7 +182,8 @@ def export_run(
     max_shard_bytes: int = DEFAULT_SHARD,
 ) -> dict[str, Any]:
     """Write `out_dir` (config.json, safetensors, tokenizer and generation files) from a run's
-    checkpoint; returns a summary. ConfigError (one line) for a model HF cannot express."""
+    checkpoint, replacing what an earlier export wrote there; returns a summary. ConfigError
+    (one line) for a model HF cannot express, or an `out_dir` holding the run's own files."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     got, flat, saved = _read_run(run_dir, step)
     cfg = _model_config(saved, flat)
@@ -169,10 +194,15 @@ def export_run(
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     hf_config = target.from_framework(cfg, name, dtype, source)
     plan = _plan(cfg, hfc.ARCHITECTURES[name], flat, EXPORT_DTYPES[dtype])
+    tokenizer_path = _tokenizer_path(saved)  # every check passes before anything is written
+    inputs = [run_dir, source_dir, tokenizer_path.parent if tokenizer_path else None]
+    if any(p is not None and p.resolve() == out_dir.resolve() for p in inputs):
+        raise ConfigError(f"--out {out_dir} holds the run's own files; choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous_export(out_dir)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     written = files.write(out_dir, plan, max_shard_bytes)
-    tokenizer = _tokenizer_files(saved, source_dir, out_dir)
+    tokenizer = _tokenizer_files(tokenizer_path, out_dir)
     generation = _generation_config(hf_config, source_dir, out_dir)
     return {
         "architecture": name,

@@ -72,16 +72,18 @@ class Reader:
     """All tensors of a local checkpoint (one file or a sharded index), read one at a time."""
 
     def __init__(self, hf_dir: str | Path):
+        """Read every file's header (model.safetensors first, as transformers prefers it,
+        else the index and its shards); ConfigError naming what is missing or malformed."""
         hf_dir = Path(hf_dir)
         index = hf_dir / INDEX
-        if index.is_file():
+        if (hf_dir / SINGLE).is_file():
+            weight_map, files = None, [SINGLE]
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{index}: not a safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
-        elif (hf_dir / SINGLE).is_file():
-            weight_map, files = None, [SINGLE]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"{index}: not a safetensors index ({e!r})") from None
         else:
             found = sorted(p.name for p in hf_dir.glob("*.bin")) or sorted(
                 p.name for p in hf_dir.glob("*.pt*")
@@ -102,6 +104,7 @@ class Reader:
                     raise ConfigError(f"{index}: tensor {tensor} is not in shard {name}")
 
     def _add_file(self, path: Path) -> None:
+        """Record where each tensor of one file lies (checked against the file's size)."""
         header, data_start = _header(path)
         size = path.stat().st_size - data_start
         for tensor, info in header.items():
@@ -115,11 +118,12 @@ class Reader:
                 raise ConfigError(
                     f"{path}: tensor {tensor} has an unsupported header entry {info}"
                 ) from None
-            if end - start != math.prod(shape) * dtype.itemsize or end > size:
+            if end - start != math.prod(shape) * dtype.itemsize or start < 0 or end > size:
                 raise ConfigError(f"{path}: tensor {tensor} lies outside the file (truncated?)")
             self.entries[tensor] = Entry(path, dtype, shape, data_start + start, data_start + end)
 
     def __contains__(self, name: str) -> bool:
+        """Whether the checkpoint holds a tensor of this name."""
         return name in self.entries
 
     def names(self) -> list[str]:
@@ -157,6 +161,7 @@ class Planned:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return math.prod(self.shape) * self.dtype.itemsize
 
 

@@ -15,10 +15,12 @@ from framework.models.transformer import TransformerConfig
 
 
 def _unsupported(field: str, value: Any, why: str) -> ConfigError:
+    """The one-line refusal naming `model.<field>` and its value."""
     return ConfigError(f"model.{field}={json.dumps(value)}: {why}")
 
 
 def _qkv_bias(cfg: TransformerConfig) -> bool:
+    """Whether the q/k/v projections have biases."""
     return cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
 
 
@@ -119,6 +121,9 @@ def from_framework(cfg: TransformerConfig, name: str, dtype: str, source: Source
     family = ARCHITECTURES[name]
     original = source.config if source is not None else {}
     out: dict[str, Any] = {"architectures": [name], "model_type": family}
+    # token ids the source did not give are null, not the class defaults (GPT-2's 50256,
+    # Llama's 1 and 2: ids a model trained here does not reserve)
+    out |= {k: original.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     out |= {k: original[k] for k in KEPT_KEYS if k in original}
     if family == "gpt2":
         out |= dict(

@@ -35,9 +35,11 @@ class Rule:
 
     @property
     def layered(self) -> bool:
+        """Whether the rule stands for one tensor per layer."""
         return "{i}" in self.hf
 
     def name(self, layer: int | None) -> str:
+        """The HF tensor name for `layer` (None for an unlayered rule)."""
         return self.hf.format(i=layer) if self.layered else self.hf
 
     def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -65,6 +67,7 @@ class Rule:
 
 
 def _gpt2() -> list[Rule]:
+    """GPT2LMHeadModel's tensors (Conv1D weights: [in, out], no transpose)."""
     h = "transformer.h.{i}."
     rules = [
         Rule("transformer.wte.weight", ("embed/embedding",)),
@@ -88,6 +91,8 @@ def _gpt2() -> list[Rule]:
 
 
 def _llama() -> list[Rule]:
+    """Llama/Mistral/Qwen2/Qwen3 tensors (every optional bias and norm; `rules` keeps those
+    the model declares)."""
     h = "model.layers.{i}."
     rules = [
         Rule("model.embed_tokens.weight", ("embed/embedding",)),
