@@ -61,8 +61,9 @@ def test_a_bad_parameter_in_the_start_state_is_named(tmp_path):
 
 def test_a_mid_network_blow_up_is_named_where_it_was_made(tmp_path):
     """One layer's weight so large that its MLP overflows: every gradient is NaN, and the
-    message names that layer's MLP (not blocks/attn/k/bias, the first path)."""
-    run = _build(tmp_path, "checkpoint.enabled=false", "train.steps=2", "train.log_every=1")
+    message names that layer's MLP (not blocks/attn/k/bias, the first path). The config's
+    train.steps (the stop comes at step 1): the same compiled step as the test below."""
+    run = _build(tmp_path, "checkpoint.enabled=false", "train.log_every=1")
     state = run.init_state()
     up = state["params"]["blocks"]["mlp"]["up"]
     up["kernel"] = up["kernel"].at[1].set(1e38)  # layer 1 of the 2 stacked blocks
