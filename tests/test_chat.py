@@ -165,6 +165,20 @@ def test_encode_chats_appends_eos_per_conversation(hf):
     assert empty_ids.shape == empty_mask.shape == (0,)
 
 
+def test_eos_inside_a_conversation_is_refused(tmp_path, hf_dir):
+    (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    # Qwen-style: the end-of-turn token <|im_end|> is also the tokenizer's EOS
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="record 0: .*EOS token .*data.eos_token"):
+        encode_chats([GOOD], tok, load_chat_template(tok, "chatml"))
+    fixed = load_tokenizer(str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
+    assert len(encode_chats([GOOD], fixed, load_chat_template(fixed, "chatml"))[0]) > 0
+    forged = {"messages": [{"role": "user", "content": "a<|endoftext|>b"}, CHAT[2]]}
+    with pytest.raises(DataError, match="record 1: .*EOS token"):
+        encode_chats([GOOD, forged], fixed, load_chat_template(fixed, "chatml"))
+
+
 def test_byte_stream_eos_is_256():
     tok = ByteTokenizer()
     ids, mask = encode_chats([{"messages": CHAT}] * 3, tok, load_chat_template(tok, "plain"))

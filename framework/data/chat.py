@@ -278,7 +278,8 @@ def encode_chats(
     where: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token stream, uint8 loss mask) of many conversations, each followed by the tokenizer's
-    EOS (mask 1 on it when the conversation ends with an assistant turn)."""
+    EOS (mask 1 on it when the conversation ends with an assistant turn). A conversation that
+    contains the EOS itself is refused: the loader starts a new document after every EOS."""
     ids: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     eos = np.array([tokenizer.eos_id], token_dtype(tokenizer.vocab_size))
@@ -287,6 +288,13 @@ def encode_chats(
         if not isinstance(record, dict) or "messages" not in record:
             raise DataError(f"{label}: not an object with a 'messages' list")
         t, m = encode_chat(record["messages"], tokenizer, template, where=where, index=index)
+        if np.any(t == tokenizer.eos_id):
+            raise DataError(
+                f"{label}: the rendered conversation contains the EOS token (id "
+                f"{tokenizer.eos_id}) that separates documents, so training would cut it apart "
+                f"(chat template {template.name!r} ends turns with it, or a message contains its "
+                "text): set data.eos_token to an end-of-text token the template does not write"
+            )
         last_is_assistant = record["messages"][-1]["role"] == "assistant"
         ids += [t, eos]
         masks += [m, np.array([last_is_assistant], np.uint8)]
