@@ -170,7 +170,10 @@ def load_chat_template(tokenizer: Tokenizer, name: str | None = None) -> ChatTem
     elif name in BUILTIN_TEMPLATES:
         label, source = name, BUILTIN_TEMPLATES[name]
     elif Path(name).is_file():
-        label, source = name, Path(name).read_text(encoding="utf-8")
+        try:
+            label, source = name, Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"chat template file {name!r} is not UTF-8 text: {e}") from e
     else:
         raise DataError(
             f"chat template {name!r} is neither 'auto', a built-in "
