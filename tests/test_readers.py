@@ -245,6 +245,14 @@ def test_read_documents_stops_at_max_bytes_on_a_character_boundary(tmp_path: Pat
         ("d.jsonl", "xy"),
     ]
     assert read_documents("jsonl", jfiles, bad=bad, max_bytes=3) == [("d.jsonl", "ab")]
+    pq.write_table(pa.table({"text": ["ü" * 3, "xyz"]}), tmp_path / "p0.parquet", row_group_size=1)
+    pq.write_table(pa.table({"text": ["later"]}), tmp_path / "p1.parquet")
+    pfiles = list_inputs("parquet", [str(tmp_path)])
+    assert read_documents("parquet", pfiles, bad=bad, max_bytes=8) == [
+        ("p0.parquet", "üüü"),
+        ("p0.parquet", "xy"),
+    ]
+    assert [d for _, d in read_documents("parquet", pfiles, bad=bad)] == ["üüü", "xyz", "later"]
 
 
 # ----------------------------------------------------------------------------------------------

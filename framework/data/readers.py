@@ -4,8 +4,10 @@ Every reader streams: columnar files are read one record batch at a time (never 
 so a corpus larger than memory can be tokenized by scripts/prepare_data.py. Nothing here imports
 jax or `datasets` (a `datasets` folder is read from its Arrow files and JSON metadata).
 
-Null values of a text column (or a JSON `null` field) are skipped and counted: `BadFiles.report`
-logs their number beside the skipped files. Empty documents are returned as they are.
+Null values of a text column (or a JSON `null` field) are skipped under either policy and
+counted: `BadFiles.report` logs their number beside the skipped files. Empty documents are
+returned as they are (read_documents leaves them out). The skip/fail policy covers text-format
+files only; a jsonl line that is not UTF-8 JSON is always a DataError naming file:line.
 """
 
 from __future__ import annotations
@@ -269,9 +271,10 @@ def iter_texts(
             yield from values
 
 
-def iter_records(fmt: str, file: CorpusFile, *, bad: BadFiles) -> Iterator[dict]:
+def iter_records(fmt: str, file: CorpusFile, *, bad: BadFiles | None = None) -> Iterator[dict]:
     """The whole records of one file (chat data): jsonl objects, or parquet/arrow rows as dicts,
-    streamed batch by batch. `bad` is unused (kept for symmetry with iter_texts)."""
+    streamed batch by batch. `bad` is unused (kept for symmetry with iter_texts): records are
+    returned as written, nulls included."""
     del bad
     _check_format(fmt)
     kind = _file_kind(fmt, file)
