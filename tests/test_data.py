@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from framework.data import DataConfig, DataError, make_loaders, sources
 from framework.data.pipeline import build_sources
 
 ROOT = Path(__file__).resolve().parents[1]
-PREPARE = ROOT / "scripts" / "prepare_data.py"
 
 
 def _take(loader, n):
@@ -226,7 +223,7 @@ def test_missing_path_and_too_small_corpus(tmp_path, corpus):
 
 
 # ----------------------------------------------------------------------------------------------
-# Token files and prepare_data.py
+# Token files (prepare_data.py: tests/test_prepare_data.py)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -256,43 +253,6 @@ def test_npy_token_file_is_memory_mapped(arange_npy):
     cfg = DataConfig(source="tokens", paths=[str(arange_npy)], seq_len=10, batch_size=4)
     train, _, _ = build_sources(cfg)
     assert isinstance(train.segments[0].data, np.memmap)
-
-
-def _prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(PREPARE), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-
-
-def test_prepare_data_roundtrip(tmp_path, corpus):
-    out, val = tmp_path / "out" / "train.bin", tmp_path / "out" / "val.npy"
-    res = _prepare(str(corpus), "--out", str(out), "--val-out", str(val), "--val-fraction", "0.2")
-    assert res.returncode == 0, res.stderr
-    files = sources.find_files([str(corpus)])
-    is_val = sources.split_by_file([f.key for f in files], 0.2)
-    want = b"".join(f.path.read_bytes() for f, v in zip(files, is_val, strict=True) if not v)
-    assert np.fromfile(out, dtype=np.uint16).astype(np.uint8).tobytes() == want
-    side = json.loads(Path(str(out) + ".json").read_text())
-    assert side["vocab_size"] == 256 and side["bytes_per_token"] == 1.0
-    cfg = DataConfig(
-        source="tokens", paths=[str(out)], val_paths=[str(val)], seq_len=32, batch_size=4
-    )
-    loader, eval_set, meta = make_loaders(cfg)
-    assert meta["vocab_size"] == 256 and meta["bytes_per_token"] == 1.0
-    assert meta["train_tokens"] <= len(want) and eval_set.num_batches >= 1
-    row = next(loader)["inputs"][0]
-    assert bytes(row.astype(np.uint8)) in want
-    # the same split as the text loader on the same files
-    text_train, _, _ = build_sources(
-        DataConfig(paths=[str(corpus)], val_fraction=0.2, seq_len=32, batch_size=4)
-    )
-    assert bytes(text_train.segments[0].data) == want
-
-
-def test_prepare_data_errors_exit_2_with_one_line(tmp_path):
-    res = _prepare(str(tmp_path / "missing"), "--out", str(tmp_path / "x.bin"))
-    assert res.returncode == 2 and "missing" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,36 +330,3 @@ def test_hf_tokenizer(tmp_path, corpus):
     loader, _, meta = make_loaders(cfg)
     assert meta["vocab_size"] == tok.get_vocab_size() and meta["bytes_per_token"] > 1.5
     assert next(loader)["inputs"].max() < meta["vocab_size"]
-    out = tmp_path / "t.bin"
-    res = _prepare(str(corpus), "--out", str(out), "--tokenizer", str(tok_path))
-    assert res.returncode == 0, res.stderr
-    assert json.loads(Path(str(out) + ".json").read_text())["bytes_per_token"] > 1.5
-
-
-def test_large_vocab_needs_uint32(tmp_path, corpus):
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"[UNK]": 0} | {f"w{i}": i for i in range(1, 70_000)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok_path = tmp_path / "big.json"
-    tok.save(str(tok_path))
-    res = _prepare(str(corpus), "--out", str(tmp_path / "t.bin"), "--tokenizer", str(tok_path))
-    assert res.returncode == 2 and "--dtype uint32" in res.stderr
-    res = _prepare(
-        str(corpus),
-        "--out",
-        str(tmp_path / "t.bin"),
-        "--tokenizer",
-        str(tok_path),
-        "--dtype",
-        "uint32",
-    )
-    assert res.returncode == 0, res.stderr
-    cfg = DataConfig(
-        source="tokens",
-        paths=[str(tmp_path / "t.bin")],
-        token_dtype="uint32",
-        seq_len=8,
-        batch_size=2,
-    )
-    assert make_loaders(cfg)[2]["vocab_size"] == 70_000
