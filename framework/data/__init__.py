@@ -8,7 +8,7 @@ for batch in eval_set.batches(8): ...     # same held-out batches every call
 
 from framework.data.config import DataConfig
 from framework.data.pipeline import EvalSet, Loader, describe, make_loaders
-from framework.data.sources import load_tokenizer
+from framework.data.tokenizers import load_tokenizer
 from framework.errors import DataError
 
 __all__ = [

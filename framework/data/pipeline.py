@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
 import logging
-import math
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -26,24 +26,18 @@ from typing import Any
 import grain
 import numpy as np
 
-from framework.data import sources
-from framework.data.config import DataConfig
-from framework.data.sources import TokenArray, WindowSource
+from framework.data import readers, shards, sources
+from framework.data.config import DataConfig, SourceConfig
+from framework.data.mixture import Mixture, MixtureBatches
+from framework.data.rows import PackedRows, PaddedRows, split_tail
+from framework.data.sources import TokenArray
+from framework.data.tokenizers import Tokenizer, load_tokenizer
 from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
-
-
-class _Take:
-    """Index batch -> array batch; a plain picklable object so grain workers can carry it."""
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self.source.take(indices)
+_STATE_VERSION = 2  # 2: batches from the mixture sampler (framework.data.mixture)
+_ENDLESS = 1 << 62  # batch indices: training reads batch k at step k, for as long as it runs
 
 
 class Loader:
@@ -110,20 +104,37 @@ def _close_at_exit(ref: weakref.ref) -> None:
 class EvalSet:
     """Held-out batches in a fixed order (no shuffle): the same batches on every call.
 
-    Batches are full global batches (static shapes); a held-out set smaller than one batch is
-    cycled to fill exactly one, a larger one drops its last partial batch."""
+    Batches are full global batches (static shapes) mixed from the sources' held-out rows at
+    the first stage's weights (sources without held-out rows left out); a held-out set smaller
+    than one batch is cycled to fill exactly one, a larger one drops its last partial batch."""
 
     def __init__(
-        self, source: Any | None, *, batch_size: int, process_index: int, process_count: int
+        self,
+        sources: list[Any | None],
+        weights: list[float],
+        *,
+        batch_size: int,
+        process_index: int,
+        process_count: int,
     ):
-        self.source = source
-        self.batch_size, self.process_index = batch_size, process_index
-        self.local_batch = batch_size // process_count
+        keep = [i for i, v in enumerate(sources) if v is not None and len(v) and weights[i] > 0]
+        self.sources = [sources[i] for i in keep]
+        self.batch_size, self.local_batch = batch_size, batch_size // process_count
+        self._batches = None
+        if self.sources:
+            mixture = Mixture(
+                [len(v) for v in self.sources],
+                [(0, [weights[i] for i in keep])],
+                batch_size,
+                seed=0,
+                shuffle=False,
+            )
+            self._batches = MixtureBatches(self.sources, mixture, process_index, process_count)
 
     @property
     def num_examples(self) -> int:
-        """Held-out examples (windows for LM data)."""
-        return 0 if self.source is None else len(self.source)
+        """Held-out examples (rows for LM data)."""
+        return sum(len(v) for v in self.sources)
 
     @property
     def num_batches(self) -> int:
@@ -134,96 +145,149 @@ class EvalSet:
     def batches(self, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """This process's share of the first `max_batches` held-out batches (all if None)."""
         count = self.num_batches if max_batches is None else min(max_batches, self.num_batches)
-        rows = np.arange(self.local_batch, dtype=np.int64)
         for b in range(count):
-            first = b * self.batch_size + self.process_index * self.local_batch
-            yield self.source.take((first + rows) % self.num_examples)
+            yield self._batches(b)
 
 
-def _split_tail(
-    segments: list[TokenArray], seq_len: int, val_fraction: float
-) -> tuple[WindowSource, WindowSource | None]:
-    """Train on the leading windows of one stream and hold out the last `val_fraction`."""
-    whole = WindowSource(segments, seq_len)
-    n = len(whole)
-    n_val = math.ceil(n * val_fraction) if val_fraction > 0 and n >= 2 else 0
-    if n_val == 0:
-        return whole, None
-    return (
-        WindowSource(segments, seq_len, 0, n - n_val),
-        WindowSource(segments, seq_len, n - n_val, n),
+@dataclasses.dataclass
+class _Built:
+    """One source, tokenized and cut into rows: train rows, held-out rows, and what it holds."""
+
+    train: Any
+    val: Any | None
+    vocab_size: int
+    eos_id: int | None
+    tokens: int  # before the held-out split
+    text_bytes: int | None  # bytes of text behind `tokens` (None: unknown, e.g. token files)
+
+
+def _rows(arrays: list[TokenArray], cfg: DataConfig, eos_id: int | None, masks=None) -> Any:
+    """Packed or padded LM rows over token arrays, per data.packing."""
+    if cfg.packing:
+        return PackedRows(arrays, cfg.seq_len, eos_id, masks)
+    return PaddedRows(arrays, cfg.seq_len, eos_id, masks)
+
+
+def _split(
+    cfg: DataConfig, train: list, val: list, eos_id: int | None, masks=None
+) -> tuple[Any, Any]:
+    """(train rows, held-out rows): `val` when it holds anything, else the tail of `train`."""
+    train_masks, val_masks = masks if masks is not None else (None, None)
+    if val:
+        return _rows(train, cfg, eos_id, train_masks), _rows(val, cfg, eos_id, val_masks)
+    return split_tail(_rows(train, cfg, eos_id, train_masks), cfg.val_fraction)
+
+
+def _by_file(docs: list[tuple[str, Any]], val_fraction: float) -> tuple[list, list]:
+    """Documents of training files and of held-out files (crc32 of the file key)."""
+    keys = list(dict.fromkeys(k for k, _ in docs))
+    held = {k for k, v in zip(keys, sources.split_by_file(keys, val_fraction), strict=True) if v}
+    return [d for k, d in docs if k not in held], [d for k, d in docs if k in held]
+
+
+def _text_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str) -> _Built:
+    bad = readers.BadFiles(cfg.on_bad_file)
+    files = readers.list_inputs(src.type, src.paths, src.file_pattern)
+    docs = readers.read_documents(
+        src.type, files, field=src.text_field, bad=bad, max_bytes=src.max_bytes
     )
-
-
-def _text_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
-    tok = sources.load_tokenizer(cfg.tokenizer)
-    docs = sources.read_corpus(sources.find_files(cfg.paths, cfg.file_pattern), cfg.max_bytes)
+    bad.report()
     if not docs:
-        raise DataError(f"data.paths {cfg.paths} hold no text (all files empty)")
-    is_val = sources.split_by_file([k for k, _ in docs], cfg.val_fraction)
-    train_docs = [d for (_, d), v in zip(docs, is_val, strict=True) if not v]
-    val_docs = [d for (_, d), v in zip(docs, is_val, strict=True) if v]
-    train_tokens = tok.encode_docs(train_docs)
-    if val_docs:
-        val_tokens = tok.encode_docs(val_docs)
-        train = WindowSource([TokenArray(train_tokens)], cfg.seq_len)
-        val = WindowSource([TokenArray(val_tokens)], cfg.seq_len)
-        measured_bytes, measured_tokens = sum(map(len, val_docs)), len(val_tokens)
-    else:  # a single file: hold out the end of its token stream instead
-        train, val = _split_tail([TokenArray(train_tokens)], cfg.seq_len, cfg.val_fraction)
-        measured_bytes, measured_tokens = sum(map(len, train_docs)), len(train_tokens)
-    if cfg.tokenizer == "byte":
-        bytes_per_token = 1.0
-    else:
-        bytes_per_token = measured_bytes / max(measured_tokens, 1)
-    return (
-        train,
-        val,
-        {
-            "vocab_size": tok.vocab_size,
-            "bytes_per_token": bytes_per_token,
-            "corpus_tokens": len(train_tokens) + (len(val_tokens) if val_docs else 0),
-        },
-    )
+        raise DataError(f"{where} ({', '.join(src.paths)}) holds no text documents")
+    train_docs, val_docs = _by_file(docs, cfg.val_fraction)
+    streams = [tok.encode_docs(train_docs), tok.encode_docs(val_docs) if val_docs else None]
+    arrays = [[TokenArray(s)] if s is not None else [] for s in streams]
+    train, val = _split(cfg, arrays[0], arrays[1], tok.eos_id)
+    text_bytes = sum(len(d.encode() if isinstance(d, str) else d) for _, d in docs)
+    tokens = sum(len(s) for s in streams if s is not None)
+    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, text_bytes)
 
 
-def _token_files(paths: list[str], dtype: str) -> list[TokenArray]:
-    """Token files named directly or found in folders/globs (metadata .json files skipped)."""
-    files = [f for f in sources.find_files(paths, "*") if f.path.suffix != ".json"]
-    return [TokenArray(path=str(f.path), dtype=dtype) for f in files]
+def _chat_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str) -> _Built:
+    from framework.data import chat
+
+    template = chat.load_chat_template(tok, cfg.chat_template)
+    bad = readers.BadFiles(cfg.on_bad_file)
+    files = readers.list_inputs("jsonl", src.paths, src.file_pattern)
+    records = [(f.key, r) for f in files for r in readers.iter_records("jsonl", f, bad=bad)]
+    bad.report()
+    if not records:
+        raise DataError(f"{where} ({', '.join(src.paths)}) holds no chat records")
+    train_recs, val_recs = _by_file(records, cfg.val_fraction)
+    parts = [chat.encode_chats(r, tok, template) if r else None for r in (train_recs, val_recs)]
+    arrays = [[TokenArray(p[0])] if p else [] for p in parts]
+    masks = tuple([p[1]] if p else None for p in parts)
+    train, val = _split(cfg, arrays[0], arrays[1], tok.eos_id, masks)
+    tokens = sum(len(p[0]) for p in parts if p)
+    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, None)
 
 
-def _token_vocab(arrays: list[TokenArray]) -> tuple[int, dict[str, Any]]:
-    """(vocabulary, metadata) of token files: the first file's metadata says the vocabulary,
-    else the largest id + 1; one streaming pass checks every id lies in [0, vocabulary)."""
-    first = arrays[0].path
-    side = sources.read_sidecar(first)
-    vocab = side.get("vocab_size")
-    vocab_from = f" (vocab_size in {str(sources.sidecar_path(first))!r})"
+def _token_files(paths: list[str], dtype: str) -> tuple[list[TokenArray], list[TokenArray], dict]:
+    """(train arrays, the prepare_data folder's held-out arrays, metadata) of token paths:
+    prepare_data folders (index.json) or .bin/.npy files named directly or found in folders."""
+    train, val, meta = [], [], {}
+    for entry in paths:
+        if shards.is_token_dir(entry):
+            d = shards.open_token_dir(entry)
+            train += d.train
+            val += d.val
+            meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,
+                            "bytes_per_token": d.bytes_per_token}  # fmt: skip
+            continue
+        files = [f for f in sources.find_files([entry], "*") if f.path.suffix != ".json"]
+        train += [TokenArray(path=str(f.path), dtype=dtype) for f in files]
+    if not meta and train:
+        meta = sources.read_sidecar(train[0].path)
+    return train, val, meta
+
+
+def _token_source(src: SourceConfig, cfg: DataConfig, where: str) -> _Built:
+    train_arrays, dir_val, meta = _token_files(src.paths, cfg.token_dtype)
+    val_arrays = _token_files(src.val_paths, cfg.token_dtype)[0] if src.val_paths else dir_val
+    vocab = _token_vocab(train_arrays + val_arrays, meta)
+    eos_id = meta.get("eos_id")
+    if eos_id is None:
+        log.warning(
+            "%s: the token files record no eos_id (written by an older prepare_data.py?): "
+            "rows may run across documents",
+            where,
+        )
+    train, val = _split(cfg, train_arrays, val_arrays, eos_id)
+    tokens = sum(len(a) for a in train_arrays + val_arrays)
+    bpt = meta.get("bytes_per_token")
+    return _Built(train, val, vocab, eos_id, tokens, tokens * bpt if bpt else None)
+
+
+def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
+    """The vocabulary of token files: their metadata's, else the largest id + 1; one
+    streaming pass checks every id lies in [0, vocabulary)."""
+    vocab = meta.get("vocab_size")
+    vocab_from = " (vocab_size in the token files' metadata)"
     if vocab is not None and (type(vocab) is not int or vocab < 1):
         raise DataError(f"vocab_size must be a positive integer, got {vocab!r}{vocab_from}")
     top = max(a.check_ids(vocab, vocab_from) for a in arrays)
-    return (top + 1 if vocab is None else int(vocab)), side
+    return top + 1 if vocab is None else int(vocab)
 
 
-def _token_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
-    train_arrays = _token_files(cfg.paths, cfg.token_dtype)
-    val_arrays = _token_files(cfg.val_paths, cfg.token_dtype) if cfg.val_paths else []
-    vocab, side = _token_vocab(train_arrays + val_arrays)
-    if cfg.val_paths:
-        train = WindowSource(train_arrays, cfg.seq_len)
-        val: WindowSource | None = WindowSource(val_arrays, cfg.seq_len)
-    else:
-        train, val = _split_tail(train_arrays, cfg.seq_len, cfg.val_fraction)
-    return (
-        train,
-        val,
-        {
-            "vocab_size": vocab,
-            "bytes_per_token": side.get("bytes_per_token"),
-            "corpus_tokens": sum(len(a) for a in train_arrays + val_arrays),
-        },
-    )
+def _lm_sources(cfg: DataConfig) -> tuple[list[_Built], list[SourceConfig]]:
+    listed = cfg.source_list()
+    needs_tok = any(s.type != "tokens" for s in listed)
+    tok = sources_tokenizer(cfg) if needs_tok else None
+    built = []
+    for i, src in enumerate(listed):
+        where = f"data.sources[{i}]" if cfg.sources else f"data.source {src.type!r}"
+        if src.type == "tokens":
+            built.append(_token_source(src, cfg, where))
+        elif src.type == "chat":
+            built.append(_chat_source(src, cfg, tok, where))
+        else:
+            built.append(_text_source(src, cfg, tok, where))
+    return built, listed
+
+
+def sources_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer data.tokenizer / data.eos_token name."""
+    return load_tokenizer(cfg.tokenizer, cfg.eos_token)
 
 
 def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -245,7 +309,7 @@ def _synthetic_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
 def describe(cfg: DataConfig) -> dict[str, Any]:
     """What is known about the data without reading it: its kind ("lm": token sequences of
     seq_len, or "classification"), the vocabulary where the config or tokenizer says it (None
-    for token files until read), classes and example shape. `build_sources` completes it."""
+    when token files decide it), classes and example shape. `build_sources` completes it."""
     if cfg.source == "synthetic_classification":
         return {
             "kind": "classification",
@@ -258,8 +322,8 @@ def describe(cfg: DataConfig) -> dict[str, Any]:
     vocab = None
     if cfg.source == "synthetic_lm":
         vocab = cfg.vocab_size
-    elif cfg.source == "text":
-        vocab = sources.load_tokenizer(cfg.tokenizer).vocab_size
+    elif all(s.type != "tokens" for s in cfg.source_list()):
+        vocab = sources_tokenizer(cfg).vocab_size
     return {
         "kind": "lm",
         "vocab_size": vocab,
@@ -270,55 +334,86 @@ def describe(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def build_sources(cfg: DataConfig) -> tuple[Any, Any, dict[str, Any]]:
-    """(train source, held-out source or None, metadata) for a config, before any batching."""
-    if cfg.source == "text":
-        train, val, extra = _text_sources(cfg)
-    elif cfg.source == "tokens":
-        train, val, extra = _token_sources(cfg)
-    else:
-        train, val, extra = _synthetic_sources(cfg)
+def _stages(cfg: DataConfig, listed: list[SourceConfig]) -> list[tuple[int, list[float]]]:
+    return [(0, [s.weight for s in listed])] + [(st.step, list(st.weights)) for st in cfg.stages]
+
+
+def build_sources(cfg: DataConfig) -> tuple[list[Any], list[Any], list[tuple], dict[str, Any]]:
+    """(train row sources, held-out row sources (None where a source holds none), mixture
+    stages, metadata) for a config, before any batching."""
     meta = describe(cfg)
-    meta.update({k: v for k, v in extra.items() if k in meta})
+    if cfg.source.startswith("synthetic"):
+        train, val, extra = _synthetic_sources(cfg)
+        meta.update(extra)
+        trains, vals, stages, names = [train], [val], [(0, [1.0])], ["synthetic"]
+    else:
+        built, listed = _lm_sources(cfg)
+        trains, vals = [b.train for b in built], [b.val for b in built]
+        stages = _stages(cfg, listed)
+        names = [s.name or (f"source{i}" if cfg.sources else s.type) for i, s in enumerate(listed)]
+        _check_tokens(built, names)
+        meta["vocab_size"] = max(b.vocab_size for b in built)
+        meta["eos_id"] = built[0].eos_id
+        weights = np.array(stages[0][1]) / sum(stages[0][1])
+        bpt = [b.text_bytes / b.tokens if b.text_bytes and b.tokens else None for b in built]
+        if all(x is not None for x in bpt):
+            meta["bytes_per_token"] = float(np.dot(weights, bpt))
     meta.update(
         {
-            "train_tokens": int(train.num_tokens),
-            "val_tokens": int(val.num_tokens) if val is not None else 0,
-            "train_examples": len(train),
-            "val_examples": len(val) if val is not None else 0,
+            "train_tokens": int(sum(t.num_tokens for t in trains)),
+            "val_tokens": int(sum(v.num_tokens for v in vals if v is not None)),
+            "train_examples": int(sum(len(t) for t in trains)),
+            "val_examples": int(sum(len(v) for v in vals if v is not None)),
+            "sources": {
+                n: {"train_rows": len(t), "val_rows": len(v) if v is not None else 0}
+                for n, t, v in zip(names, trains, vals, strict=True)
+            },  # fmt: skip
         }
     )
-    if len(train) < cfg.batch_size:
-        if isinstance(train, WindowSource):
-            what = (
-                f"{len(train)} windows of seq_len+1={cfg.seq_len + 1} tokens (from "
-                f"{extra.get('corpus_tokens', 0)} tokens before the held-out split)"
-            )
-        else:
-            what = f"{len(train)} examples"
+    _check_enough(cfg, names, trains, stages)
+    _warn_if_no_held_out(cfg, vals)
+    return trains, vals, stages, meta
+
+
+def _check_tokens(built: list[_Built], names: list[str]) -> None:
+    """Sources of one run must end documents with the same EOS id."""
+    eos = {b.eos_id for b in built if b.eos_id is not None}
+    if len(eos) > 1:
         raise DataError(
-            f"the training data has {what}, fewer than one global batch "
+            "the sources end documents with different EOS ids "
+            + ", ".join(f"{n}: {b.eos_id}" for n, b in zip(names, built, strict=True))
+            + " (token files prepared with another tokenizer?)"
+        )
+
+
+def _check_enough(cfg: DataConfig, names: list[str], trains: list[Any], stages) -> None:
+    """Every source a stage samples must hold a row; a single source at least one batch."""
+    for i, (name, train) in enumerate(zip(names, trains, strict=True)):
+        used = any(w[i] > 0 for _, w in stages)
+        if used and len(train) == 0:
+            raise DataError(
+                f"{name} gives no training row (a row needs data.seq_len+1={cfg.seq_len + 1} "
+                "tokens packed, or a document of two or more tokens unpacked)"
+            )
+    if len(trains) == 1 and len(trains[0]) < cfg.batch_size:
+        raise DataError(
+            f"the training data has {len(trains[0])} rows, fewer than one global batch "
             f"(data.batch_size={cfg.batch_size}); add data or lower "
             f"data.batch_size / data.seq_len"
         )
-    _warn_if_no_held_out(cfg, val)
-    return train, val, meta
 
 
-def _warn_if_no_held_out(cfg: DataConfig, val: Any | None) -> None:
+def _warn_if_no_held_out(cfg: DataConfig, vals: list[Any]) -> None:
     """One warning when held-out data was asked for but holds no example: evaluation is off
     (it would otherwise report nothing, silently)."""
-    if (val is not None and len(val)) or not (cfg.val_paths or cfg.val_fraction > 0):
+    if any(v is not None and len(v) for v in vals):
         return
-    asked = (
-        f"data.val_paths={cfg.val_paths}"
-        if cfg.val_paths
-        else f"data.val_fraction={cfg.val_fraction}"
-    )
+    if not (cfg.val_paths or cfg.val_fraction > 0 or any(s.val_paths for s in cfg.sources)):
+        return
     log.warning(
-        "%s gives no held-out example (an LM example needs data.seq_len+1=%d tokens): "
-        "evaluation is off",
-        asked,
+        "the held-out split (data.val_fraction=%s, val_paths) gives no held-out example "
+        "(an LM example needs data.seq_len+1=%d tokens): evaluation is off",
+        cfg.val_fraction,
         cfg.seq_len + 1,
     )
 
@@ -343,14 +438,10 @@ def make_loaders(
             f"data.batch_size ({cfg.batch_size}) is not divisible by the {process_count} processes"
         )
     local = cfg.batch_size // process_count
-    train, val, meta = build_sources(cfg)
-    ds = (
-        grain.MapDataset.range(len(train))
-        .shuffle(seed=cfg.shuffle_seed)
-        .repeat()
-        .batch(local, drop_remainder=True)
-        .slice(slice(process_index, None, process_count))
-        .map(_Take(train))
+    trains, vals, stages, meta = build_sources(cfg)
+    mixture = Mixture([len(t) for t in trains], stages, cfg.batch_size, cfg.shuffle_seed)
+    ds = grain.MapDataset.range(_ENDLESS).map(
+        MixtureBatches(trains, mixture, process_index, process_count)
     )
     # Reads are in-memory or memmap gathers: a couple of threads hide them behind the step.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
@@ -359,6 +450,10 @@ def make_loaders(
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     loader = Loader(it_ds, local_batch=local, workers=cfg.worker_count)
     eval_set = EvalSet(
-        val, batch_size=cfg.batch_size, process_index=process_index, process_count=process_count
+        vals,
+        stages[0][1],
+        batch_size=cfg.batch_size,
+        process_index=process_index,
+        process_count=process_count,
     )
     return loader, eval_set, meta

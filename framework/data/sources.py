@@ -17,7 +17,7 @@ import sysconfig
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -139,75 +139,6 @@ def split_by_file(keys: Sequence[str], val_fraction: float) -> list[bool]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class Tokenizer(Protocol):
-    """What the pipeline and samplers need from a tokenizer."""
-
-    vocab_size: int
-
-    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """Each UTF-8 byte is a token: no vocabulary file, no unknown tokens, 1 byte per token."""
-
-    vocab_size = 256
-
-    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray:
-        """One uint8 token stream for the concatenated documents."""
-        return np.frombuffer(b"".join(docs), dtype=np.uint8)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids (invalid UTF-8 becomes U+FFFD)."""
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizers` JSON file."""
-
-    def __init__(self, path: str):
-        import tokenizers  # imported only when a tokenizer file is used
-
-        if not Path(path).is_file():
-            raise DataError(f"tokenizer file {path!r} does not exist")
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # the Rust side raises its own exception type
-            raise DataError(f"tokenizer file {path!r} could not be loaded: {e}") from e
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-
-    def encode_docs(self, docs: Sequence[bytes]) -> np.ndarray:
-        """One token stream for the documents, each encoded separately (in parallel)."""
-        texts = [d.decode("utf-8", errors="replace") for d in docs]
-        ids = [e.ids for e in self._tok.encode_batch(texts)] if texts else []
-        flat = np.fromiter((i for doc in ids for i in doc), dtype=np.int64)
-        return flat.astype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return list(self._tok.encode(text).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids."""
-        return self._tok.decode([int(i) for i in ids])
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """'byte' or a path to a HF tokenizers JSON file -> a tokenizer (DataError if unusable)."""
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
-
-
-# ----------------------------------------------------------------------------------------------
 # Token files
 
 
@@ -315,52 +246,6 @@ def read_sidecar(token_file: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Random-access sources
-
-
-class WindowSource:
-    """Non-overlapping LM windows: index i -> tokens[i*L : i*L + L + 1] of its segment.
-
-    Windows never cross a segment (file) boundary. `start`/`stop` select a range of the
-    window indices, which is how a single stream is split into train and held-out tails."""
-
-    def __init__(
-        self, segments: Sequence[TokenArray], seq_len: int, start: int = 0, stop: int | None = None
-    ):
-        self.segments, self.seq_len = list(segments), seq_len
-        counts = [max(0, (len(s) - 1) // seq_len) for s in self.segments]
-        self._ends = np.cumsum(counts, dtype=np.int64)
-        total = int(self._ends[-1]) if counts else 0
-        self.start, self.stop = start, total if stop is None else stop
-        if not 0 <= self.start <= self.stop <= total:
-            raise ValueError(f"window range [{start}, {stop}) outside [0, {total}]")
-        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens covered by the windows (each window's last token is the next one's first)."""
-        return len(self) * self.seq_len + (1 if len(self) else 0)
-
-    def windows(self, indices: np.ndarray) -> np.ndarray:
-        """int32 [n, L+1] windows for window indices (one gather per segment touched)."""
-        idx = np.asarray(indices, dtype=np.int64) + self.start
-        out = np.empty((idx.shape[0], self.seq_len + 1), dtype=np.int32)
-        seg = np.searchsorted(self._ends, idx, side="right")
-        for s in np.unique(seg):
-            rows = np.nonzero(seg == s)[0]
-            local = idx[rows] - (self._ends[s - 1] if s > 0 else 0)
-            out[rows] = self.segments[s].data[local[:, None] * self.seq_len + self._offsets]
-        return out
-
-    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """{"inputs", "targets"}: int32 [n, L], targets are inputs shifted left by one."""
-        w = self.windows(indices)
-        return {
-            "inputs": np.ascontiguousarray(w[:, :-1]),
-            "targets": np.ascontiguousarray(w[:, 1:]),
-        }
 
 
 class SequenceSource:

@@ -406,12 +406,18 @@ def loss(
     """Mean next-token cross-entropy over positions where batch["mask"] (default all) is set;
     aux["weight"] is the number of those positions (the train step weights micro-batches by it).
 
-    batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids"}.
+    batch: {"inputs": [b, t] ids, "targets": [b, t] ids, optional "mask", "segment_ids",
+    "positions"} (packed rows: framework.data.rows).
     The unembedding and the loss are one op (`loss_impl`), so fused kernels never hold the
     full f32 logits."""
     with scope("transformer"):
         x, unembed, _ = hidden_states(
-            params, batch["inputs"], cfg, key=key, segment_ids=batch.get("segment_ids")
+            params,
+            batch["inputs"],
+            cfg,
+            key=key,
+            segment_ids=batch.get("segment_ids"),
+            positions=batch.get("positions"),
         )
     per_token = ops.linear_cross_entropy(
         x, unembed, batch["targets"], z_loss=cfg.z_loss, impl=cfg.loss_impl

@@ -1,0 +1,116 @@
+"""Which rows of which source make global batch k: a deterministic, random-access sampler.
+
+Each source is read as an endless stream of epochs, each epoch a fresh permutation of its rows
+(grain's index shuffle: O(1) memory). Batch k takes c_s(k) rows from source s, the next ones of
+its stream. The counts come from systematic sampling at the stage's weights w: with one
+uniform u_k per batch, row r of the batch falls in source s when (r + u_k) / B lies in
+[W_s, W_s+1) (W the cumulative weights), so c_s(k) = ceil(B W_s+1 - u_k) - ceil(B W_s - u_k):
+always floor or ceil of B w_s, and B w_s on average. A source's stream position at batch k is
+the sum of its earlier counts, computed in vectorized chunks and cached, so batch k costs O(B)
+and resuming at step k costs O(k / 4096) vectorized chunks. The batch's rows are then put in a
+per-batch random order, and process p of P takes rows [p B/P, (p+1) B/P): the processes'
+shares are disjoint and concatenate to the one-process batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+_CHUNK = 4096  # batches per vectorized block of mixture counts
+_TAG_U, _TAG_ORDER, _TAG_SHUFFLE = 0x6D6978, 0x6F7264, 0x736866  # separate random streams
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class Mixture:
+    """Global batch k -> (source of each row, position of the row in that source's stream)."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        stages: Sequence[tuple[int, Sequence[float]]],
+        batch_size: int,
+        seed: int,
+        *,
+        shuffle: bool = True,
+    ):
+        """`stages`: (first step, weights) with the first stage at step 0; `shuffle` False
+        keeps each source's rows and the batch's rows in order (held-out batches)."""
+        self.sizes, self.batch_size = list(sizes), batch_size
+        self.seed, self.shuffle = seed, shuffle
+        self.starts = np.array([s for s, _ in stages], dtype=np.int64)
+        cum = []
+        for _, w in stages:
+            w = np.asarray(w, dtype=np.float64)
+            c = np.concatenate([[0.0], np.cumsum(w / w.sum())])
+            c[-1] = 1.0
+            cum.append(c)
+        self.cumulative = np.stack(cum)  # [stages, sources + 1]
+        self._cursors = [np.zeros(len(self.sizes), dtype=np.int64)]  # at each chunk start
+        self._streams = [
+            grain.MapDataset.range(n).shuffle(seed=_seed(seed, _TAG_SHUFFLE, s)).repeat()
+            if shuffle
+            else None
+            for s, n in enumerate(self.sizes)
+        ]
+
+    def _counts(self, chunk: int) -> np.ndarray:
+        """int64 [_CHUNK, sources]: rows per source of each batch of a chunk."""
+        k = chunk * _CHUNK + np.arange(_CHUNK)
+        u = np.random.default_rng([self.seed, _TAG_U, chunk]).random(_CHUNK)
+        cum = self.cumulative[np.searchsorted(self.starts, k, side="right") - 1]
+        edges = np.ceil(self.batch_size * cum - u[:, None]).astype(np.int64)
+        return np.diff(edges, axis=1)
+
+    def cursors(self, k: int) -> np.ndarray:
+        """Rows each source gave to batches 0..k-1 (its stream position at batch k)."""
+        chunk = k // _CHUNK
+        while len(self._cursors) <= chunk:
+            c = len(self._cursors) - 1
+            self._cursors.append(self._cursors[c] + self._counts(c).sum(axis=0))
+        counts = self._counts(chunk)[: k - chunk * _CHUNK]
+        return self._cursors[chunk] + counts.sum(axis=0)
+
+    def rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index [B], row index within that source [B]) of global batch k."""
+        counts = self._counts(k // _CHUNK)[k % _CHUNK]
+        start = self.cursors(k)
+        source = np.repeat(np.arange(len(self.sizes)), counts)
+        stream_pos = np.concatenate([start[s] + np.arange(c) for s, c in enumerate(counts)])
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, _TAG_ORDER, k]).permutation(len(source))
+            source, stream_pos = source[order], stream_pos[order]
+            row = np.array([self._streams[s][p] for s, p in zip(source, stream_pos, strict=True)])
+        else:
+            row = stream_pos % np.asarray(self.sizes)[source]
+        return source, row.astype(np.int64)
+
+
+class MixtureBatches:
+    """Picklable `k -> this process's rows of global batch k` (grain maps it over k)."""
+
+    def __init__(
+        self, sources: Sequence[Any], mixture: Mixture, process_index: int, process_count: int
+    ):
+        self.sources, self.mixture = list(sources), mixture
+        local = mixture.batch_size // process_count
+        self._lo, self._hi = process_index * local, (process_index + 1) * local
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        source, row = self.mixture.rows(int(k))
+        source, row = source[self._lo : self._hi], row[self._lo : self._hi]
+        out: dict[str, np.ndarray] = {}
+        for s in np.unique(source):
+            where = np.flatnonzero(source == s)
+            part = self.sources[s].take(row[where])
+            for key, value in part.items():
+                if key not in out:
+                    out[key] = np.empty((len(source), *value.shape[1:]), dtype=value.dtype)
+                out[key][where] = value
+        return out
