@@ -12,8 +12,15 @@ import pytest
 
 from framework.data import DataConfig, DataError, make_loaders, sources
 from framework.data.pipeline import build_sources
+from framework.data.tokenizers import ByteTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _single(cfg):
+    """(train rows, held-out rows, metadata) of a one-source config."""
+    s = build_sources(cfg)
+    return s.train[0], s.val[0], s.meta
 
 
 def _take(loader, n):
@@ -182,13 +189,17 @@ def test_split_by_file_is_deterministic_and_disjoint(corpus):
     is_val = sources.split_by_file(keys, 0.2)
     assert is_val == sources.split_by_file(keys, 0.2) and any(is_val) and not all(is_val)
     assert sources.split_by_file(keys[:2], 0.0001) in ([True, False], [False, True])
-    # the held-out stream is exactly the held-out files' bytes, in sorted order
-    train, val, meta = build_sources(cfg)
-    val_bytes = b"".join(f.path.read_bytes() for f, v in zip(files, is_val, strict=True) if v)
-    train_bytes = b"".join(f.path.read_bytes() for f, v in zip(files, is_val, strict=True) if not v)
-    assert bytes(val.segments[0].data) == val_bytes
-    assert bytes(train.segments[0].data) == train_bytes
-    assert meta["train_tokens"] + meta["val_tokens"] <= len(val_bytes) + len(train_bytes)
+    # the held-out stream is exactly the held-out files' bytes, in sorted order, each file
+    # followed by the byte tokenizer's EOS (256)
+    train, val, meta = _single(cfg)
+    stream = lambda fs: np.concatenate(
+        [np.append(np.frombuffer(f.path.read_bytes(), np.uint8), 256) for f in fs]
+    )
+    val_files = [f for f, v in zip(files, is_val, strict=True) if v]
+    train_files = [f for f, v in zip(files, is_val, strict=True) if not v]
+    np.testing.assert_array_equal(val.segments[0].data, stream(val_files))
+    np.testing.assert_array_equal(train.segments[0].data, stream(train_files))
+    assert meta["train_tokens"] + meta["val_tokens"] <= len(stream(files))
     # a byte cap keeps the first max_bytes of the sorted concatenation
     capped = sources.read_corpus(files, 1000)
     assert b"".join(d for _, d in capped) == (b"".join(f.path.read_bytes() for f in files))[:1000]
@@ -201,11 +212,10 @@ def test_stdlib_bytes_decode_to_python_source():
     assert not any("site-packages" in k for k in keys)
     cfg = DataConfig(max_bytes=300_000, seq_len=128, batch_size=8)
     loader, eval_set, meta = make_loaders(cfg)
-    assert meta["vocab_size"] == 256 and meta["bytes_per_token"] == 1.0
+    assert meta["vocab_size"] == 257 and meta["eos_id"] == 256
+    assert 0.999 < meta["bytes_per_token"] < 1.0  # one EOS per file
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
-    text = "".join(
-        sources.ByteTokenizer().decode(row) for b in _take(loader, 4) for row in b["inputs"]
-    )
+    text = "".join(ByteTokenizer().decode(row) for b in _take(loader, 4) for row in b["inputs"])
     assert ("def " in text or "import " in text) and "\ufffd" not in text[200:-200]
     assert eval_set.num_batches >= 1
 
@@ -216,7 +226,7 @@ def test_missing_path_and_too_small_corpus(tmp_path, corpus):
         make_loaders(DataConfig(paths=[missing]))
     with pytest.raises(DataError, match="glob matches no file"):
         make_loaders(DataConfig(paths=[str(tmp_path / "*.nothing")]))
-    with pytest.raises(DataError, match=r"windows of seq_len\+1=1025 tokens.*batch_size=64"):
+    with pytest.raises(DataError, match=r"rows of data.seq_len\+1=1025 tokens.*batch_size=64"):
         make_loaders(DataConfig(paths=[str(corpus)], seq_len=1024, batch_size=64))
     with pytest.raises(DataError, match="does not exist"):
         make_loaders(DataConfig(source="tokens", paths=[missing + ".bin"]))
@@ -238,7 +248,7 @@ def test_bin_token_file_is_memory_mapped(tmp_path, dtype):
         batch_size=4,
         val_fraction=0.0,
     )
-    train, _, meta = build_sources(cfg)
+    train, _, meta = _single(cfg)
     assert isinstance(train.segments[0].data, np.memmap)
     assert meta["vocab_size"] == 5000 and meta["bytes_per_token"] is None
     batch = next(make_loaders(cfg)[0])
@@ -246,13 +256,13 @@ def test_bin_token_file_is_memory_mapped(tmp_path, dtype):
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x00" * 7)
     with pytest.raises(DataError, match="multiple of"):
-        build_sources(cfg.model_copy(update={"paths": [str(odd)]}))
+        _single(cfg.model_copy(update={"paths": [str(odd)]}))
 
 
 def test_npy_token_file_is_memory_mapped(arange_npy):
     cfg = DataConfig(source="tokens", paths=[str(arange_npy)], seq_len=10, batch_size=4)
-    train, _, _ = build_sources(cfg)
-    assert isinstance(train.segments[0].data, np.memmap)
+    train, _, _ = _single(cfg)
+    assert isinstance(train.source.segments[0].data, np.memmap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ def test_synthetic_classification_is_separable():
     batch = next(loader)
     assert batch["inputs"].shape == (64, 4, 4) and batch["inputs"].dtype == np.float32
     assert batch["labels"].dtype == np.int32
-    train, val, _ = build_sources(cfg)
+    train, val, _ = _single(cfg)
     x, y = train.inputs.reshape(len(train), -1), train.labels
     means = np.stack([x[y == c].mean(0) for c in range(5)])
     vx = val.inputs.reshape(len(val), -1)
@@ -320,7 +330,9 @@ def test_hf_tokenizer(tmp_path, corpus):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"])
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"]
+    )
     tok.train([str(p) for p in sorted(corpus.rglob("*.py"))], trainer)
     tok_path = tmp_path / "tok.json"
     tok.save(str(tok_path))
@@ -330,3 +342,14 @@ def test_hf_tokenizer(tmp_path, corpus):
     loader, _, meta = make_loaders(cfg)
     assert meta["vocab_size"] == tok.get_vocab_size() and meta["bytes_per_token"] > 1.5
     assert next(loader)["inputs"].max() < meta["vocab_size"]
+    eos = tok.token_to_id("<|endoftext|>")
+    assert meta["eos_id"] == eos
+    # a document that contains the EOS text cannot forge a boundary; each document ends in EOS
+    hf = load_tokenizer(str(tok_path))
+    stream = hf.encode_docs(["a <|endoftext|> b", "c"])
+    assert stream[-1] == eos and (stream == eos).sum() == 2
+    bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]"))
+    bare.save(str(tmp_path / "bare.json"))
+    with pytest.raises(DataError, match="no end-of-text token.*data.eos_token"):
+        load_tokenizer(str(tmp_path / "bare.json"))
+    assert load_tokenizer(str(tmp_path / "bare.json"), eos_token="a").eos_id == 0

@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny/lm.yaml")
 
 
+def _single(cfg):
+    """(train rows, held-out rows, metadata) of a one-source config."""
+    s = build_sources(cfg)
+    return s.train[0], s.val[0], s.meta
+
+
 def _tokens(path: Path, n: int = 4096, vocab: int = 100, bad: dict[int, int] | None = None):
     """Token ids 0..vocab-1 cycling, with `bad` {index: id} written in; .npy int32 or .bin."""
     ids = (np.arange(n) % vocab).astype(np.int32 if path.suffix == ".npy" else np.uint16)
@@ -42,7 +48,7 @@ def _cfg(paths: list[str], **kw) -> DataConfig:
 def test_negative_id_names_the_file_and_index(tmp_path):
     path = _tokens(tmp_path / "neg.npy", bad={1000: -3})
     with pytest.raises(DataError, match=r"neg\.npy'?: token 1000 has id -3"):
-        build_sources(_cfg([path]))
+        _single(_cfg([path]))
 
 
 @pytest.mark.parametrize("in_val", [False, True])
@@ -54,7 +60,7 @@ def test_id_beyond_the_metadata_vocabulary(tmp_path, in_val):
     sources.sidecar_path(first).write_text(json.dumps({"vocab_size": 100}))
     cfg = _cfg([bad], val_paths=[]) if not in_val else _cfg([good], val_paths=[bad])
     with pytest.raises(DataError) as e:
-        build_sources(cfg)
+        _single(cfg)
     assert "bad.bin" in str(e.value) and "token 2000 has id 300, outside [0, 100)" in str(e.value)
     assert "good.bin.json" in str(e.value) or "bad.bin.json" in str(e.value)
 
@@ -64,10 +70,10 @@ def test_the_first_bad_index_is_found_across_chunks(tmp_path, monkeypatch):
     path = _tokens(tmp_path / "t.npy", bad={3456: 250, 3999: -1})
     sources.sidecar_path(path).write_text(json.dumps({"vocab_size": 100}))
     with pytest.raises(DataError, match="token 3456 has id 250"):
-        build_sources(_cfg([path]))
+        _single(_cfg([path]))
     sources.sidecar_path(path).unlink()  # vocabulary from the data: only the negative id is bad
     with pytest.raises(DataError, match="token 3999 has id -1"):
-        build_sources(_cfg([path]))
+        _single(_cfg([path]))
 
 
 def test_id_beyond_a_configured_model_vocab_size(tmp_path):
@@ -86,7 +92,7 @@ def test_empty_token_file_is_one_line(tmp_path, name):
     empty = _tokens(tmp_path / name, n=0)
     good = _tokens(tmp_path / "good.npy")
     with pytest.raises(DataError) as e:  # today: "max() arg is an empty sequence"
-        build_sources(_cfg([good], val_paths=[empty]))
+        _single(_cfg([good], val_paths=[empty]))
     assert str(e.value) == f"token file {empty!r} is empty"
 
 
@@ -100,8 +106,8 @@ def test_empty_held_out_split_warns_once_that_evaluation_is_off(tmp_path, caplog
     assert len(warned) == 1 and "short.npy" in warned[0], caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="framework.data"):
-        build_sources(_cfg([good], val_fraction=0.0))  # no held-out data asked for: no warning
-    assert not caplog.records
+        _single(_cfg([good], val_fraction=0.0))  # no held-out data asked for: no warning
+    assert not [r for r in caplog.records if "evaluation" in r.getMessage()]
 
 
 def test_fifo_in_a_text_corpus_is_skipped_with_a_warning(tmp_path, caplog):
@@ -120,9 +126,9 @@ def test_fifo_in_a_text_corpus_is_skipped_with_a_warning(tmp_path, caplog):
     signal.alarm(10)
     try:
         with caplog.at_level(logging.WARNING, logger="framework.data"):
-            train, _, _ = build_sources(cfg)
+            train, _, _ = _single(cfg)
         with pytest.raises(DataError, match="not a regular file"):  # a FIFO named directly
-            build_sources(cfg.model_copy(update={"paths": [str(corpus / "pipe.txt")]}))
+            _single(cfg.model_copy(update={"paths": [str(corpus / "pipe.txt")]}))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -156,4 +162,4 @@ def test_non_integer_vocab_size_in_the_metadata_is_one_line(tmp_path):
     path = _tokens(tmp_path / "tok.bin")
     sources.sidecar_path(path).write_text(json.dumps({"vocab_size": "100"}))
     with pytest.raises(DataError, match=r"vocab_size must be a positive integer, got '100'"):
-        build_sources(_cfg([path]))
+        _single(_cfg([path]))

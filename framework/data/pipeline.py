@@ -21,7 +21,8 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -232,12 +233,14 @@ def _token_files(paths: list[str], dtype: str) -> tuple[list[TokenArray], list[T
             train += d.train
             val += d.val
             meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,
-                            "bytes_per_token": d.bytes_per_token}  # fmt: skip
+                            "bytes_per_token": d.bytes_per_token,
+                            "from": str(Path(entry) / "index.json")}  # fmt: skip
             continue
         files = [f for f in sources.find_files([entry], "*") if f.path.suffix != ".json"]
         train += [TokenArray(path=str(f.path), dtype=dtype) for f in files]
     if not meta and train:
         meta = sources.read_sidecar(train[0].path)
+        meta["from"] = str(sources.sidecar_path(train[0].path))
     return train, val, meta
 
 
@@ -262,7 +265,7 @@ def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
     """The vocabulary of token files: their metadata's, else the largest id + 1; one
     streaming pass checks every id lies in [0, vocabulary)."""
     vocab = meta.get("vocab_size")
-    vocab_from = " (vocab_size in the token files' metadata)"
+    vocab_from = f" (vocab_size in {meta.get('from')!r})"
     if vocab is not None and (type(vocab) is not int or vocab < 1):
         raise DataError(f"vocab_size must be a positive integer, got {vocab!r}{vocab_from}")
     top = max(a.check_ids(vocab, vocab_from) for a in arrays)
@@ -338,9 +341,18 @@ def _stages(cfg: DataConfig, listed: list[SourceConfig]) -> list[tuple[int, list
     return [(0, [s.weight for s in listed])] + [(st.step, list(st.weights)) for st in cfg.stages]
 
 
-def build_sources(cfg: DataConfig) -> tuple[list[Any], list[Any], list[tuple], dict[str, Any]]:
-    """(train row sources, held-out row sources (None where a source holds none), mixture
-    stages, metadata) for a config, before any batching."""
+class Sources(NamedTuple):
+    """A config's data before batching: per source its training rows and held-out rows (None
+    where it holds none), the mixture stages [(first step, weights)], and the metadata."""
+
+    train: list[Any]
+    val: list[Any | None]
+    stages: list[tuple[int, list[float]]]
+    meta: dict[str, Any]
+
+
+def build_sources(cfg: DataConfig) -> Sources:
+    """Read, tokenize and cut every source of a config into rows."""
     meta = describe(cfg)
     if cfg.source.startswith("synthetic"):
         train, val, extra = _synthetic_sources(cfg)
@@ -372,7 +384,7 @@ def build_sources(cfg: DataConfig) -> tuple[list[Any], list[Any], list[tuple], d
     )
     _check_enough(cfg, names, trains, stages)
     _warn_if_no_held_out(cfg, vals)
-    return trains, vals, stages, meta
+    return Sources(trains, vals, stages, meta)
 
 
 def _check_tokens(built: list[_Built], names: list[str]) -> None:
@@ -397,9 +409,9 @@ def _check_enough(cfg: DataConfig, names: list[str], trains: list[Any], stages) 
             )
     if len(trains) == 1 and len(trains[0]) < cfg.batch_size:
         raise DataError(
-            f"the training data has {len(trains[0])} rows, fewer than one global batch "
-            f"(data.batch_size={cfg.batch_size}); add data or lower "
-            f"data.batch_size / data.seq_len"
+            f"the training data has {len(trains[0])} rows of data.seq_len+1={cfg.seq_len + 1} "
+            f"tokens, fewer than one global batch (data.batch_size={cfg.batch_size}); add data "
+            "or lower data.batch_size / data.seq_len"
         )
 
 
@@ -408,12 +420,14 @@ def _warn_if_no_held_out(cfg: DataConfig, vals: list[Any]) -> None:
     (it would otherwise report nothing, silently)."""
     if any(v is not None and len(v) for v in vals):
         return
-    if not (cfg.val_paths or cfg.val_fraction > 0 or any(s.val_paths for s in cfg.sources)):
+    val_paths = cfg.val_paths + [p for s in cfg.sources for p in s.val_paths]
+    if not (val_paths or cfg.val_fraction > 0):
         return
+    asked = f"val_paths {val_paths}" if val_paths else f"data.val_fraction={cfg.val_fraction}"
     log.warning(
-        "the held-out split (data.val_fraction=%s, val_paths) gives no held-out example "
-        "(an LM example needs data.seq_len+1=%d tokens): evaluation is off",
-        cfg.val_fraction,
+        "%s gives no held-out example (an LM example needs data.seq_len+1=%d tokens): "
+        "evaluation is off",
+        asked,
         cfg.seq_len + 1,
     )
 
