@@ -42,6 +42,8 @@ class Mixture:
     ):
         """`stages`: (first step, weights) with the first stage at step 0; `shuffle` False
         keeps each source's rows and the batch's rows in order (held-out batches)."""
+        self.args = dict(sizes=sizes, stages=stages, batch_size=batch_size, seed=seed)
+        self.args["shuffle"] = shuffle
         self.sizes, self.batch_size = list(sizes), batch_size
         self.seed, self.shuffle = seed, shuffle
         self.starts = np.array([s for s, _ in stages], dtype=np.int64)
@@ -53,6 +55,7 @@ class Mixture:
             cum.append(c)
         self.cumulative = np.stack(cum)  # [stages, sources + 1]
         self._cursors = [np.zeros(len(self.sizes), dtype=np.int64)]  # at each chunk start
+        self._last: tuple[int, np.ndarray] | None = None  # the latest chunk's counts
         self._streams = [
             grain.MapDataset.range(n).shuffle(seed=_seed(seed, _TAG_SHUFFLE, s)).repeat()
             if shuffle
@@ -62,11 +65,14 @@ class Mixture:
 
     def _counts(self, chunk: int) -> np.ndarray:
         """int64 [_CHUNK, sources]: rows per source of each batch of a chunk."""
+        if self._last is not None and self._last[0] == chunk:
+            return self._last[1]
         k = chunk * _CHUNK + np.arange(_CHUNK)
         u = np.random.default_rng([self.seed, _TAG_U, chunk]).random(_CHUNK)
         cum = self.cumulative[np.searchsorted(self.starts, k, side="right") - 1]
         edges = np.ceil(self.batch_size * cum - u[:, None]).astype(np.int64)
-        return np.diff(edges, axis=1)
+        self._last = (chunk, np.diff(edges, axis=1))
+        return self._last[1]
 
     def cursors(self, k: int) -> np.ndarray:
         """Rows each source gave to batches 0..k-1 (its stream position at batch k)."""
