@@ -55,6 +55,13 @@ DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MB of uint16 tokens
 DEFAULT_GROUP_BYTES = 64 << 20
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (the default --workers)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs or 'stdlib'")
@@ -69,7 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json file")
     p.add_argument("--eos-token", default=None, help="EOS token of a tokenizer file")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of files")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    p.add_argument("--workers", type=int, default=_cpus(), help="tokenizing processes")
     p.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (max)"
     )
@@ -147,8 +154,7 @@ def make_items(
 
 def _settings(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
     """What the shards depend on besides the input files: a rerun must use the same."""
-    return {
-        "tokenizer": tok.name,
+    return {  # the tokenizer by its fingerprint: the same file elsewhere is the same
         "tokenizer_fingerprint": tok.fingerprint,
         "eos_id": tok.eos_id,
         "format": args.format,

@@ -249,6 +249,18 @@ def test_rerun_with_other_tokenizer_or_options_refuses(tmp_path, jsonl, capsys):
     assert rc == 2 and "another tokenizer/options" in err
 
 
+def test_rerun_with_a_copy_of_the_tokenizer_file_reuses_everything(tmp_path, jsonl, capsys):
+    tok = _tokenizer_file(tmp_path)
+    copy = tmp_path / "elsewhere" / "tok.json"
+    copy.parent.mkdir()
+    copy.write_bytes(tok.read_bytes())
+    out = tmp_path / "out"
+    argv = [str(jsonl), "--out", str(out), "--format", "jsonl", "--workers", "1"]
+    assert _run(*argv, "--tokenizer", str(tok), capsys=capsys)[0] == 0
+    rc, text = _run(*argv, "--tokenizer", str(copy), capsys=capsys)
+    assert rc == 0 and "0 of 2 items tokenized" in text, text
+
+
 # ----------------------------------------------------------------------------------------------
 # Failures
 
@@ -375,3 +387,21 @@ def test_shard_writer_cuts_at_document_ends(tmp_path):
     ]
     writer.discard()
     assert list((tmp_path / "train").iterdir()) == []
+
+
+def test_loader_reads_a_prepared_folder(prepared):
+    """data.paths naming the folder: its train shards train, its val split evaluates."""
+    from framework.data import DataConfig, make_loaders
+
+    index = json.loads((prepared / "index.json").read_text())
+    cfg = DataConfig(source="tokens", paths=[str(prepared)], seq_len=16, batch_size=4)
+    loader, eval_set, meta = make_loaders(cfg)
+    try:
+        assert meta["vocab_size"] == 257 and eval_set.num_batches >= 1
+        assert meta["train_tokens"] <= index["totals"]["train"]["tokens"]
+        stream = _tokens(prepared, "train").astype(np.int32)
+        row = next(loader)["inputs"][0]
+        windows = np.lib.stride_tricks.sliding_window_view(stream, len(row))
+        assert (windows == row).all(axis=1).any()  # a window of the train shards
+    finally:
+        loader.close()
