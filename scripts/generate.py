@@ -21,7 +21,6 @@ from typing import Any
 
 DEFAULT_NEW_TOKENS = 100
 # Special tokens that end a document in common tokenizers (looked up among added tokens only).
-EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<eos>")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,20 +82,10 @@ def _usage_error(message: str) -> Exception:
     return ConfigError(message)
 
 
-def _tokenizer_eos(path: Path) -> list[int]:
-    """EOS ids of a tokenizer.json: tokenizer_config.json's eos_token beside it, else an added
-    special token with a well-known end-of-text name."""
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(str(path))
-    side = path.parent / "tokenizer_config.json"
-    if side.is_file():
-        eos = json.loads(side.read_text(encoding="utf-8")).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str) and tok.token_to_id(eos) is not None:
-            return [tok.token_to_id(eos)]
-    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
-    return [t["id"] for t in added if t.get("special") and t.get("content") in EOS_NAMES][:1]
+def _own_eos(tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS (the byte tokenizer's 256; tokenizer_config.json's eos_token or a
+    well-known end-of-text token of a tokenizer file), if it has one."""
+    return [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
 
 def _hf_eos(hf_dir: Path) -> list[int]:
@@ -160,7 +149,7 @@ def load_run(run_dir: Path, step: int | None) -> Loaded:
     spec = _find_tokenizer(str((tree.get("data") or {}).get("tokenizer", "byte")), run_dir)
     tokenizer = load_tokenizer(spec)
     # an imported folder keeps generation_config.json; else the tokenizer's own EOS
-    eos = _hf_eos(run_dir) or ([] if spec == "byte" else _tokenizer_eos(Path(spec)))
+    eos = _hf_eos(run_dir) or _own_eos(tokenizer)
     return Loaded(cfg, params, tokenizer, eos, f"{directory} step {step}")
 
 
@@ -175,8 +164,8 @@ def load_hf(hf_dir: Path) -> Loaded:
     cfg, params, tokenizer_path = load(hf_dir)
     if tokenizer_path is None:
         raise _usage_error(f"{hf_dir} has no tokenizer.json: cannot encode the prompt")
-    eos = _hf_eos(hf_dir) or _tokenizer_eos(Path(tokenizer_path))
-    return Loaded(cfg, params, load_tokenizer(str(tokenizer_path)), eos, str(hf_dir))
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    return Loaded(cfg, params, tokenizer, _hf_eos(hf_dir) or _own_eos(tokenizer), str(hf_dir))
 
 
 def load(path: str, step: int | None = None) -> Loaded:

@@ -350,6 +350,7 @@ def test_hf_tokenizer(tmp_path, corpus):
     assert stream[-1] == eos and (stream == eos).sum() == 2
     bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]"))
     bare.save(str(tmp_path / "bare.json"))
+    assert load_tokenizer(str(tmp_path / "bare.json")).eos_id is None  # prompts only
     with pytest.raises(DataError, match="no end-of-text token.*data.eos_token"):
-        load_tokenizer(str(tmp_path / "bare.json"))
+        load_tokenizer(str(tmp_path / "bare.json")).encode_docs(["a"])
     assert load_tokenizer(str(tmp_path / "bare.json"), eos_token="a").eos_id == 0

@@ -29,7 +29,7 @@ class Tokenizer(Protocol):
     """What the pipeline, the chat renderer and the samplers need from a tokenizer."""
 
     vocab_size: int
-    eos_id: int
+    eos_id: int | None  # None: a tokenizer file without one (prompts only, no documents)
     name: str  # "byte" or the tokenizer file's path
     fingerprint: str  # identifies the vocabulary (prepare_data records it; the loader checks it)
 
@@ -99,7 +99,7 @@ class HFTokenizer:
         self.eos_id = self._find_eos(Path(path), eos_token)
         self.config = tokenizer_config(Path(path))
 
-    def _find_eos(self, path: Path, eos_token: str | None) -> int:
+    def _find_eos(self, path: Path, eos_token: str | None) -> int | None:
         if eos_token is not None:
             eos = self._tok.token_to_id(eos_token)
             if eos is None:
@@ -113,14 +113,17 @@ class HFTokenizer:
             eos = self._tok.token_to_id(candidate)
             if eos is not None:
                 return eos
-        raise DataError(
-            f"tokenizer {str(path)!r} has no end-of-text token (no eos_token in a "
-            f"tokenizer_config.json beside it, none of {', '.join(EOS_NAMES)}): set data.eos_token"
-        )
+        return None  # fine for prompts; documents need one (encode_docs says so)
 
     def encode_docs(self, docs: Sequence[bytes | str]) -> np.ndarray:
         """One token stream: each document encoded separately (in parallel, with the
         tokenizer's own BOS if it adds one), followed by EOS."""
+        if self.eos_id is None:
+            raise DataError(
+                f"tokenizer {self.name!r} has no end-of-text token (no eos_token in a "
+                f"tokenizer_config.json beside it, none of {', '.join(EOS_NAMES)}): "
+                "set data.eos_token"
+            )
         if not docs:
             return np.zeros(0, token_dtype(self.vocab_size))
         encoded = self._docs.encode_batch([_text(d) for d in docs])

@@ -267,14 +267,14 @@ class Evaluate(Hook):
 
 class Sample(Hook):
     """At the end of a finished run: `tokens` sampled after `prompt` with the KV-cache decoder
-    (`framework.generate`), decoded to text."""
+    (`framework.generate`), up to the data's EOS, decoded to text."""
 
     def __init__(self, run: Run, tokens: int, prompt: str, temperature: float):
         self.run, self.tokens, self.prompt, self.temperature = run, tokens, prompt, temperature
 
     def end(self, ctx: Context) -> None:
         cfg = self.run.cfg
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
         tokens = sample_tokens(
             self.run.model,
             ctx.state["params"],
@@ -286,6 +286,7 @@ class Sample(Hook):
             key=jax.random.key(cfg.run.seed + 1),
             mesh=self.run.mesh,
             rules=self.run.rules,
+            eos_id=self.run.data_meta.get("eos_id"),
         )
         ctx.summary["sample"] = tokenizer.decode(tokens)
 

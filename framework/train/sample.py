@@ -31,10 +31,12 @@ def sample_tokens(
     key: jax.Array,
     mesh: Mesh | None = None,
     rules: Mapping[str, Any] | None = None,
+    eos_id: int | None = None,
 ) -> list[int]:
     """`prompt` (or [0] if empty) followed by `n` sampled tokens; the model sees at most the
-    last `window` tokens (the trained sequence length). Prompt ids outside the model's
-    vocabulary (a byte prompt for a synthetic-token model) are left out of what it sees."""
+    last `window` tokens (the trained sequence length); sampling stops after `eos_id`. Prompt
+    ids outside the model's vocabulary (a byte prompt for a synthetic-token model) are left out
+    of what it sees."""
     if not isinstance(mcfg, TransformerConfig):
         raise ConfigError(f"sampling needs a transformer model, not model.name={model.name!r}")
     tokens = list(prompt) or [0]
@@ -56,5 +58,6 @@ def sample_tokens(
         key=key,
         mesh=mesh,
         rules=rules,
+        eos_id=eos_id if eos_id is not None and eos_id < mcfg.vocab_size else None,
     )
     return tokens + new
