@@ -138,17 +138,15 @@ def make_items(
             key=lambda k: k[0].key,
         )
         group: list[tuple[str, str, int]] = []
-        size = 0
+        size, first = 0, len(items)
         for f, nbytes, budget in chosen:
             group.append((f.key, str(f.path), nbytes))
             size += nbytes
             if size >= group_bytes or budget is not None:
-                items.append(
-                    Item(split, sum(i.split == split for i in items), tuple(group), budget)
-                )
+                items.append(Item(split, len(items) - first, tuple(group), budget))
                 group, size = [], 0
         if group:
-            items.append(Item(split, sum(i.split == split for i in items), tuple(group)))
+            items.append(Item(split, len(items) - first, tuple(group)))
     return items
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -265,11 +266,23 @@ def test_rerun_with_a_copy_of_the_tokenizer_file_reuses_everything(tmp_path, jso
 # Failures
 
 
-def test_failing_input_leaves_no_index_and_no_shard_of_its_item(tmp_path, jsonl, capsys):
+def test_failing_input_leaves_no_index_and_no_shard_of_its_item(
+    tmp_path, jsonl, capsys, monkeypatch
+):
     bad = jsonl / "part_2.jsonl"
     lines = bad.read_text().splitlines()
     lines[20] = "{not json"
     bad.write_text("\n".join(lines) + "\n")
+    # small encode batches, so the failing item has finished shards before its bad line
+    monkeypatch.setattr(prepare_data, "Options", functools.partial(shards.Options, batch_bytes=64))
+    closed = []
+    close_shard = shards.ShardWriter.close_shard
+
+    def spy(self):
+        closed.append(f"{self.base}/{len(self.done)}" if self._fh else None)
+        close_shard(self)
+
+    monkeypatch.setattr(shards.ShardWriter, "close_shard", spy)
     out = tmp_path / "out"
     rc, err = _run(
         str(jsonl), "--out", str(out), "--format", "jsonl", "--group-bytes", "1",
@@ -280,7 +293,8 @@ def test_failing_input_leaves_no_index_and_no_shard_of_its_item(tmp_path, jsonl,
     assert not (out / "index.json").exists()
     assert not list(out.rglob("*.tmp"))
     left = sorted(p.name for p in (out / "train").iterdir())
-    assert not [n for n in left if n.startswith("shard-00002")]  # its finished parts too
+    assert "shard-00002/1" in closed  # the failing item had finished shards ...
+    assert not [n for n in left if n.startswith("shard-00002")]  # ... which are gone
     assert "shard-00000.json" in left and "shard-00001.json" in left  # earlier items kept
     # the fixed input reruns into the same folder and only the failed items run
     lines[20] = json.dumps({"text": "fixed"})

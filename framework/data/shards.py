@@ -206,11 +206,13 @@ def record_path(out_dir: Path, item: Item) -> Path:
 
 
 class ShardWriter:
-    """Appends token batches to `folder/<base>.bin` (then `<base>-001.bin`, ...), a new shard
-    once one holds `limit` tokens; shards end at document ends and are renamed into place when
-    complete."""
+    """Appends token batches to `<split>/<base>.bin` (then `<base>-001.bin`, ...), starting a
+    new shard once one holds `limit` tokens; shards end at document ends, are written under a
+    temporary name and renamed into place when complete."""
 
-    def __init__(self, out_dir: Path, split: str, base: str, eos_id: int, dtype: np.dtype, limit):
+    def __init__(
+        self, out_dir: Path, split: str, base: str, eos_id: int, dtype: Any, limit: int | None
+    ):
         self.out_dir, self.split, self.base = out_dir, split, base
         self.eos_id, self.dtype, self.limit = eos_id, np.dtype(dtype), limit
         self.done: list[dict[str, Any]] = []
