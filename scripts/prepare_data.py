@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ from framework.data.shards import (
     read_index,
     record_path,
     tokenize_item,
-    tokenize_job,
     write_index,
 )
 from framework.data.sources import CorpusFile, split_by_file
@@ -256,13 +256,30 @@ def _run(
             done[item] = tokenize_item(str(out), item)
             bar.update(sum(s for _, _, s in item.files))
         return
-    ctx = multiprocessing.get_context("spawn")
-    workers = min(workers, len(todo))
-    with ctx.Pool(workers, initializer=init_worker, initargs=(options, True)) as pool:
-        jobs = pool.imap_unordered(functools.partial(tokenize_job, str(out)), enumerate(todo))
-        for i, record in jobs:  # the first failure raises here; `with` terminates the rest
-            done[todo[i]] = record
-            bar.update(sum(s for _, _, s in todo[i].files))
+    pool = ProcessPoolExecutor(
+        min(workers, len(todo)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(options, True),
+    )
+    try:
+        futures = {pool.submit(tokenize_item, str(out), item): item for item in todo}
+        for future in as_completed(futures):  # the first failure raises here
+            item = futures[future]
+            done[item] = future.result()
+            bar.update(sum(s for _, _, s in item.files))
+    except BaseException:
+        _stop(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the workers now (an item failed: the others' work is not waited for). Python < 3.14
+    has no public way; `_processes` is the executor's own map of its worker processes."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _warn(message: str) -> None:
@@ -377,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError) as e:  # a disk failure (not a path mistake) is status 1
         print(f"prepare_data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1 if isinstance(e, OSError) and e.errno not in PATH_ERRNOS else 2
+    except BrokenProcessPool:  # a worker was killed (out of memory?)
+        print(
+            "prepare_data.py: error: a worker process died (killed for memory?); "
+            "finished items are kept: rerun to resume, with fewer --workers",
+            file=sys.stderr,
+        )
+        return 1
     print("\n".join(lines))
     return 0
 

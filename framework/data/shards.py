@@ -370,9 +370,3 @@ def tokenize_item(out_dir: str, item: Item) -> dict[str, Any]:
         writer.discard()
         raise
     return record
-
-
-def tokenize_job(out_dir: str, job: tuple[int, Item]) -> tuple[int, dict[str, Any]]:
-    """tokenize_item for a pool: (job number, item) -> (job number, record)."""
-    number, item = job
-    return number, tokenize_item(out_dir, item)
