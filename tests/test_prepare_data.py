@@ -178,6 +178,21 @@ def test_large_vocabulary_is_uint32(tmp_path, capsys):
     np.testing.assert_array_equal(_tokens(out, "train"), [70_001, 2, 1])
 
 
+def test_parquet_column(tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    texts = [f"row {i} " * (i % 5 + 1) for i in range(50)]
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"body": texts, "n": list(range(50))}), path, row_group_size=16)
+    out = tmp_path / "out"
+    argv = [str(path), "--out", str(out), "--format", "parquet", "--workers", "1"]
+    rc, err = _run(*argv, "--field", "body", capsys=capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(_tokens(out, "train"), ByteTokenizer().encode_docs(texts))
+    rc, err = _run(*argv, "--out", str(tmp_path / "other"), capsys=capsys)
+    assert rc == 2 and "no column 'text'" in err and "body, n" in err and "data.parquet" in err
+
+
 def test_max_bytes_cuts_the_inputs(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     rc, err = _run(
@@ -381,6 +396,12 @@ def test_open_token_dir_checks_the_tokenizer_and_the_index(tmp_path, prepared):
         shards.open_token_dir(prepared)
     index.write_text(json.dumps({k: v for k, v in good.items() if k != "eos_id"}))
     with pytest.raises(DataError, match="lacks eos_id"):
+        shards.open_token_dir(prepared)
+    index.write_text(json.dumps({**good, "eos_id": 257}))
+    with pytest.raises(DataError, match=r"eos_id 257 is outside \[0, 257\)"):
+        shards.open_token_dir(prepared)
+    index.write_text(json.dumps({**good, "vocab_size": 70_000}))
+    with pytest.raises(DataError, match="vocab_size 70000 does not fit uint16"):
         shards.open_token_dir(prepared)
     with pytest.raises(DataError, match="holds no index.json"):
         shards.open_token_dir(tmp_path)

@@ -77,6 +77,13 @@ def read_index(path: str | Path) -> dict[str, Any]:
         raise DataError(f"token index {str(p)!r} lacks {', '.join(missing)}")
     if index["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"token index {str(p)!r}: dtype {index['dtype']!r} is not uint16/uint32")
+    vocab, eos = index["vocab_size"], index["eos_id"]
+    if type(vocab) is not int or not 1 <= vocab <= np.iinfo(index["dtype"]).max + 1:
+        raise DataError(
+            f"token index {str(p)!r}: vocab_size {vocab!r} does not fit {index['dtype']}"
+        )
+    if type(eos) is not int or not 0 <= eos < vocab:
+        raise DataError(f"token index {str(p)!r}: eos_id {eos!r} is outside [0, {vocab})")
     splits = index["splits"]
     if not isinstance(splits, dict) or not all(
         isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int)
