@@ -440,3 +440,18 @@ def test_loader_reads_a_prepared_folder(prepared):
         assert (windows == row).all(axis=1).any()  # a window of the train shards
     finally:
         loader.close()
+
+
+def test_bench_data_step_need_estimate():
+    """bench_data.py's roofline: H100 tokens/s = 989e12 x 40% / flops_per_token."""
+    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "scripts/bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["config"]: r for r in bench.step_need()}
+    gpt2 = rows["gpt2_small"]
+    assert 7e8 < gpt2["flops_per_token"] < 9e8  # ~6 x 124M params + attention
+    assert gpt2["batch_tokens"] == 512 * 1024
+    rate = gpt2["h100_tokens_per_s_estimate"]
+    assert rate == pytest.approx(989e12 * 0.4 / gpt2["flops_per_token"])
+    assert gpt2["h100_step_s_estimate"] == pytest.approx(gpt2["batch_tokens"] / rate)
+    assert rows["default"]["flops_per_token"] < gpt2["flops_per_token"] / 100
