@@ -65,8 +65,9 @@ def make_records(n: int, seed: int) -> tuple[list[dict], Counter]:
 
 def write(out: Path, records: list[dict]) -> None:
     """Write the records as JSONL through a temporary file (never a half-written OUT)."""
-    if not out.parent.is_dir():
-        raise OSError(f"folder {str(out.parent)!r} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OSError(f"{str(out.parent)!r} is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         raise OSError(f"{str(out)!r} is a folder")
     tmp = out.with_name(out.name + ".tmp")

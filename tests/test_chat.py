@@ -335,7 +335,10 @@ def test_make_chat_data_is_deterministic_and_correct(tmp_path, capsys):
 
 def test_make_chat_data_errors_are_one_line(tmp_path, capsys):
     script = _make_chat_data()
-    assert script.main([str(tmp_path / "missing" / "x.jsonl")]) == 2
+    (tmp_path / "file").write_text("")
+    assert script.main([str(tmp_path / "file" / "x.jsonl")]) == 2  # the folder is a file
+    assert script.main([str(tmp_path / "new" / "y.jsonl"), "--n", "3"]) == 0  # made
+    assert (tmp_path / "new" / "y.jsonl").is_file()
     assert script.main([str(tmp_path / "x.jsonl"), "--n", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("make_chat_data.py: error:") for line in err)
