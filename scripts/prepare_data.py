@@ -76,7 +76,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json file")
     p.add_argument("--eos-token", default=None, help="EOS token of a tokenizer file")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of files")
-    p.add_argument("--workers", type=int, default=_cpus(), help="tokenizing processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_cpus(),
+        help="tokenizing processes (each takes seconds to start: 1 is faster for a small corpus)",
+    )
     p.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (max)"
     )
