@@ -223,13 +223,16 @@ def _chat_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str)
     return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, None)
 
 
-def _token_files(paths: list[str], dtype: str) -> tuple[list[TokenArray], list[TokenArray], dict]:
-    """(train arrays, the prepare_data folder's held-out arrays, metadata) of token paths:
-    prepare_data folders (index.json) or .bin/.npy files named directly or found in folders."""
+def _token_files(
+    paths: list[str], dtype: str, tok: Tokenizer | None = None
+) -> tuple[list[TokenArray], list[TokenArray], dict]:
+    """(train arrays, the prepare_data folders' held-out arrays, metadata) of token paths:
+    prepare_data folders (index.json; tokenized by `tok` where given) or .bin/.npy files named
+    directly or found in folders."""
     train, val, meta = [], [], {}
     for entry in paths:
         if shards.is_token_dir(entry):
-            d = shards.open_token_dir(entry)
+            d = shards.open_token_dir(entry, tok)
             train += d.train
             val += d.val
             meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,
@@ -244,9 +247,9 @@ def _token_files(paths: list[str], dtype: str) -> tuple[list[TokenArray], list[T
     return train, val, meta
 
 
-def _token_source(src: SourceConfig, cfg: DataConfig, where: str) -> _Built:
-    train_arrays, dir_val, meta = _token_files(src.paths, cfg.token_dtype)
-    val_arrays = _token_files(src.val_paths, cfg.token_dtype)[0] if src.val_paths else dir_val
+def _token_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer | None, where: str) -> _Built:
+    train_arrays, dir_val, meta = _token_files(src.paths, cfg.token_dtype, tok)
+    val_arrays = _token_files(src.val_paths, cfg.token_dtype, tok)[0] if src.val_paths else dir_val
     vocab = _token_vocab(train_arrays + val_arrays, meta)
     eos_id = meta.get("eos_id")
     if eos_id is None:
@@ -274,13 +277,14 @@ def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
 
 def _lm_sources(cfg: DataConfig) -> tuple[list[_Built], list[SourceConfig]]:
     listed = cfg.source_list()
-    needs_tok = any(s.type != "tokens" for s in listed)
+    # token folders are checked against the tokenizer when one is configured or used
+    needs_tok = "tokenizer" in cfg.model_fields_set or any(s.type != "tokens" for s in listed)
     tok = sources_tokenizer(cfg) if needs_tok else None
     built = []
     for i, src in enumerate(listed):
         where = f"data.sources[{i}]" if cfg.sources else f"data.source {src.type!r}"
         if src.type == "tokens":
-            built.append(_token_source(src, cfg, where))
+            built.append(_token_source(src, cfg, tok, where))
         elif src.type == "chat":
             built.append(_chat_source(src, cfg, tok, where))
         else:
