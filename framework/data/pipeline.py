@@ -233,6 +233,12 @@ def _token_files(
     for entry in paths:
         if shards.is_token_dir(entry):
             d = shards.open_token_dir(entry, tok)
+            if meta and (meta["vocab_size"], meta["eos_id"]) != (d.vocab_size, d.eos_id):
+                raise DataError(
+                    f"token folder {entry!r} has vocab_size {d.vocab_size} and eos_id "
+                    f"{d.eos_id}, but {meta['from']!r} has {meta['vocab_size']} and "
+                    f"{meta['eos_id']}: one source takes folders of one tokenizer"
+                )
             train += d.train
             val += d.val
             meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,

@@ -229,7 +229,8 @@ class TokenArray:
 
 
 def sidecar_path(token_file: str) -> Path:
-    """Metadata JSON written beside a token file by scripts/prepare_data.py."""
+    """Optional metadata JSON beside a .bin/.npy token file ({"vocab_size", "eos_id",
+    "bytes_per_token"}; prepare_data.py folders keep theirs in index.json instead)."""
     return Path(str(token_file) + ".json")
 
 
