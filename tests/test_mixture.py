@@ -220,3 +220,13 @@ def test_bad_mixture_through_the_cli_is_one_line_exit_2(shards, tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.sources" in lines[0] and "weight" in lines[0], lines
+
+
+def test_a_data_position_of_another_pipeline_version_is_a_one_line_decision():
+    """A checkpoint from before EOS/packing: a ConfigError saying how to take its weights, not
+    damage (which would move the checkpoint aside and train from scratch)."""
+    from framework.errors import ConfigError
+    from framework.train import resume
+
+    with pytest.raises(ConfigError, match="version 1.*resume_params_only=true"):
+        resume._apply_data_state(None, {"version": 1, "step": 3})

@@ -37,7 +37,7 @@ from framework.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 2  # 2: batches from the mixture sampler (framework.data.mixture)
+STATE_VERSION = 2  # 2: batches from the mixture sampler (framework.data.mixture)
 _ENDLESS = 1 << 62  # batch indices: training reads batch k at step k, for as long as it runs
 
 
@@ -68,7 +68,7 @@ class Loader:
     def get_state(self) -> dict[str, Any]:
         """JSON-serializable position: the next `next()` after `set_state` repeats from here."""
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "step": self._step,
             "workers": self._workers,
             "grain": copy.deepcopy(self._it.get_state()),
@@ -76,9 +76,9 @@ class Loader:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume at a position returned by `get_state` (of this or an equivalent Loader)."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise DataError(
-                f"not a data loader state of version {_STATE_VERSION}: {str(state)[:200]}"
+                f"not a data loader state of version {STATE_VERSION}: {str(state)[:200]}"
             )
         if state.get("workers") != self._workers:
             raise DataError(

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from framework.data.pipeline import STATE_VERSION as DATA_STATE_VERSION
 from framework.errors import CheckpointError, ConfigError
 from framework.train import checkpoint as ckpt
 from framework.train import compat
@@ -197,7 +198,16 @@ def _agreed(damage: ckpt.Damaged | None) -> ckpt.Damaged | None:
 
 
 def _apply_data_state(run: Run, data_state: dict) -> None:
-    """Position the loader; a position that parses but does not apply is damage."""
+    """Position the loader; a position that parses but does not apply is damage, one from
+    another version of the data pipeline a user decision (ConfigError: nothing is moved)."""
+    version = data_state.get("version") if isinstance(data_state, dict) else None
+    if isinstance(version, int) and version != DATA_STATE_VERSION:
+        raise ConfigError(
+            f"the checkpoint's data position was written by data pipeline version {version}, "
+            f"this one reads version {DATA_STATE_VERSION} (documents now end with EOS and "
+            "rows are packed): start a new run from its weights with "
+            "checkpoint.resume=<that run> checkpoint.resume_params_only=true"
+        )
     try:
         run.train_data.set_state(data_state)
     except Exception as e:  # DataError, or grain's own errors for a malformed state
