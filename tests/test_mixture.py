@@ -230,3 +230,18 @@ def test_a_data_position_of_another_pipeline_version_is_a_one_line_decision():
 
     with pytest.raises(ConfigError, match="version 1.*resume_params_only=true"):
         resume._apply_data_state(None, {"version": 1, "step": 3})
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_epochs_are_permutations_in_both_row_orders(monkeypatch, cached):
+    """Array permutations (small sources) and grain's index shuffle (above _CACHED rows)."""
+    from framework.data import mixture
+
+    if not cached:
+        monkeypatch.setattr(mixture, "_CACHED", 10)
+    epochs = mixture._Epochs(37, seed=5)
+    rows = epochs(np.arange(3 * 37))
+    for e in range(3):
+        assert sorted(rows[e * 37 : (e + 1) * 37]) == list(range(37))
+    assert not np.array_equal(rows[:37], rows[37:74])  # each epoch reshuffled
+    np.testing.assert_array_equal(epochs(np.array([80, 3, 40])), rows[[80, 3, 40]])
