@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_NEW_TOKENS = 100
-# Special tokens that end a document in common tokenizers (looked up among added tokens only).
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,7 +146,7 @@ def load_run(run_dir: Path, step: int | None) -> Loaded:
     if cfg.vocab_size is None:
         raise _usage_error(f"{run_dir}/config.yaml has no model.vocab_size (not a resolved config)")
     spec = _find_tokenizer(str((tree.get("data") or {}).get("tokenizer", "byte")), run_dir)
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, (tree.get("data") or {}).get("eos_token"))
     # an imported folder keeps generation_config.json; else the tokenizer's own EOS
     eos = _hf_eos(run_dir) or _own_eos(tokenizer)
     return Loaded(cfg, params, tokenizer, eos, f"{directory} step {step}")

@@ -10,7 +10,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from framework.data import DataConfig, DataError, make_loaders, sources
+from framework.data import DataConfig, DataError, make_loaders, readers, sources
 from framework.data.pipeline import build_sources
 from framework.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -201,7 +201,7 @@ def test_split_by_file_is_deterministic_and_disjoint(corpus):
     np.testing.assert_array_equal(train.segments[0].data, stream(train_files))
     assert meta["train_tokens"] + meta["val_tokens"] <= len(stream(files))
     # a byte cap keeps the first max_bytes of the sorted concatenation
-    capped = sources.read_corpus(files, 1000)
+    capped = readers.read_documents("text", files, bad=readers.BadFiles("fail"), max_bytes=1000)
     assert b"".join(d for _, d in capped) == (b"".join(f.path.read_bytes() for f in files))[:1000]
 
 

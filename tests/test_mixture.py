@@ -245,3 +245,29 @@ def test_epochs_are_permutations_in_both_row_orders(monkeypatch, cached):
         assert sorted(rows[e * 37 : (e + 1) * 37]) == list(range(37))
     assert not np.array_equal(rows[:37], rows[37:74])  # each epoch reshuffled
     np.testing.assert_array_equal(epochs(np.array([80, 3, 40])), rows[[80, 3, 40]])
+
+
+def test_cursors_are_right_when_two_threads_extend_them_at_once():
+    """grain reads batches on two threads: the chunked cursor cache must not double a chunk."""
+    import threading
+
+    args = dict(sizes=[11, 13, 17], stages=[(0, [0.2, 0.3, 0.5])], batch_size=16, seed=0)
+    want = Mixture(**args).cursors(2 * 4096 + 5)
+    for _ in range(20):
+        mix = Mixture(**args)
+        threads = [threading.Thread(target=mix.cursors, args=(k,)) for k in (4096, 4097, 8200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        np.testing.assert_array_equal(mix.cursors(2 * 4096 + 5), want)
+
+
+def test_checkpoints_from_before_the_new_data_keys_are_not_a_config_change():
+    from framework.train import compat
+
+    current = {"data": DataConfig().model_dump(mode="json")}
+    old = {"data": {k: v for k, v in current["data"].items() if k not in ("sources", "packing")}}
+    assert compat.changed_keys(old, current) == {}
+    packed_off = {"data": dict(current["data"], packing=False)}
+    assert set(compat.changed_keys(old, packed_off)) == {"data.packing"}

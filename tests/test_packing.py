@@ -232,3 +232,21 @@ def test_chat_rows_count_only_assistant_tokens(tmp_path, packing):
         assert said not in counted, (said, counted)
     full = "tac\n5\nOK\n" * 20  # packed rows drop the stream's last partial row
     assert full.startswith(counted) and len(counted) >= (len(full) - 24 if packing else len(full))
+
+
+def test_val_paths_of_a_text_source_are_its_held_out_set(tmp_path):
+    train, held = tmp_path / "a.jsonl", tmp_path / "v.jsonl"
+    train.write_text("".join(json.dumps({"text": "a" * 30}) + "\n" for _ in range(20)))
+    held.write_text("".join(json.dumps({"text": "v" * 30}) + "\n" for _ in range(20)))
+    cfg = DataConfig(source="jsonl", paths=[str(train)], val_paths=[str(held)], seq_len=8)
+    s = build_sources(cfg.model_copy(update={"batch_size": 2}))
+    assert set(np.unique(s.train[0].segments[0].data)) == {ord("a"), BYTE_EOS}
+    assert set(np.unique(s.val[0].segments[0].data)) == {ord("v"), BYTE_EOS}
+
+
+def test_a_bad_chat_record_names_its_file(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps({"messages": [{"content": "hi"}]}))
+    cfg = DataConfig(source="chat", paths=[str(path)], seq_len=8, batch_size=2)
+    with pytest.raises(DataError, match=r"c\.jsonl.*record 1.*role"):
+        build_sources(cfg)

@@ -7,7 +7,6 @@ from typing import Literal
 import pydantic
 
 STDLIB = "stdlib"
-TEXT_FORMATS = ("text", "jsonl", "parquet", "arrow", "hf_dataset")
 SourceType = Literal[
     "text", "jsonl", "parquet", "arrow", "hf_dataset", "chat", "tokens"
 ]  # the kinds a mixture may hold
@@ -91,7 +90,8 @@ class DataConfig(pydantic.BaseModel):
     file_pattern: str = pydantic.Field(
         "*.py",
         min_length=1,
-        description="file-name glob inside folders of a text corpus (token folders: all files)",
+        description="file-name glob inside folders of a text corpus (token folders: all "
+        "files); the split of an hf_dataset DatasetDict (default train)",
     )
     text_field: str = pydantic.Field(
         "text", min_length=1, description="jsonl field / parquet, arrow or dataset column"
@@ -124,7 +124,10 @@ class DataConfig(pydantic.BaseModel):
         "'llama3' or 'plain'",
     )
     max_bytes: int | None = pydantic.Field(
-        8_000_000, gt=0, description="read at most this many corpus bytes (files in sorted order)"
+        8_000_000,
+        gt=0,
+        description="read at most this many text bytes per text-like source (files in sorted "
+        "order; chat and token sources are read whole)",
     )
     val_fraction: float = pydantic.Field(
         0.05,

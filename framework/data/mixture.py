@@ -15,6 +15,7 @@ one-process batch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,7 @@ class Mixture:
         self.cumulative = np.stack(cum)  # [stages, sources + 1]
         self._cursors = [np.zeros(len(self.sizes), dtype=np.int64)]  # at each chunk start
         self._last: tuple[int, np.ndarray] | None = None  # the latest chunk's counts
+        self._lock = threading.Lock()  # grain reads batches on several threads
         self._streams = [
             _Epochs(n, _seed(seed, _TAG_SHUFFLE, s)) if shuffle else None
             for s, n in enumerate(self.sizes)
@@ -65,23 +67,34 @@ class Mixture:
 
     def _counts(self, chunk: int) -> np.ndarray:
         """int64 [_CHUNK, sources]: rows per source of each batch of a chunk."""
-        if self._last is not None and self._last[0] == chunk:
-            return self._last[1]
+        last = self._last
+        if last is not None and last[0] == chunk:
+            return last[1]
         k = chunk * _CHUNK + np.arange(_CHUNK)
         u = np.random.default_rng([self.seed, _TAG_U, chunk]).random(_CHUNK)
         cum = self.cumulative[np.searchsorted(self.starts, k, side="right") - 1]
-        edges = np.ceil(self.batch_size * cum - u[:, None]).astype(np.int64)
-        self._last = (chunk, np.diff(edges, axis=1))
-        return self._last[1]
+        counts = np.diff(np.ceil(self.batch_size * cum - u[:, None]).astype(np.int64), axis=1)
+        self._last = (chunk, counts)
+        return counts
 
     def cursors(self, k: int) -> np.ndarray:
         """Rows each source gave to batches 0..k-1 (its stream position at batch k)."""
         chunk = k // _CHUNK
-        while len(self._cursors) <= chunk:
-            c = len(self._cursors) - 1
-            self._cursors.append(self._cursors[c] + self._counts(c).sum(axis=0))
-        counts = self._counts(chunk)[: k - chunk * _CHUNK]
-        return self._cursors[chunk] + counts.sum(axis=0)
+        with self._lock:
+            while len(self._cursors) <= chunk:
+                c = len(self._cursors) - 1
+                self._cursors.append(self._cursors[c] + self._counts(c).sum(axis=0))
+            start = self._cursors[chunk]
+        return start + self._counts(chunk)[: k - chunk * _CHUNK].sum(axis=0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(source index [B], row index within that source [B]) of global batch k."""
@@ -109,17 +122,21 @@ class _Epochs:
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
         self._cache: dict[int, Any] = {}
+        self._lock = threading.Lock()  # grain reads batches on several threads
 
     def _epoch(self, e: int) -> Any:
-        if e not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(min(self._cache))
-            if self.n <= _CACHED:
-                perm = np.random.default_rng([self.seed, e]).permutation(self.n)
-                self._cache[e] = perm.astype(np.int32 if self.n < 1 << 31 else np.int64)
-            else:
-                self._cache[e] = grain.MapDataset.range(self.n).shuffle(seed=_seed(self.seed, e))
-        return self._cache[e]
+        with self._lock:
+            perm = self._cache.get(e)
+            if perm is None:
+                if self.n <= _CACHED:
+                    perm = np.random.default_rng([self.seed, e]).permutation(self.n)
+                    perm = perm.astype(np.int32 if self.n < 1 << 31 else np.int64)
+                else:
+                    perm = grain.MapDataset.range(self.n).shuffle(seed=_seed(self.seed, e))
+                if len(self._cache) >= 2:
+                    self._cache.pop(min(self._cache))
+                self._cache[e] = perm
+        return perm
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         """Rows at stream positions (epoch = position // n)."""
@@ -135,7 +152,10 @@ class _Epochs:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"n": self.n, "seed": self.seed, "_cache": {}}  # workers rebuild what they use
+        return {"n": self.n, "seed": self.seed}  # workers rebuild what they use
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["n"], state["seed"])
 
 
 class MixtureBatches:

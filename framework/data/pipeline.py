@@ -1,16 +1,14 @@
 """The input pipeline: a config -> (infinite train Loader, deterministic EvalSet, metadata).
 
-Training order is a grain MapDataset over example *indices*:
-
-    range(n) -> shuffle(seed) -> repeat() -> batch(local) -> slice(process::processes) -> take
-
-Global batch k is positions [k*B, (k+1)*B) of the shuffled stream; process p receives the
-contiguous block [k*B + p*b, k*B + (p+1)*b) (b = B / processes), i.e. local batch
-k*processes + p. Batching before slicing (instead of slicing examples round-robin) keeps each
-process's rows contiguous, so concatenating the processes' rows in process order (what
+Each source (text files, jsonl, parquet, arrow, Hugging Face datasets, chat data, token files)
+is read, tokenized (every document ends with EOS) and cut into rows: packed (segment_ids,
+positions, loss mask) or padded, `framework.data.rows`. The training order is a grain
+MapDataset over global batch indices k, each mapped by `framework.data.mixture` to rows of the
+sources (weights, stages, per-epoch shuffles) and to this process's contiguous share of them,
+so concatenating the processes' rows in process order (what
 `jax.make_array_from_process_local_data` does) reproduces the single-process batch exactly.
 The iterator's position is the global step, so a saved state also restores under a different
-process count. The source reads a whole batch of indices in one vectorized gather.
+process count.
 """
 
 from __future__ import annotations
@@ -160,6 +158,7 @@ class _Built:
     eos_id: int | None
     tokens: int  # before the held-out split
     text_bytes: int | None  # bytes of text behind `tokens` (None: unknown, e.g. token files)
+    fingerprint: str | None = None  # the tokenizer's (None: token files without an index)
 
 
 def _rows(arrays: list[TokenArray], cfg: DataConfig, eos_id: int | None, masks=None) -> Any:
@@ -186,41 +185,75 @@ def _by_file(docs: list[tuple[str, Any]], val_fraction: float) -> tuple[list, li
     return [d for k, d in docs if k not in held], [d for k, d in docs if k in held]
 
 
-def _text_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str) -> _Built:
+def _read_texts(
+    src: SourceConfig, paths: list[str], cfg: DataConfig
+) -> list[tuple[str, bytes | str]]:
+    """(file key, document) of a text-like source's files, bad files handled per the config."""
     bad = readers.BadFiles(cfg.on_bad_file)
-    files = readers.list_inputs(src.type, src.paths, src.file_pattern)
+    files = readers.list_inputs(src.type, paths, src.file_pattern)
     docs = readers.read_documents(
         src.type, files, field=src.text_field, bad=bad, max_bytes=src.max_bytes
     )
     bad.report()
+    return docs
+
+
+def _text_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str) -> _Built:
+    docs = _read_texts(src, src.paths, cfg)
     if not docs:
         raise DataError(f"{where} ({', '.join(src.paths)}) holds no text documents")
-    train_docs, val_docs = _by_file(docs, cfg.val_fraction)
+    if src.val_paths:
+        val_docs = [d for _, d in _read_texts(src, src.val_paths, cfg)]
+        train_docs = [d for _, d in docs]
+        docs += [("", d) for d in val_docs]
+    else:
+        train_docs, val_docs = _by_file(docs, cfg.val_fraction)
     streams = [tok.encode_docs(train_docs), tok.encode_docs(val_docs) if val_docs else None]
     arrays = [[TokenArray(s)] if s is not None else [] for s in streams]
     train, val = _split(cfg, arrays[0], arrays[1], tok.eos_id)
     text_bytes = sum(len(d.encode() if isinstance(d, str) else d) for _, d in docs)
     tokens = sum(len(s) for s in streams if s is not None)
-    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, text_bytes)
+    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, text_bytes, tok.fingerprint)
+
+
+def _chat_records(src: SourceConfig, paths: list[str]) -> list[tuple[str, str, list[dict]]]:
+    """(file key, file path, its records) of each chat file."""
+    files = readers.list_inputs("jsonl", paths, src.file_pattern)
+    return [(f.key, str(f.path), list(readers.iter_records("jsonl", f))) for f in files]
+
+
+def _encode_chat_files(
+    files: list, tok: Tokenizer, template: Any
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One token stream (and its assistant mask) for chat files; errors name the file."""
+    from framework.data import chat
+
+    parts = [chat.encode_chats(recs, tok, template, where=path) for _, path, recs in files if recs]
+    if not parts:
+        return None
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _chat_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer, where: str) -> _Built:
     from framework.data import chat
 
     template = chat.load_chat_template(tok, cfg.chat_template)
-    bad = readers.BadFiles(cfg.on_bad_file)
-    files = readers.list_inputs("jsonl", src.paths, src.file_pattern)
-    records = [(f.key, r) for f in files for r in readers.iter_records("jsonl", f, bad=bad)]
-    bad.report()
-    if not records:
+    files = _chat_records(src, src.paths)
+    if not any(recs for _, _, recs in files):
         raise DataError(f"{where} ({', '.join(src.paths)}) holds no chat records")
-    train_recs, val_recs = _by_file(records, cfg.val_fraction)
-    parts = [chat.encode_chats(r, tok, template) if r else None for r in (train_recs, val_recs)]
+    if src.val_paths:
+        train_files, val_files = files, _chat_records(src, src.val_paths)
+    else:
+        keys = [k for k, _, _ in files]
+        held = sources.split_by_file(keys, cfg.val_fraction)
+        train_files = [f for f, v in zip(files, held, strict=True) if not v]
+        val_files = [f for f, v in zip(files, held, strict=True) if v]
+    parts = [_encode_chat_files(fs, tok, template) for fs in (train_files, val_files)]
     arrays = [[TokenArray(p[0])] if p else [] for p in parts]
     masks = tuple([p[1]] if p else None for p in parts)
     train, val = _split(cfg, arrays[0], arrays[1], tok.eos_id, masks)
     tokens = sum(len(p[0]) for p in parts if p)
-    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, None)
+    return _Built(train, val, tok.vocab_size, tok.eos_id, tokens, None, tok.fingerprint)
 
 
 def _token_files(
@@ -233,16 +266,16 @@ def _token_files(
     for entry in paths:
         if shards.is_token_dir(entry):
             d = shards.open_token_dir(entry, tok)
-            if meta and (meta["vocab_size"], meta["eos_id"]) != (d.vocab_size, d.eos_id):
+            if meta and meta.get("fingerprint") != d.fingerprint:
                 raise DataError(
-                    f"token folder {entry!r} has vocab_size {d.vocab_size} and eos_id "
-                    f"{d.eos_id}, but {meta['from']!r} has {meta['vocab_size']} and "
-                    f"{meta['eos_id']}: one source takes folders of one tokenizer"
+                    f"token folder {entry!r} was tokenized with {d.tokenizer!r} "
+                    f"(fingerprint {d.fingerprint}), {meta['from']!r} with another "
+                    f"({meta.get('fingerprint')}): one source takes folders of one tokenizer"
                 )
             train += d.train
             val += d.val
             meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,
-                            "bytes_per_token": d.bytes_per_token,
+                            "bytes_per_token": d.bytes_per_token, "fingerprint": d.fingerprint,
                             "from": str(Path(entry) / "index.json")}  # fmt: skip
             continue
         files = [f for f in sources.find_files([entry], "*") if f.path.suffix != ".json"]
@@ -267,7 +300,8 @@ def _token_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer | None, whe
     train, val = _split(cfg, train_arrays, val_arrays, eos_id)
     tokens = sum(len(a) for a in train_arrays + val_arrays)
     bpt = meta.get("bytes_per_token")
-    return _Built(train, val, vocab, eos_id, tokens, tokens * bpt if bpt else None)
+    text_bytes = tokens * bpt if bpt else None
+    return _Built(train, val, vocab, eos_id, tokens, text_bytes, meta.get("fingerprint"))
 
 
 def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
@@ -283,8 +317,10 @@ def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
 
 def _lm_sources(cfg: DataConfig) -> tuple[list[_Built], list[SourceConfig]]:
     listed = cfg.source_list()
-    # token folders are checked against the tokenizer when one is configured or used
-    needs_tok = "tokenizer" in cfg.model_fields_set or any(s.type != "tokens" for s in listed)
+    # token folders are checked against a tokenizer file when one is named, or used by a text
+    # source of the mixture (the default 'byte' alone leaves prepared folders to speak for
+    # themselves: a saved gpt2_small config.yaml names it)
+    needs_tok = cfg.tokenizer != "byte" or any(s.type != "tokens" for s in listed)
     tok = sources_tokenizer(cfg) if needs_tok else None
     built = []
     for i, src in enumerate(listed):
@@ -375,7 +411,7 @@ def build_sources(cfg: DataConfig) -> Sources:
         names = [s.name or (f"source{i}" if cfg.sources else s.type) for i, s in enumerate(listed)]
         _check_tokens(built, names)
         meta["vocab_size"] = max(b.vocab_size for b in built)
-        meta["eos_id"] = built[0].eos_id
+        meta["eos_id"] = next((b.eos_id for b in built if b.eos_id is not None), None)
         weights = np.array(stages[0][1]) / sum(stages[0][1])
         bpt = [b.text_bytes / b.tokens if b.text_bytes and b.tokens else None for b in built]
         if all(x is not None for x in bpt):
@@ -398,14 +434,16 @@ def build_sources(cfg: DataConfig) -> Sources:
 
 
 def _check_tokens(built: list[_Built], names: list[str]) -> None:
-    """Sources of one run must end documents with the same EOS id."""
-    eos = {b.eos_id for b in built if b.eos_id is not None}
-    if len(eos) > 1:
-        raise DataError(
-            "the sources end documents with different EOS ids "
-            + ", ".join(f"{n}: {b.eos_id}" for n, b in zip(names, built, strict=True))
-            + " (token files prepared with another tokenizer?)"
-        )
+    """Sources of one run must come from one tokenizer (fingerprints, where known) and end
+    documents with the same EOS id."""
+    for what in ("fingerprint", "eos_id"):
+        known = {getattr(b, what) for b in built if getattr(b, what) is not None}
+        if len(known) > 1:
+            raise DataError(
+                f"the sources differ in tokenizer {what}: "
+                + ", ".join(f"{n}: {getattr(b, what)}" for n, b in zip(names, built, strict=True))
+                + " (token files prepared with another tokenizer?)"
+            )
 
 
 def _check_enough(cfg: DataConfig, names: list[str], trains: list[Any], stages) -> None:

@@ -110,21 +110,6 @@ def find_files(paths: Sequence[str], pattern: str = "*.py") -> list[CorpusFile]:
     return unique
 
 
-def read_corpus(files: Sequence[CorpusFile], max_bytes: int | None) -> list[tuple[str, bytes]]:
-    """(key, raw bytes) of each file in order: the first `max_bytes` bytes of the concatenation."""
-    docs, total = [], 0
-    for f in files:
-        if max_bytes is not None and total >= max_bytes:
-            break
-        budget = None if max_bytes is None else max_bytes - total
-        with open(f.path, "rb") as fh:
-            data = fh.read() if budget is None else fh.read(budget)
-        if data:
-            docs.append((f.key, data))
-            total += len(data)
-    return docs
-
-
 def split_by_file(keys: Sequence[str], val_fraction: float) -> list[bool]:
     """Which files are held out: crc32(key) below the fraction; >= 1 per side if >= 2 files."""
     if val_fraction <= 0 or len(keys) < 2:

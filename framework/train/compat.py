@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from framework.data.config import DataConfig
 from framework.errors import ConfigError
 from framework.train.integrity import leaf_paths
 
@@ -52,6 +53,8 @@ DATA_STREAM = tuple(
     )
 )
 _ABSENT = "<absent>"
+# data keys a checkpoint from before they existed lacks: at their default, nothing changed
+_DATA_DEFAULTS = {f"data.{k}": v for k, v in DataConfig().model_dump(mode="json").items()}
 Shapes = Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]]  # {item: {path: (shape, dtype)}}
 
 
@@ -69,12 +72,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple]:
     """{dotted key: (saved value, current value)} for every key that differs, ignored ones
-    left out."""
+    left out, and data keys an older checkpoint lacks when they hold their default."""
     a, b = flatten(saved), flatten(current)
     return {
         k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
         for k in sorted(a.keys() | b.keys())
-        if a.get(k, _ABSENT) != b.get(k, _ABSENT) and not k.startswith(IGNORED)
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+        and not k.startswith(IGNORED)
+        and not (k not in a and k in _DATA_DEFAULTS and b.get(k) == _DATA_DEFAULTS[k])
     }
 
 

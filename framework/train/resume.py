@@ -204,9 +204,10 @@ def _apply_data_state(run: Run, data_state: dict) -> None:
     if isinstance(version, int) and version != DATA_STATE_VERSION:
         raise ConfigError(
             f"the checkpoint's data position was written by data pipeline version {version}, "
-            f"this one reads version {DATA_STATE_VERSION} (documents now end with EOS and "
-            "rows are packed): start a new run from its weights with "
-            "checkpoint.resume=<that run> checkpoint.resume_params_only=true"
+            f"this one reads version {DATA_STATE_VERSION} (documents now end with EOS, rows "
+            "are packed): start a new run from its weights with checkpoint.resume=<that run> "
+            "checkpoint.resume_params_only=true (byte-level weights do not fit: the byte "
+            "vocabulary is now 257 ids)"
         )
     try:
         run.train_data.set_state(data_state)
