@@ -21,11 +21,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from framework.data.sources import CorpusFile, find_files
 from framework.errors import DataError
+
+pa: Any = None  # pyarrow and pyarrow.parquet, imported on first use (`_pyarrow`)
+pq: Any = None
+
+
+def _pyarrow() -> None:
+    """Import pyarrow when a parquet/arrow file is read: text and token data need none (the
+    lent GPU machines' image lacks it)."""
+    global pa, pq
+    if pa is None:
+        import pyarrow
+        import pyarrow.parquet
+
+        pa, pq = pyarrow, pyarrow.parquet
+
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +446,7 @@ def _column_batches(kind: str, path: Path, field: str) -> Iterator[pa.Array]:
 def _record_batches(kind: str, path: Path, field: str | None) -> Iterator[pa.RecordBatch]:
     """Record batches of a parquet or arrow file (only column `field` if given, checked to be a
     string column first); Arrow errors become a DataError naming the file."""
+    _pyarrow()
     try:
         if kind == "parquet":
             yield from _parquet_batches(path, field)
