@@ -15,6 +15,13 @@ SourceType = Literal[
 _SINGLE_SOURCE_KEYS = ("source", "paths", "val_paths")
 
 
+def _check_paths(cls, v: list[str]) -> list[str]:
+    """paths / val_paths entries are non-empty strings."""
+    if any(not p.strip() for p in v):
+        raise ValueError("paths must be non-empty strings")
+    return v
+
+
 class SourceConfig(pydantic.BaseModel):
     """One entry of `data.sources`: a corpus and its mixture weight."""
 
@@ -45,12 +52,7 @@ class SourceConfig(pydantic.BaseModel):
         [], description="held-out files of this source (default: data.val_fraction of it)"
     )
 
-    @pydantic.field_validator("paths", "val_paths")
-    @classmethod
-    def _non_empty_paths(cls, v: list[str]) -> list[str]:
-        if any(not p.strip() for p in v):
-            raise ValueError("paths must be non-empty strings")
-        return v
+    _non_empty_paths = pydantic.field_validator("paths", "val_paths")(_check_paths)
 
 
 class StageConfig(pydantic.BaseModel):
@@ -164,12 +166,7 @@ class DataConfig(pydantic.BaseModel):
         0, ge=0, le=256, description="grain worker processes (0 = read in the training process)"
     )
 
-    @pydantic.field_validator("paths", "val_paths")
-    @classmethod
-    def _non_empty_paths(cls, v: list[str]) -> list[str]:
-        if any(not p.strip() for p in v):
-            raise ValueError("paths must be non-empty strings")
-        return v
+    _non_empty_paths = pydantic.field_validator("paths", "val_paths")(_check_paths)
 
     @pydantic.field_validator("input_shape")
     @classmethod

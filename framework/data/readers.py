@@ -17,11 +17,11 @@ import glob
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from framework.data.sources import CorpusFile, find_files
+from framework.data.sources import CorpusFile, find_files, unique_files
 from framework.errors import DataError
 
 pa: Any = None  # pyarrow and pyarrow.parquet, imported on first use (`_pyarrow`)
@@ -128,24 +128,12 @@ def list_inputs(fmt: str, paths: Sequence[str], pattern: str | None = None) -> l
             found.extend(_hf_inputs(entry, pattern))
         else:
             found.extend(_by_suffix(entry, SUFFIXES[fmt]))
-    return _unique(found)
+    return unique_files(found)
 
 
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not one of {', '.join(FORMATS)}")
-
-
-def _unique(files: Iterable[CorpusFile]) -> list[CorpusFile]:
-    """Files in order, each real file once."""
-    seen: set[Path] = set()
-    out = []
-    for f in files:
-        resolved = f.path.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            out.append(f)
-    return out
 
 
 def _by_suffix(entry: str, suffixes: Sequence[str]) -> list[CorpusFile]:

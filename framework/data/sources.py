@@ -100,9 +100,14 @@ def find_files(paths: Sequence[str], pattern: str = "*.py") -> list[CorpusFile]:
         if not files:
             raise DataError(f"data path {entry!r} holds no file matching {pattern!r}")
         out.extend(files)
+    return unique_files(out)
+
+
+def unique_files(files: Sequence[CorpusFile]) -> list[CorpusFile]:
+    """Files in order, each real file once (a file reached through two entries or links)."""
     seen: set[Path] = set()
     unique = []
-    for f in out:
+    for f in files:
         resolved = f.path.resolve()
         if resolved not in seen:
             seen.add(resolved)
