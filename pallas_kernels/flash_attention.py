@@ -302,27 +302,31 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a.T @ b with f32 accumulation."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b with f32 accumulation."""
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _mask(st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg) -> jax.Array:
-    """[bq, bk] bool, True where attention is allowed (causal, window, key padding, segments)."""
-    rows = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    cols = k_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+def _mask(
+    st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg, *, keys_first: bool = False
+) -> jax.Array:
+    """[bq, bk] bool, True where attention is allowed (causal, window, key padding, segments);
+    keys_first: the same mask laid out [bk, bq] (for the transposed products of dk/dv)."""
+    q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
+    k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
+    if keys_first:
+        rows, cols = q_pos[None, :], k_pos[:, None]
+    else:
+        rows, cols = q_pos[:, None], k_pos[None, :]
     allowed = cols < st.kv_len  # padded keys (a no-op when kv_len is a multiple of bk)
     if st.causal:
         allowed = allowed & causal_allowed(rows, cols, st.q_len, st.kv_len)
     if st.window is not None:
         allowed = allowed & window_allowed(rows, cols, st.q_len, st.kv_len, st.window)
     if q_seg is not None:
-        allowed = allowed & (q_seg[:, None] == kv_seg[None, :])
+        qs = q_seg[None, :] if keys_first else q_seg[:, None]
+        ks = kv_seg[:, None] if keys_first else kv_seg[None, :]
+        allowed = allowed & (qs == ks)
     return allowed
 
 
@@ -477,6 +481,10 @@ def _dkdv_kernel(*refs, st: _Static, nq: int):
     kv_seg = ks_ref[...] if ks_ref is not None else None
     scale2 = st.scale * LOG2E
 
+    # Every product keeps the resident K/V block in M (block_k rows): S^T = K Q^T and
+    # dP^T = V dO^T instead of Q K^T and dO V^T, so with block_q = 32 the matmuls still have
+    # M = block_k (Hopper's wgmma wants M >= 64), and dV += P^T dO, dK += dS^T Q need no
+    # transposed operand.
     def body(i, carry, g, masked: bool):
         dk, dv = carry
         q_start = pl.multiple_of(i * bq, bq)
@@ -484,15 +492,16 @@ def _dkdv_kernel(*refs, st: _Static, nq: int):
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        s = _dot_nt(q, k) * scale2
+        s_t = _dot_nt(k, q) * scale2  # [bk, bq]
         if masked:
             q_seg = qs_ref[pl.ds(q_start, bq)] if qs_ref is not None else None
-            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        dp = _dot_nt(do, v)
-        ds = p * (dp - delta[:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            allowed = _mask(st, q_start, k_start, bq, bk, q_seg, kv_seg, keys_first=True)
+            s_t = jnp.where(allowed, s_t, -jnp.inf)
+        p_t = jnp.exp2(s_t - lse[None, :])
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        dp_t = _dot_nt(v, do)  # [bk, bq]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
     q_lo, q_full, q_hi = _q_range(st, k_start, bq, bk, nq)
