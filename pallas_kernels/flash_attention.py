@@ -724,8 +724,11 @@ def _prepare(
     interpret,
     device_kind,
     window=None,
+    kernel_configs=None,
 ):
-    """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg)."""
+    """Validate, choose blocks, pad: (static config, padded q, k, v, q_seg, kv_seg).
+    `kernel_configs` {kernel: KernelConfig} sets a kernel's whole config (the autotuner's
+    choice); the block/warp arguments override the heuristics of the others."""
     problem = _check(q, k, v, segment_ids, kv_segment_ids, causal, window)
     if problem:
         raise ValueError(f"flash_attention: {problem}")
@@ -743,7 +746,13 @@ def _prepare(
     if device_kind is None:
         device_kind = "cpu" if interpret else target_device()[1]
 
+    unknown = set(kernel_configs or {}) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"flash_attention: kernel_configs keys must be in {KERNELS}: {unknown}")
+
     def cfg(kernel: str) -> KernelConfig:
+        if kernel_configs and kernel in kernel_configs:
+            return kernel_configs[kernel]
         c = choose_config(tq, tk, d, q.dtype, device_kind, kernel)
         return KernelConfig(
             block_q or c.block_q,
@@ -785,14 +794,24 @@ def _prepare(
     return st, q, k, v, q_seg, kv_seg
 
 
+# Tiles the autotuner tries per kernel (clamped to the sequence lengths), beside the heuristic:
+# the forward and dq keep a query block resident (large block_q), dk/dv a K/V block (large
+# block_k, the M of all its products).
+TUNING_TILES = {
+    "fwd": ((128, 64), (128, 128), (64, 64), (64, 32)),
+    "dq": ((128, 32), (128, 64), (64, 32), (64, 64)),
+    "dkdv": ((32, 128), (64, 128), (32, 64), (64, 64), (128, 128)),
+}
+
+
 def tuning_candidates(
-    q_len: int, kv_len: int, head_dim: int, dtype: Any, device_kind: str
+    q_len: int, kv_len: int, head_dim: int, dtype: Any, device_kind: str, kernel: str = "fwd"
 ) -> list[KernelConfig]:
-    """Configurations the autotuner times: the heuristic's forward choice first, then common
-    FlashAttention tiles, clamped to the sequence lengths and deduplicated."""
-    base = choose_config(q_len, kv_len, head_dim, dtype, device_kind, "fwd")
+    """Configurations the autotuner times for one kernel: the heuristic's choice first, then
+    the kernel's TUNING_TILES at 4 and 8 warps, clamped to the sequence lengths, deduplicated."""
+    base = choose_config(q_len, kv_len, head_dim, dtype, device_kind, kernel)
     out = [base]
-    for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 32)):
+    for bq, bk in TUNING_TILES[kernel]:
         for warps in (4, 8):
             bq_c = min(bq, max(MIN_BLOCK, next_pow2(q_len)))
             bk_c = min(bk, max(MIN_BLOCK, next_pow2(kv_len)))
@@ -802,10 +821,11 @@ def tuning_candidates(
     return out
 
 
-def _tuned_blocks(
+def _tuned_configs(
     q, k, causal, has_segments, scale, interpret, device_kind, window=None
-) -> KernelConfig:
-    """Autotune the forward+backward step over tuning_candidates for these shapes."""
+) -> dict[str, KernelConfig]:
+    """Autotune each kernel on its own for these shapes: the forward timed alone, dq and dk/dv
+    in the forward+backward step with the other kernels at their heuristics."""
     kind = device_kind or target_device()[1]
     shape_q, shape_k, dtype = tuple(q.shape), tuple(k.shape), jnp.dtype(q.dtype)
     key = {
@@ -816,44 +836,49 @@ def _tuned_blocks(
         "segments": has_segments,
         **({"window": int(window)} if window is not None else {}),
     }
+    rng = np.random.default_rng(0)
+    qc, kc, vc = (
+        rng.standard_normal(s, np.float32).astype(dtype) for s in (shape_q, shape_k, shape_k)
+    )
+    seg = jnp.ones(shape_q[:2], jnp.int32) if has_segments else None
+    specs = [jax.ShapeDtypeStruct(x.shape, dtype) for x in (qc, kc, vc)]
 
-    def make_run(cand: dict[str, int]):
+    def make_run(kernel: str, cand: dict[str, int]):
         # numpy inputs and an AOT-compiled executable run eagerly even while the caller is
         # being traced under jit (a plain jitted call there would be staged, not run).
-        rng = np.random.default_rng(0)
-        qc, kc, vc = (
-            rng.standard_normal(s, np.float32).astype(dtype) for s in (shape_q, shape_k, shape_k)
-        )
-        seg = jnp.ones(shape_q[:2], jnp.int32) if has_segments else None
+        def f(q, k, v):
+            return flash_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                segment_ids=seg,
+                window=window,
+                scale=scale,
+                interpret=interpret,
+                device_kind=device_kind,
+                autotune=False,
+                kernel_configs={kernel: KernelConfig(**cand)},
+            )
 
         def step(q, k, v):
-            def f(q, k, v):
-                return flash_attention(
-                    q,
-                    k,
-                    v,
-                    causal=causal,
-                    segment_ids=seg,
-                    window=window,
-                    scale=scale,
-                    interpret=interpret,
-                    device_kind=device_kind,
-                    autotune=False,
-                    **cand,
-                )
-
+            if kernel == "fwd":
+                return f(q, k, v)
             out, vjp = jax.vjp(f, q, k, v)
             return vjp(out)
 
-        specs = [jax.ShapeDtypeStruct(x.shape, dtype) for x in (qc, kc, vc)]
         compiled = jax.jit(step).lower(*specs).compile()
         return lambda: compiled(qc, kc, vc)
 
-    cands = [
-        dataclasses.asdict(c)
-        for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype, kind)
-    ]
-    return KernelConfig(**_autotune.tune("flash_attention", key, cands, make_run))
+    tuned = {}
+    for kernel in KERNELS:
+        cands = [
+            dataclasses.asdict(c)
+            for c in tuning_candidates(shape_q[1], shape_k[1], shape_q[3], dtype, kind, kernel)
+        ]
+        run = functools.partial(make_run, kernel)
+        tuned[kernel] = KernelConfig(**_autotune.tune(f"flash_attention_{kernel}", key, cands, run))
+    return tuned
 
 
 def flash_attention(
@@ -873,6 +898,7 @@ def flash_attention(
     interpret: bool | None = None,
     device_kind: str | None = None,
     autotune: bool | None = None,
+    kernel_configs: dict[str, KernelConfig] | None = None,
 ) -> jax.Array:
     """Flash attention (differentiable via Pallas backward kernels); output in q's dtype.
 
@@ -882,21 +908,21 @@ def flash_attention(
     masked rows give 0. window (causal only): each query sees its `window` latest keys, itself
     included (sliding-window attention; blocks outside the band are skipped). scale defaults
     to head_dim**-0.5. block_q/block_k/num_warps/num_stages override the heuristics
-    (choose_config) for all three kernels; device_kind picks the heuristics' device (default:
-    the default device). interpret=None interprets on CPU. autotune (default: env
-    PALLAS_AUTOTUNE=1) times a few block configurations once per shape and device and caches
-    the fastest (pallas_kernels.autotune); explicit blocks disable it.
+    (choose_config) for all three kernels, kernel_configs {"fwd"|"dq"|"dkdv": KernelConfig}
+    one kernel's whole config; device_kind picks the heuristics' device (default: the default
+    device). interpret=None interprets on CPU. autotune (default: env PALLAS_AUTOTUNE=1) times
+    a few configurations of each kernel once per shape and device and caches the fastest
+    (pallas_kernels.autotune); explicit blocks or kernel_configs disable it.
     """
     if causal and window is not None and window >= 1:  # else _prepare refuses it
         window = effective_window(window, k.shape[1])  # no masked band where none is needed
     # Timing needs the device being compiled for: no autotuning for an abstract target.
     local = target_device()[1] == jax.devices()[0].device_kind
-    if _autotune.enabled(autotune) and block_q is None and block_k is None and local:
-        tuned = _tuned_blocks(
+    explicit = block_q is not None or block_k is not None or kernel_configs is not None
+    if _autotune.enabled(autotune) and not explicit and local:
+        kernel_configs = _tuned_configs(
             q, k, causal, segment_ids is not None, scale, interpret, device_kind, window
         )
-        block_q, block_k = tuned.block_q, tuned.block_k
-        num_warps, num_stages = tuned.num_warps, tuned.num_stages
     st, qp, kp, vp, q_seg, kv_seg = _prepare(
         q,
         k,
@@ -912,6 +938,7 @@ def flash_attention(
         interpret,
         device_kind,
         window,
+        kernel_configs,
     )
     out = _flash(st, qp, kp, vp, q_seg, kv_seg)
     return out[:, : q.shape[1], :, : q.shape[3]]

@@ -5,9 +5,12 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels import autotune
+from pallas_kernels import flash_attention as fa
 from pallas_kernels.flash_attention import attention_reference, flash_attention
 
 
@@ -53,5 +56,30 @@ def test_flash_attention_autotuned_inside_jit_matches_reference(tmp_path, monkey
     out = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, autotune=True))(q, k, v)
     np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=2e-5, rtol=1e-4)
     cache = json.loads((tmp_path / "fa.json").read_text())
-    (entry,) = cache.values()
-    assert {"block_q", "block_k", "num_warps", "num_stages"} <= set(entry["config"])
+    kernels = sorted(json.loads(key)["kernel"] for key in cache)
+    assert kernels == ["flash_attention_dkdv", "flash_attention_dq", "flash_attention_fwd"]
+    for entry in cache.values():  # each kernel tuned on its own
+        assert {"block_q", "block_k", "num_warps", "num_stages"} <= set(entry["config"])
+
+
+def test_each_kernel_has_its_own_candidates_and_override():
+    """dk/dv keeps a K/V block resident: its candidates put block_k >= block_q; one kernel's
+    config can be set alone (the others keep their heuristics)."""
+    cands = {
+        kernel: fa.tuning_candidates(4096, 4096, 128, jnp.bfloat16, "NVIDIA H100 80GB HBM3", kernel)
+        for kernel in fa.KERNELS
+    }
+    assert cands["fwd"] != cands["dkdv"] and cands["dq"] != cands["dkdv"]
+    assert all(c.block_k >= c.block_q for c in cands["dkdv"])
+    assert cands["dkdv"][0] == fa.choose_config(
+        4096, 4096, 128, jnp.bfloat16, "NVIDIA H100", "dkdv"
+    )
+    q = jnp.ones((1, 64, 2, 32))
+    k = jnp.ones((1, 64, 1, 32))
+    own = fa.KernelConfig(16, 64, 4, 1)
+    st = fa._prepare(q, k, k, True, None, None, None, None, None, None, None, True, "cpu",
+                     kernel_configs={"dkdv": own})[0]  # fmt: skip
+    assert st.dkdv == own and st.fwd == fa.choose_config(64, 64, 32, q.dtype, "cpu", "fwd")
+    with pytest.raises(ValueError, match="kernel_configs"):
+        fa._prepare(q, k, k, True, None, None, None, None, None, None, None, True, "cpu",
+                    kernel_configs={"bwd": own})  # fmt: skip
