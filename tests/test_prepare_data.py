@@ -424,9 +424,16 @@ def test_shard_writer_cuts_at_document_ends(tmp_path):
     assert list((tmp_path / "train").iterdir()) == []
 
 
-def test_loader_reads_a_prepared_folder(prepared):
-    """data.paths naming the folder: its train shards train, its val split evaluates."""
+def test_loader_reads_a_prepared_folder(prepared, monkeypatch):
+    """data.paths naming the folder: its train shards train, its val split evaluates; its ids
+    are not scanned again (prepare_data wrote them in range)."""
     from framework.data import DataConfig, make_loaders
+    from framework.data.sources import TokenArray
+
+    def no_scan(*_):
+        raise AssertionError("a prepared shard was scanned")
+
+    monkeypatch.setattr(TokenArray, "check_ids", no_scan)
 
     index = json.loads((prepared / "index.json").read_text())
     cfg = DataConfig(source="tokens", paths=[str(prepared)], seq_len=16, batch_size=4)

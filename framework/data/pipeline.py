@@ -272,6 +272,8 @@ def _token_files(
                     f"(fingerprint {d.fingerprint}), {meta['from']!r} with another "
                     f"({meta.get('fingerprint')}): one source takes folders of one tokenizer"
                 )
+            for a in d.train + d.val:
+                a.ids_checked = True  # prepare_data.py wrote them within the index's vocabulary
             train += d.train
             val += d.val
             meta = meta or {"vocab_size": d.vocab_size, "eos_id": d.eos_id,
@@ -306,13 +308,14 @@ def _token_source(src: SourceConfig, cfg: DataConfig, tok: Tokenizer | None, whe
 
 def _token_vocab(arrays: list[TokenArray], meta: dict[str, Any]) -> int:
     """The vocabulary of token files: their metadata's, else the largest id + 1; one
-    streaming pass checks every id lies in [0, vocabulary)."""
+    streaming pass checks every id lies in [0, vocabulary), except in prepare_data.py shards
+    (a multi-GB corpus is not re-read at every start on every process)."""
     vocab = meta.get("vocab_size")
     vocab_from = f" (vocab_size in {meta.get('from')!r})"
     if vocab is not None and (type(vocab) is not int or vocab < 1):
         raise DataError(f"vocab_size must be a positive integer, got {vocab!r}{vocab_from}")
-    top = max(a.check_ids(vocab, vocab_from) for a in arrays)
-    return top + 1 if vocab is None else int(vocab)
+    tops = [a.check_ids(vocab, vocab_from) for a in arrays if not a.ids_checked]
+    return max(tops) + 1 if vocab is None else int(vocab)
 
 
 def _lm_sources(cfg: DataConfig) -> tuple[list[_Built], list[SourceConfig]]:

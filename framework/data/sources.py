@@ -142,6 +142,7 @@ class TokenArray:
         self, data: np.ndarray | None = None, *, path: str | None = None, dtype: str = "uint16"
     ):
         self.path, self.dtype = path, dtype
+        self.ids_checked = False  # prepare_data.py shards: written in range, not scanned again
         self._data = data
         if data is None:
             self._data = self._open()
