@@ -438,6 +438,8 @@ def test_loader_reads_a_prepared_folder(prepared, monkeypatch):
     index = json.loads((prepared / "index.json").read_text())
     cfg = DataConfig(source="tokens", paths=[str(prepared)], seq_len=16, batch_size=4)
     loader, eval_set, meta = make_loaders(cfg)
+    with pytest.raises(DataError, match="holds the prepare_data.py folder"):
+        make_loaders(cfg.model_copy(update={"paths": [str(prepared.parent)]}))
     try:
         assert meta["vocab_size"] == 257 and eval_set.num_batches >= 1
         assert meta["train_tokens"] <= index["totals"]["train"]["tokens"]

@@ -281,6 +281,12 @@ def _token_files(
                             "from": str(Path(entry) / "index.json")}  # fmt: skip
             continue
         files = [f for f in sources.find_files([entry], "*") if f.path.suffix != ".json"]
+        inner = next((f for f in files if shards.is_token_dir(f.path.parent.parent)), None)
+        if inner is not None:  # its train and val shards would all be read as training tokens
+            raise DataError(
+                f"data path {entry!r} holds the prepare_data.py folder "
+                f"{str(inner.path.parent.parent)!r}: name that folder itself"
+            )
         train += [TokenArray(path=str(f.path), dtype=dtype) for f in files]
     if not meta and train:
         meta = sources.read_sidecar(train[0].path)
