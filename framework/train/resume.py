@@ -198,10 +198,10 @@ def _agreed(damage: ckpt.Damaged | None) -> ckpt.Damaged | None:
 
 
 def _apply_data_state(run: Run, data_state: dict) -> None:
-    """Position the loader; a position that parses but does not apply is damage, one from
-    another version of the data pipeline a user decision (ConfigError: nothing is moved)."""
+    """Position the loader; a position that parses but does not apply is damage, one from an
+    older version of the data pipeline a user decision (ConfigError: nothing is moved)."""
     version = data_state.get("version") if isinstance(data_state, dict) else None
-    if isinstance(version, int) and version != DATA_STATE_VERSION:
+    if isinstance(version, int) and 1 <= version < DATA_STATE_VERSION:  # an older pipeline's
         raise ConfigError(
             f"the checkpoint's data position was written by data pipeline version {version}, "
             f"this one reads version {DATA_STATE_VERSION} (documents now end with EOS, rows "
