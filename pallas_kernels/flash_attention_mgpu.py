@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -170,9 +170,7 @@ def flash_attention_fwd(
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, head, pl.ds(q_start, BLOCK_Q)])
         plgpu.wait_smem_to_gmem(0)
 
-    transforms: tuple[Any, ...] = ()
-    if not interpret:  # wgmma operands: 8 x 64 tiles, 128-byte swizzle
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    transforms = _transforms(interpret)
     call = plgpu.kernel(
         kernel,
         out_type=[
@@ -193,7 +191,74 @@ def flash_attention_fwd(
         ],
         grid=(h, tq // BLOCK_Q, b),
         grid_names=("heads", "q", "batch"),
-        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret,
+        interpret=_interpret(interpret),
     )
     out, lse = call(q, k, v)
     return out, lse
+
+
+def _transforms(interpret: Any) -> tuple[Any, ...]:
+    """Shared-memory layout of wgmma operands: 8 x 64 tiles, 128-byte swizzle (on a GPU)."""
+    if interpret:
+        return ()
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _interpret(interpret: Any) -> Any:
+    """plgpu.kernel's interpret argument: False, or interpret-mode parameters."""
+    return plgpu.InterpretGPUParams() if interpret is True else interpret
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_kv: int = 64,
+    stages: int = 2,
+    interpret: Any = False,
+) -> jax.Array:
+    """Differentiable attention on the Mosaic GPU kernels (forward here, dq and dk/dv in
+    flash_attention_mgpu_bwd); arguments as `flash_attention_fwd`."""
+    problem = available() or _check(q, k, v, block_kv)
+    if problem:
+        raise ValueError(f"flash_attention (Mosaic GPU): {problem}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    opts = _Options(bool(causal), scale, block_kv, stages, interpret)
+    return _attention(opts, q, k, v)
+
+
+class _Options(NamedTuple):
+    causal: bool
+    scale: float
+    block_kv: int
+    stages: int
+    interpret: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(o: _Options, q, k, v):
+    return _attention_fwd(o, q, k, v)[0]
+
+
+def _attention_fwd(o: _Options, q, k, v):
+    out, lse = flash_attention_fwd(
+        q, k, v, causal=o.causal, scale=o.scale, block_kv=o.block_kv, stages=o.stages,
+        interpret=o.interpret,
+    )  # fmt: skip
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(o: _Options, res, do):
+    from pallas_kernels.flash_attention_mgpu_bwd import backward
+
+    q, k, v, out, lse = res
+    return backward(
+        q, k, v, out, lse, do, causal=o.causal, scale=o.scale, block_kv=o.block_kv,
+        stages=o.stages, interpret=_interpret(o.interpret), transforms=_transforms(o.interpret),
+    )  # fmt: skip
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,6 +1,7 @@
-"""The Mosaic GPU (Hopper) flash attention forward, simulated on the CPU in Mosaic GPU interpret
-mode (shared memory, TMA, barriers; race detection on) against the XLA reference, and lowered
-for an abstract H100. Skipped, with the reason, on a jax without the Mosaic GPU API."""
+"""The Mosaic GPU (Hopper) flash attention, forward and backward, simulated on the CPU in
+Mosaic GPU interpret mode (shared memory, TMA, barriers; race detection on) against the XLA
+reference, and lowered for an abstract H100. Skipped, with the reason, on a jax without the
+Mosaic GPU API."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from pallas_kernels.flash_attention import attention_reference
 
 pytestmark = pytest.mark.skipif(mgpu.available() is not None, reason=str(mgpu.available()))
 TOL = {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}  # P is rounded to the input dtype for P @ V
+
+
+def _racing():
+    """Interpret-mode parameters with race detection (jax 0.12 raises on a race by default)."""
+    return mgpu.plgpu.InterpretGPUParams(detect_races=True)
+
+
+def _assert_no_races():
+    """The race detector's verdict on the last interpreted kernel (jax 0.11 only records it)."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    assert not interpret_pallas_call.get_races().races_found
 
 
 def _inputs(b, tq, tk, h, kh, d, dtype, seed=0):
@@ -52,21 +65,52 @@ def test_forward_matches_the_reference(shape, dtype, causal):
 
 def test_no_races_with_three_stages_in_flight():
     q, k, v = _inputs(1, 64, 256, 2, 1, 64, jnp.float16, seed=3)
-    params = mgpu.plgpu.InterpretGPUParams(detect_races=True, on_race="raise")
-    out, _ = mgpu.flash_attention_fwd(q, k, v, causal=True, stages=3, interpret=params)
+    out, _ = mgpu.flash_attention_fwd(q, k, v, causal=True, stages=3, interpret=_racing())
+    _assert_no_races()
     want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=True)
     np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-3, rtol=2e-3)
 
 
-def test_lowers_for_an_abstract_h100():
+@pytest.mark.parametrize(
+    ("shape", "dtype", "causal", "races"),
+    [
+        ((1, 64, 128, 2, 1, 64), jnp.float16, False, True),  # MQA, race detection on
+        ((1, 128, 192, 4, 2, 64), jnp.bfloat16, True, False),  # GQA 2, kv cache longer than q
+    ],
+    ids=["mqa-f16-races", "gqa2-offset-causal-bf16"],
+)
+def test_gradients_match_the_reference(shape, dtype, causal, races):
+    """dq (per query block over K/V) and dk/dv (per K/V block over the group's query heads and
+    blocks, transposed products) against the reference's vjp, f32 reference inputs."""
+    b, tq, tk, h, kh, d = shape
+    q, k, v = _inputs(b, tq, tk, h, kh, d, dtype)
+    do = jax.random.normal(jax.random.key(9), q.shape).astype(dtype)
+    interpret = _racing() if races else True
+    got = jax.vjp(
+        lambda q, k, v: mgpu.flash_attention(q, k, v, causal=causal, interpret=interpret), q, k, v
+    )[1](do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal), *f32)[1]
+    tol = 2 * TOL[dtype]
+    for name, g, w in zip("qkv", got, vjp(do.astype(jnp.float32)), strict=True):
+        np.testing.assert_allclose(g.astype(jnp.float32), w, atol=tol, rtol=tol, err_msg=name)
+    if races:
+        _assert_no_races()
+
+
+def test_forward_and_backward_lower_for_an_abstract_h100():
     from framework.parallel.target import abstract_gpu_mesh, export_for_cuda
 
     q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-    f = jax.jit(lambda q, k, v: mgpu.flash_attention_fwd(q, k, v, causal=True)[0])
+
+    def loss(q, k, v):
+        return mgpu.flash_attention(q, k, v, causal=True).astype(jnp.float32).sum()
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     with jax.sharding.use_abstract_mesh(abstract_gpu_mesh({"x": 1})):
         text = export_for_cuda(f, q, kv, kv).mlir_module()
-    assert "mosaic_gpu" in text
+    assert text.count("mosaic_gpu") >= 3  # forward, dq, dk/dv
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,223 @@
+"""Backward kernels of the Mosaic GPU flash attention (pallas_kernels/flash_attention_mgpu.py):
+dq per query block over the K/V blocks, dk/dv per K/V block over the group's query heads and
+their query blocks, each streamed through a TMA ring with barriers, every product on wgmma.
+
+dk/dv computes the transposed products (S^T = K Q^T, dP^T = V dO^T) so that the resident K/V
+block is the M of every matmul. Softmax probabilities and dS go to shared memory as wgmma A
+operands. lse arrives in log2 units (+inf for rows with no key: their P is 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash_attention_mgpu import BLOCK_Q, LOG2E, plgpu
+
+
+def _acc(fn, shape) -> jax.Array:
+    """fn(acc_ref) on a fresh f32 wgmma accumulator of `shape`; its value after fn."""
+
+    def body(acc_ref):
+        fn(acc_ref)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def backward(q, k, v, out, lse, do, *, causal: bool, scale: float, block_kv: int,
+             stages: int, interpret: Any, transforms: tuple) -> tuple[jax.Array, ...]:  # fmt: skip
+    """(dq, dk, dv) of attention(q, k, v) given its out, lse (natural log) and dout."""
+    b, tq, h, d = q.shape
+    tk, kh = k.shape[1], k.shape[2]
+    groups, dtype = h // kh, q.dtype
+    offset = tk - tq
+    c = scale * LOG2E
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)
+    n_kv, n_q = tk // block_kv, tq // BLOCK_Q
+    kv_stages, q_stages = max(1, min(stages, n_kv)), stages
+
+    def kv_steps(q_start):
+        if not causal:
+            return jnp.int32(n_kv)
+        return jnp.minimum(pl.cdiv(q_start + BLOCK_Q + offset, block_kv), n_kv)
+
+    def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch):
+        q_smem, do_smem, k_smem, v_smem, ds_smem, lse_smem, delta_smem, bars = scratch
+        in_bars, k_bars, v_bars = bars
+        head, qi, bi = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
+        kv_head = lax.div(head, jnp.int32(groups))
+        q_start = qi * BLOCK_Q
+        steps = kv_steps(q_start)
+        rows = pl.ds(q_start, BLOCK_Q)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_smem, in_bars.at[0])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_smem, in_bars.at[1])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_smem, in_bars.at[2])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, rows], delta_smem, in_bars.at[3])
+
+        def fetch(step, slot):
+            kv = (bi, pl.ds(step * block_kv, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[kv], k_smem.at[slot], k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[kv], v_smem.at[slot], v_bars.at[slot])
+
+        for first in range(kv_stages):
+            pl.when(first < steps)(lambda first=first: fetch(jnp.int32(first), first))
+        for i in range(4):
+            plgpu.barrier_wait(in_bars.at[i])
+        lse = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+        dlt = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+
+        def body(step, dq):
+            slot = lax.rem(step, jnp.int32(kv_stages))
+            plgpu.barrier_wait(k_bars.at[slot])
+            plgpu.barrier_wait(v_bars.at[slot])
+            shape = (BLOCK_Q, block_kv)
+            s = _acc(lambda r: plgpu.wgmma(r, q_smem, k_smem.at[slot].T), shape) * c
+            if causal:
+                allowed = step * block_kv + _iota(shape, 1) <= q_start + _iota(shape, 0) + offset
+                s = jnp.where(allowed, s, -jnp.inf)
+            p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [0]))
+            dp = _acc(lambda r: plgpu.wgmma(r, do_smem, v_smem.at[slot].T), shape)
+            ds_smem[...] = (p * (dp - lax.broadcast_in_dim(dlt, shape, [0]))).astype(dtype)
+            plgpu.commit_smem()
+            dq = dq + _acc(lambda r: plgpu.wgmma(r, ds_smem, k_smem.at[slot]), (BLOCK_Q, d))
+            nxt = step + kv_stages
+
+            @pl.when(nxt < steps)
+            def _refill():
+                fetch(nxt, slot)
+
+            return dq
+
+        dq = plgpu.layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA)
+        dq = lax.fori_loop(0, steps, body, dq)
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+    dq = plgpu.kernel(
+        dq_kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=[
+            plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
+            plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
+            plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
+            plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
+            plgpu.SMEM((BLOCK_Q, block_kv), dtype, transforms=transforms),
+            plgpu.SMEM((BLOCK_Q,), jnp.float32),
+            plgpu.SMEM((BLOCK_Q,), jnp.float32),
+            (
+                plgpu.Barrier(num_arrivals=1, num_barriers=4),
+                plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
+            ),
+        ],
+        grid=(h, n_q, b),
+        grid_names=("heads", "q", "batch"),
+        interpret=interpret,
+    )(q, k, v, do, lse2, delta)
+
+    def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, pt_smem, dst_smem, bars = scratch
+        kv_bar, q_bars, do_bars, lse_bars, delta_bars = bars
+        kv_head, kj, bi = lax.axis_index("kv_heads"), lax.axis_index("kv"), lax.axis_index("batch")
+        k_start = kj * block_kv
+        cols = pl.ds(k_start, block_kv)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, cols, kv_head], k_smem, kv_bar.at[0])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, cols, kv_head], v_smem, kv_bar.at[1])
+        # the query blocks that see this K/V block: all (not causal) or from the diagonal on
+        q_lo = jnp.clip(lax.div(k_start - offset, BLOCK_Q), 0, n_q) if causal else jnp.int32(0)
+        per_head = n_q - q_lo
+        total = per_head * groups  # (query head of the group, query block) pairs
+
+        def fetch(t, slot):
+            head = kv_head * groups + lax.div(t, per_head)
+            rows = pl.ds((q_lo + lax.rem(t, per_head)) * BLOCK_Q, BLOCK_Q)
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_smem.at[slot], q_bars.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_smem.at[slot], do_bars.at[slot])
+            plgpu.copy_gmem_to_smem(
+                lse_ref.at[bi, head, rows], lse_smem.at[slot], lse_bars.at[slot]
+            )
+            plgpu.copy_gmem_to_smem(
+                delta_ref.at[bi, head, rows], delta_smem.at[slot], delta_bars.at[slot]
+            )
+
+        for first in range(q_stages):
+            pl.when(first < total)(lambda first=first: fetch(jnp.int32(first), first))
+        plgpu.barrier_wait(kv_bar.at[0])
+        plgpu.barrier_wait(kv_bar.at[1])
+
+        def body(t, carry):
+            dk, dv = carry
+            slot = lax.rem(t, jnp.int32(q_stages))
+            for bars_ in (q_bars, do_bars, lse_bars, delta_bars):
+                plgpu.barrier_wait(bars_.at[slot])
+            shape = (block_kv, BLOCK_Q)
+            q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
+            s_t = _acc(lambda r: plgpu.wgmma(r, k_smem, q_slot.T), shape) * c
+            if causal:
+                q_start = (q_lo + lax.rem(t, per_head)) * BLOCK_Q
+                allowed = k_start + _iota(shape, 0) <= q_start + _iota(shape, 1) + offset
+                s_t = jnp.where(allowed, s_t, -jnp.inf)
+            lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, shape, [1]))
+            pt_smem[...] = p_t.astype(dtype)
+            plgpu.commit_smem()
+            dv = dv + _acc(lambda r: plgpu.wgmma(r, pt_smem, do_slot), (block_kv, d))
+            dp_t = _acc(lambda r: plgpu.wgmma(r, v_smem, do_slot.T), shape)
+            dst_smem[...] = (p_t * (dp_t - lax.broadcast_in_dim(dlt, shape, [1]))).astype(dtype)
+            plgpu.commit_smem()
+            dk = dk + _acc(lambda r: plgpu.wgmma(r, dst_smem, q_slot), (block_kv, d))
+            nxt = t + q_stages
+
+            @pl.when(nxt < total)
+            def _refill():
+                fetch(nxt, slot)
+
+            return dk, dv
+
+        zeros = plgpu.layout_cast(jnp.zeros((block_kv, d), jnp.float32), plgpu.Layout.WGMMA)
+        dk, dv = lax.fori_loop(0, total, body, (zeros, zeros))
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, cols, kv_head])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, cols, kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    ring = [
+        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
+        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
+    ]
+    dk, dv = plgpu.kernel(
+        dkdv_kernel,
+        out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
+        scratch_types=[
+            plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
+            plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
+            *ring,
+            plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
+            plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
+            (
+                plgpu.Barrier(num_arrivals=1, num_barriers=2),
+                *(plgpu.Barrier(num_arrivals=1, num_barriers=q_stages) for _ in range(4)),
+            ),
+        ],
+        grid=(kh, n_kv, b),
+        grid_names=("kv_heads", "kv", "batch"),
+        interpret=interpret,
+    )(q, k, v, do, lse2, delta)
+    return dq, dk, dv
