@@ -749,6 +749,13 @@ def _prepare(
     unknown = set(kernel_configs or {}) - set(KERNELS)
     if unknown:
         raise ValueError(f"flash_attention: kernel_configs keys must be in {KERNELS}: {unknown}")
+    for kernel, c in (kernel_configs or {}).items():
+        for name, blk in (("block_q", c.block_q), ("block_k", c.block_k)):
+            if blk < MIN_BLOCK or blk & (blk - 1):
+                raise ValueError(
+                    f"flash_attention: kernel_configs[{kernel!r}].{name}={blk} must be a power "
+                    f"of two >= {MIN_BLOCK} (Triton block and dot-operand constraints)"
+                )
 
     def cfg(kernel: str) -> KernelConfig:
         if kernel_configs and kernel in kernel_configs:

@@ -51,6 +51,8 @@ def _check(q, k, v, block_kv: int) -> str | None:
         return f"dtypes must be float16 or bfloat16 and equal, got {q.dtype}, {k.dtype}, {v.dtype}"
     if d % 64 or d > 256:
         return f"head_dim must be 64, 128, 192 or 256, got {d}"
+    if block_kv % 64 or not 64 <= block_kv <= 256:
+        return f"block_kv must be 64, 128, 192 or 256 (wgmma K and N), got {block_kv}"
     if tq % BLOCK_Q or k.shape[1] % block_kv:
         return f"q_len must be a multiple of {BLOCK_Q} and kv_len of block_kv={block_kv}"
     return None
@@ -74,6 +76,8 @@ def flash_attention_fwd(
     interpret: True (or a `plgpu.InterpretGPUParams`, e.g. with detect_races=True) simulates
     the kernel on the CPU."""
     problem = available() or _check(q, k, v, block_kv)
+    if problem is None and stages < 1:
+        problem = f"stages must be >= 1, got {stages}"
     if problem:
         raise ValueError(f"flash_attention_fwd (Mosaic GPU): {problem}")
     b, tq, h, d = q.shape
@@ -146,7 +150,10 @@ def flash_attention_fwd(
 
             out = pl.run_scoped(pv, plgpu.ACC((BLOCK_Q, d), jnp.float32))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + out
-            nxt = step + stages  # this slot is free again: refill it
+            # This slot is free again: both wgmmas that read it were waited for (wgmma_wait(0)
+            # above; the interpret mode runs wgmma synchronously and cannot see a refill that
+            # races an unfinished one, so keep that wait before any refill).
+            nxt = step + stages
 
             @pl.when(nxt < steps)
             def _refill():
@@ -197,10 +204,10 @@ def flash_attention_fwd(
     return out, lse
 
 
-def _transforms(interpret: Any) -> tuple[Any, ...]:
-    """Shared-memory layout of wgmma operands: 8 x 64 tiles, 128-byte swizzle (on a GPU)."""
-    if interpret:
-        return ()
+def _transforms(interpret: Any = None) -> tuple[Any, ...]:
+    """Shared-memory layout of wgmma operands: 8 x 64 tiles, 128-byte swizzle (the interpret
+    mode simulates it too, so the tests see the GPU's layout)."""
+    del interpret
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -223,6 +230,10 @@ def flash_attention(
     """Differentiable attention on the Mosaic GPU kernels (forward here, dq and dk/dv in
     flash_attention_mgpu_bwd); arguments as `flash_attention_fwd`."""
     problem = available() or _check(q, k, v, block_kv)
+    if problem is None and stages < 1:
+        problem = f"stages must be >= 1, got {stages}"
+    if problem is None and q.shape[-1] > 128:  # dk and dv: 2 x 64 x d f32 in one warpgroup
+        problem = f"the backward takes head_dim <= 128 (registers), got {q.shape[-1]}"
     if problem:
         raise ValueError(f"flash_attention (Mosaic GPU): {problem}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -19,7 +19,8 @@ from pallas_kernels.flash_attention_mgpu import BLOCK_Q, LOG2E, plgpu
 
 
 def _acc(fn, shape) -> jax.Array:
-    """fn(acc_ref) on a fresh f32 wgmma accumulator of `shape`; its value after fn."""
+    """fn(acc_ref) on a fresh f32 wgmma accumulator of `shape`; its value after fn, waited for
+    (so the ring slot its operands came from may be refilled right after)."""
 
     def body(acc_ref):
         fn(acc_ref)

@@ -80,6 +80,7 @@ def test_each_kernel_has_its_own_candidates_and_override():
     st = fa._prepare(q, k, k, True, None, None, None, None, None, None, None, True, "cpu",
                      kernel_configs={"dkdv": own})[0]  # fmt: skip
     assert st.dkdv == own and st.fwd == fa.choose_config(64, 64, 32, q.dtype, "cpu", "fwd")
-    with pytest.raises(ValueError, match="kernel_configs"):
-        fa._prepare(q, k, k, True, None, None, None, None, None, None, None, True, "cpu",
-                    kernel_configs={"bwd": own})  # fmt: skip
+    for bad in ({"bwd": own}, {"dq": fa.KernelConfig(48, 64, 4, 1)}):
+        with pytest.raises(ValueError, match="kernel_configs"):
+            fa._prepare(q, k, k, True, None, None, None, None, None, None, None, True, "cpu",
+                        kernel_configs=bad)  # fmt: skip
