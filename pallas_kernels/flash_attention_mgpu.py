@@ -41,7 +41,7 @@ def available() -> str | None:
     return f"jax {jax.__version__} lacks jax.experimental.pallas.mosaic_gpu ({_MISSING})"
 
 
-def _check(q, k, v, block_kv: int) -> str | None:
+def _check(q, k, v, block_kv: int, stages: int) -> str | None:
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
         return f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
     b, tq, h, d = q.shape
@@ -55,6 +55,8 @@ def _check(q, k, v, block_kv: int) -> str | None:
         return f"block_kv must be 64, 128, 192 or 256 (wgmma K and N), got {block_kv}"
     if tq % BLOCK_Q or k.shape[1] % block_kv:
         return f"q_len must be a multiple of {BLOCK_Q} and kv_len of block_kv={block_kv}"
+    if stages < 1:
+        return f"stages must be >= 1, got {stages}"
     return None
 
 
@@ -75,9 +77,7 @@ def flash_attention_fwd(
     causal aligns queries to the end of the keys. `stages` K/V blocks are in flight at once.
     interpret: True (or a `plgpu.InterpretGPUParams`, e.g. with detect_races=True) simulates
     the kernel on the CPU."""
-    problem = available() or _check(q, k, v, block_kv)
-    if problem is None and stages < 1:
-        problem = f"stages must be >= 1, got {stages}"
+    problem = available() or _check(q, k, v, block_kv, stages)
     if problem:
         raise ValueError(f"flash_attention_fwd (Mosaic GPU): {problem}")
     b, tq, h, d = q.shape
@@ -177,7 +177,7 @@ def flash_attention_fwd(
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, head, pl.ds(q_start, BLOCK_Q)])
         plgpu.wait_smem_to_gmem(0)
 
-    transforms = _transforms(interpret)
+    transforms = _transforms()
     call = plgpu.kernel(
         kernel,
         out_type=[
@@ -204,10 +204,9 @@ def flash_attention_fwd(
     return out, lse
 
 
-def _transforms(interpret: Any = None) -> tuple[Any, ...]:
+def _transforms() -> tuple[Any, ...]:
     """Shared-memory layout of wgmma operands: 8 x 64 tiles, 128-byte swizzle (the interpret
     mode simulates it too, so the tests see the GPU's layout)."""
-    del interpret
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -229,9 +228,7 @@ def flash_attention(
 ) -> jax.Array:
     """Differentiable attention on the Mosaic GPU kernels (forward here, dq and dk/dv in
     flash_attention_mgpu_bwd); arguments as `flash_attention_fwd`."""
-    problem = available() or _check(q, k, v, block_kv)
-    if problem is None and stages < 1:
-        problem = f"stages must be >= 1, got {stages}"
+    problem = available() or _check(q, k, v, block_kv, stages)
     if problem is None and q.shape[-1] > 128:  # dk and dv: 2 x 64 x d f32 in one warpgroup
         problem = f"the backward takes head_dim <= 128 (registers), got {q.shape[-1]}"
     if problem:
@@ -268,7 +265,7 @@ def _attention_bwd(o: _Options, res, do):
     q, k, v, out, lse = res
     return backward(
         q, k, v, out, lse, do, causal=o.causal, scale=o.scale, block_kv=o.block_kv,
-        stages=o.stages, interpret=_interpret(o.interpret), transforms=_transforms(o.interpret),
+        stages=o.stages, interpret=_interpret(o.interpret), transforms=_transforms(),
     )  # fmt: skip
 
 

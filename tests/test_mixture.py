@@ -111,11 +111,13 @@ def test_resume_mid_stage_gives_the_same_next_batches_bitwise(shards):
     fresh.set_state(state)
     assert _same([next(fresh) for _ in range(6)], expected)
     # the stream positions after a jump (computed in chunks) equal the batch-by-batch counts
-    mix = Mixture([11, 13, 17], [(0, [0.2, 0.3, 0.5]), (5000, [1, 1, 1])], 16, 0, shuffle=False)
+    args = dict(sizes=[11, 13, 17], stages=[(0, [0.2, 0.3, 0.5]), (5000, [1, 1, 1])])
+    args |= dict(batch_size=16, seed=0, shuffle=False)
+    mix = Mixture(**args)
     running = np.zeros(3, np.int64)
     for k in range(9000):
         if k % 997 == 0:
-            np.testing.assert_array_equal(Mixture(**mix.args).cursors(k), running)
+            np.testing.assert_array_equal(Mixture(**args).cursors(k), running)
         running += np.bincount(mix.rows(k)[0], minlength=3)
 
 

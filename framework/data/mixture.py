@@ -45,8 +45,6 @@ class Mixture:
     ):
         """`stages`: (first step, weights) with the first stage at step 0; `shuffle` False
         keeps each source's rows and the batch's rows in order (held-out batches)."""
-        self.args = dict(sizes=sizes, stages=stages, batch_size=batch_size, seed=seed)
-        self.args["shuffle"] = shuffle
         self.sizes, self.batch_size = list(sizes), batch_size
         self.seed, self.shuffle = seed, shuffle
         self.starts = np.array([s for s, _ in stages], dtype=np.int64)
