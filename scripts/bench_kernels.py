@@ -1,13 +1,16 @@
 """Benchmark the kernels against their baselines in the same process: time and TFLOP/s
-(attention) or GB/s (norms, fused cross-entropy) for the Pallas kernel, the XLA reference and,
-for attention, cuDNN. Prints a table and writes JSON.
+(attention) or GB/s (norms, fused cross-entropy) for the Pallas kernels, the XLA reference and,
+for attention, cuDNN and the Mosaic GPU kernels (Hopper). Prints a table and writes JSON.
 
     python scripts/bench_kernels.py [--suite quick|gpu_check|full] [--dtype bfloat16]
         [--out bench.json] [--dispatch-out framework/ops/attention_measured.json]
 
 On a GPU the kernels are compiled; on CPU Pallas runs in interpret mode (slow: only the quick
-suite makes sense there, to check that the script and every path work). `--dispatch-out`
-merges one measured entry per attention shape (the faster of pallas and cudnn, forward +
+suite makes sense there, to check that the script and every path work; the Mosaic kernels are
+skipped there, with the reason printed: interpreted at benchmark size they are far too slow).
+Attention on a GPU times triton, mosaic (where this jax has it and the GPU is a Hopper), cudnn,
+xla and auto; on CPU pallas (= triton, interpreted) and xla. `--dispatch-out` merges one
+measured entry per attention shape (the fastest of cudnn, mosaic and triton by forward +
 backward) into the file `impl=auto` reads (framework/ops/attention_dispatch.py)."""
 
 from __future__ import annotations
@@ -195,9 +198,15 @@ SUITES = {
 }
 
 
+# Kernels a measured entry picks among; a "pallas" row (CPU, or rows from before the Mosaic
+# kernels were benchmarked) is the Triton kernel.
+DISPATCH_KERNELS = {"cudnn": "cudnn", "mosaic": "mosaic", "triton": "triton", "pallas": "triton"}
+
+
 def dispatch_entries(rows: list[dict], device: str) -> list[dict]:
-    """One measured-dispatch entry per attention shape timed for both pallas and cudnn: the
-    faster by forward + backward time (framework/ops/attention_dispatch.py reads them)."""
+    """One measured-dispatch entry per attention shape timed for at least two of the kernels
+    (cudnn, mosaic, triton): the fastest by forward + backward time, as its impl name
+    (framework/ops/attention_dispatch.py reads them); `ms` keeps every impl's time."""
     by_shape: dict[tuple, dict[str, float]] = {}
     meta: dict[tuple, dict] = {}
     for r in rows:
@@ -210,7 +219,11 @@ def dispatch_entries(rows: list[dict], device: str) -> list[dict]:
     stamp = f"{datetime.date.today().isoformat()} jax {jax.__version__}"
     entries = []
     for key, ms in by_shape.items():
-        kernels = {k: v for k, v in ms.items() if k in ("pallas", "cudnn")}
+        kernels: dict[str, float] = {}
+        for impl, t in ms.items():
+            if impl in DISPATCH_KERNELS:
+                name = DISPATCH_KERNELS[impl]
+                kernels[name] = min(t, kernels.get(name, t))
         if len(kernels) < 2:
             continue
         best = min(kernels, key=kernels.get)
@@ -247,6 +260,19 @@ def _print(rows: list[dict]) -> None:
         print(f"{r['op']:<21} {r['impl']:<8} {str(r['shape']):<28} {rate}")
 
 
+def attention_impls(on_gpu: bool, device: str) -> tuple[list[str], str | None]:
+    """(attention impls to time, why the Mosaic kernels are not among them or None)."""
+    from framework.ops import attention_dispatch
+    from pallas_kernels import flash_attention_mgpu as mgpu
+
+    if not on_gpu:
+        return ["pallas", "xla"], "interpreted on the CPU it is far too slow at benchmark size"
+    skipped = mgpu.available()
+    if skipped is None and attention_dispatch.generation(device) != "hopper":
+        skipped = f"the kernels are for Hopper (sm90), not {device}"
+    return ["triton"] + ([] if skipped else ["mosaic"]) + ["cudnn", "xla", "auto"], skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="full")
@@ -259,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.dtype(args.dtype)
     on_gpu = jax.default_backend() == "gpu"
     attn, norms, ce = SUITES["quick" if args.quick else args.suite]
-    attn_impls = ["pallas", "xla"] + (["cudnn", "auto"] if on_gpu else [])
     device = jax.devices()[0].device_kind
     print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, dtype {dtype}")
+    attn_impls, skipped = attention_impls(on_gpu, device)
+    if skipped:
+        print(f"attention impl=mosaic skipped: {skipped}")
     rows: list[dict] = []
 
     def save() -> None:  # after each part, so a time limit keeps what was measured

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (at most 7 minutes of step limits on one H100): the GPU-marked
-# tests compiled, the kernel benchmarks, and train-step benchmarks for gpt2_small and llama_1b;
-# then performance.md + performance.json and the measured attention dispatch entries.
+# tests compiled (the Mosaic GPU attention's among them: tests/test_flash_attention_mgpu.py), the
+# kernel benchmarks (attention: Triton, Mosaic GPU on Hopper, cuDNN, XLA, auto), and train-step
+# benchmarks for gpt2_small and llama_1b; then performance.md + performance.json and the
+# measured attention dispatch entries (the fastest of cudnn, mosaic, triton per shape).
 # Each step runs under its own time limit; the exit status is 1 if any step failed.
 #
 #   bash scripts/gpu_check.sh             # on a GPU
@@ -78,7 +80,8 @@ print("gpu_check:", env)
 PY
 
 if [ "$dry" = 1 ]; then
-  step gpu_tests 120 "$py" -m pytest -q -n 0 -m gpu --collect-only tests/test_norm_kernels.py
+  step gpu_tests 120 "$py" -m pytest -q -n 0 -m gpu --collect-only tests/test_norm_kernels.py \
+    tests/test_flash_attention_mgpu.py
   step kernels 240 "$py" scripts/bench_kernels.py --suite quick --reps 1 \
     --out "$results/kernels.json" --dispatch-out "$dispatch"
   step step_tiny 240 "$py" scripts/bench_step.py configs/tiny/lm.yaml --steps 1 \

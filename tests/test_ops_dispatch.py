@@ -83,7 +83,7 @@ def test_kernels_under_a_mesh_run_per_shard(monkeypatch):
     real_shard_map = jax.shard_map
 
     def spy(fn, *args, **kwargs):
-        op = fn.__qualname__.split(".")[0]  # e.g. "attention_pallas" for its local `run`
+        op = fn.__qualname__.split(".")[0]  # e.g. "_triton" (attention) for its local `run`
 
         def body(*shards):
             mapped[op] += 1
@@ -96,7 +96,7 @@ def test_kernels_under_a_mesh_run_per_shard(monkeypatch):
     rules = MeshConfig().rules
     with logical.activate(mesh, rules):
         loss_p, grads_p = _loss_grads(cfg_p, params, batch)
-    ops_run = ("attention_pallas", "rms_norm_pallas", "linear_cross_entropy_pallas")
+    ops_run = ("_triton", "rms_norm_pallas", "linear_cross_entropy_pallas")  # pallas on CPU
     assert all(mapped[op] for op in ops_run), f"not all kernels ran under shard_map: {mapped}"
     np.testing.assert_allclose(loss_x, loss_p, rtol=1e-5)
     _close(grads_x, grads_p, 2e-5)
@@ -136,9 +136,27 @@ def test_auto_logs_its_choice_once_per_shape(monkeypatch):
 
 def test_unknown_impl_and_unsupported_options_are_clear():
     q = jnp.ones((1, 4, 2, 16))
-    with pytest.raises(ValueError, match="unknown impl 'triton'"):
-        ops.attention(q, q, q, impl="triton")
-    with pytest.raises(ValueError, match="not an arbitrary mask"):
-        ops.attention(q, q, q, mask=jnp.ones((1, 1, 4, 4), bool), impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        ops.attention(q, q, q, impl="flash")
+    for impl in ("pallas", "triton"):
+        with pytest.raises(ValueError, match="not an arbitrary mask"):
+            ops.attention(q, q, q, mask=jnp.ones((1, 1, 4, 4), bool), impl=impl)
     with pytest.raises(ValueError, match="literal_error|Input should be"):
         TransformerConfig(attention_impl="flash")
+
+
+def test_triton_equals_pallas_on_cpu():
+    """On a CPU host impl=pallas is the Triton kernel (interpreted), as impl=triton names it:
+    the same numbers, values and gradients, with segment ids, a window and GQA."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 24, 4, 16))
+    k, v = (jax.random.normal(key, (2, 24, 2, 16)) for key in keys[1:])
+    seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 8)[None].repeat(2, 0)
+    kw = dict(causal=True, segment_ids=seg, window=6)
+
+    def run(impl):
+        f = lambda q, k, v: ops.attention(q, k, v, impl=impl, **kw).sum()  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    chex.assert_trees_all_equal(run("pallas"), run("triton"))
+    _close(run("triton"), run("xla"), 2e-5)

@@ -88,8 +88,11 @@ class TransformerConfig(ModelConfig):
     remat: Literal["none", "full", "save_dots", "save_dots_no_batch"] = pydantic.Field(
         "none", description="activation checkpointing policy per block"
     )
-    attention_impl: Literal["auto", "xla", "pallas", "cudnn"] = pydantic.Field(
-        "auto", description="attention kernel; auto = pallas on GPU where supported, else xla"
+    attention_impl: Literal["auto", "xla", "pallas", "triton", "mosaic", "cudnn"] = pydantic.Field(
+        "auto",
+        description="attention kernel; auto = fastest measured or per-GPU table (cudnn, mosaic "
+        "on Hopper, triton), else xla; pallas = mosaic on Hopper where it takes the call, else "
+        "triton",
     )
     norm_impl: Literal["auto", "xla", "pallas"] = pydantic.Field(
         "auto", description="norm kernel; auto = pallas on GPU where supported, else xla"

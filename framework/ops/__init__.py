@@ -1,4 +1,5 @@
-"""Performance-critical ops behind one call each; `impl` picks xla, pallas, cudnn or auto."""
+"""Performance-critical ops behind one call each; `impl` picks xla, pallas, triton, mosaic, cudnn
+or auto (which ones per op: docs/kernels.md)."""
 
 from framework.ops.attention import attention
 from framework.ops.losses import cross_entropy, linear_cross_entropy

@@ -12,6 +12,7 @@ import jax
 from framework.ops import attention_dispatch, registry
 from framework.ops.sharded import per_shard
 from pallas_kernels import flash_attention as fa
+from pallas_kernels import flash_attention_mgpu as mgpu
 from pallas_kernels._compat import target_device
 
 # The plain-XLA impl is the kernel's reference itself, at the backend's default dot precision.
@@ -25,24 +26,8 @@ _KV_AXES = ("batch", None, "kv_heads", None)
 _SEG_AXES = ("batch", None)
 
 
-def attention_pallas(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    segment_ids=None,
-    kv_segment_ids=None,
-    mask=None,
-    window=None,
-    scale=None,
-):
-    """Flash attention (pallas_kernels.flash_attention); interpreted on CPU."""
-    if mask is not None:
-        raise ValueError(
-            "attention impl=pallas takes causal/segment_ids, not an arbitrary "
-            "mask; use impl=xla for that"
-        )
+def _triton(q, k, v, *, causal, segment_ids, kv_segment_ids, window, scale):
+    """The Triton-backend Pallas kernel, per shard under a mesh; interpreted on CPU."""
 
     def run(q, k, v, seg, kv_seg):
         return fa.flash_attention(
@@ -61,6 +46,138 @@ def attention_pallas(
     )
 
 
+def _mosaic(q, k, v, *, causal, segment_ids, kv_segment_ids, scale):
+    """The Mosaic GPU kernels (Hopper), per shard under a mesh; interpreted on a CPU target."""
+    interpret = target_device()[0] != "gpu"
+
+    def run(q, k, v, seg, kv_seg):
+        return mgpu.flash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=seg,
+            kv_segment_ids=kv_seg,
+            scale=scale,
+            interpret=interpret,
+        )
+
+    return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES, _SEG_AXES, _SEG_AXES], _Q_AXES)(
+        q, k, v, segment_ids, kv_segment_ids
+    )
+
+
+_mosaic_warned = False  # the Mosaic GPU kernels' absence is logged once per process
+
+
+def mosaic_problem(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, window=None):
+    """None if `pallas` and `auto` may run the Mosaic GPU kernels for this call: compiling for a
+    Hopper GPU, this jax has the Mosaic GPU API and the kernels take the call; else why not.
+    On Hopper with a jax lacking the API, that is logged once per process (a warning)."""
+    global _mosaic_warned
+    platform, kind = target_device()
+    if platform != "gpu" or attention_dispatch.generation(kind) != "hopper":
+        return f"{kind if platform == 'gpu' else platform}: Mosaic GPU kernels are for Hopper"
+    reason = mgpu.available()
+    if reason is not None:
+        if not _mosaic_warned:
+            _mosaic_warned = True
+            registry.log.warning(
+                "ops.attention: Mosaic GPU kernels unavailable on %s (%s); attention "
+                "impl=pallas and impl=auto use the Triton kernel instead",
+                kind,
+                reason,
+            )
+        return reason
+    return mgpu.unsupported(
+        q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask, window=window
+    )
+
+
+def attention_triton(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    mask=None,
+    window=None,
+    scale=None,
+):
+    """Flash attention on the Triton backend (pallas_kernels.flash_attention); interpreted on
+    CPU."""
+    if mask is not None:
+        raise ValueError(
+            "attention impl=triton/pallas takes causal/segment_ids, not an arbitrary "
+            "mask; use impl=xla for that"
+        )
+    return _triton(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        window=window,
+        scale=scale,
+    )
+
+
+def attention_mosaic(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    mask=None,
+    window=None,
+    scale=None,
+):
+    """Flash attention on the Mosaic GPU kernels (pallas_kernels.flash_attention_mgpu) for
+    Hopper; interpreted on CPU (slow). One-line error where unavailable or unsupported."""
+    platform, kind = target_device()
+    problem = mgpu.available()
+    if problem is None and platform == "gpu" and attention_dispatch.generation(kind) != "hopper":
+        problem = f"the kernels are for Hopper (sm90), not {kind}"
+    problem = problem or mgpu.unsupported(
+        q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask, window=window
+    )
+    if problem:
+        raise ValueError(f"attention impl=mosaic: {problem}; use impl=triton, cudnn or xla")
+    return _mosaic(
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale
+    )
+
+
+def attention_pallas(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    mask=None,
+    window=None,
+    scale=None,
+):
+    """The Pallas kernel for the target: Mosaic GPU on Hopper where available and it takes the
+    call, else Triton (interpreted on CPU)."""
+    if mask is not None:
+        raise ValueError(
+            "attention impl=pallas takes causal/segment_ids, not an arbitrary "
+            "mask; use impl=xla for that"
+        )
+    segments = dict(segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    if mosaic_problem(q, k, v, window=window, **segments) is None:
+        return _mosaic(q, k, v, causal=causal, scale=scale, **segments)
+    return _triton(q, k, v, causal=causal, window=window, scale=scale, **segments)
+
+
 def attention_cudnn(
     q,
     k,
@@ -77,7 +194,7 @@ def attention_cudnn(
     if segment_ids is not None or kv_segment_ids is not None or mask is not None or window:
         raise ValueError(
             "attention impl=cudnn supports causal masking only (no segment_ids, "
-            "window or mask); use impl=pallas or impl=xla"
+            "window or mask); use impl=pallas, triton or xla"
         )
 
     def run(q, k, v):
@@ -104,7 +221,7 @@ def _choose(
         causal=causal,
         segments=segment_ids is not None or kv_segment_ids is not None,
         mask=mask is not None or window is not None,  # cuDNN takes neither here
-        pallas_ok=on_gpu
+        triton_ok=on_gpu
         and fa.supports(
             q,
             k,
@@ -121,11 +238,24 @@ def _choose(
         and jax.default_backend() == "gpu"
         and kind.lower().startswith(("nvidia", "tesla")),
         on_gpu=on_gpu,
+        mosaic_ok=on_gpu
+        and mosaic_problem(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            mask=mask,
+            window=window,
+        )
+        is None,
     )
     return attention_dispatch.choose(call, attention_dispatch.measured_entries())
 
 
 registry.register("attention", "pallas", attention_pallas)
+registry.register("attention", "triton", attention_triton)
+registry.register("attention", "mosaic", attention_mosaic)
 registry.register("attention", "cudnn", attention_cudnn)
 registry.set_chooser("attention", _choose)
 

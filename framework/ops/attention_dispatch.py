@@ -2,11 +2,13 @@
 
 The rule, from a table: on Hopper and newer, cuDNN's fused attention where it supports the call
 (published at about 1.6x the FlashAttention-2 level our Triton kernel targets, FlashAttention-3
-paper, hd128 causal forward); the Pallas kernel where cuDNN cannot take the call (segment ids,
-f32, head dims cuDNN refuses) and on older GPUs; XLA where neither can. A measured entry
-(`attention_measured.json`, written by `scripts/gpu_check.sh` from benchmarks on that card)
-overrides the table for its device, dtype, head dim, masking and nearby sequence lengths.
-`choose` is a pure function of the call's description, so the table is testable on any host."""
+paper, hd128 causal forward); where cuDNN cannot take the call (segment ids, f32, head dims
+cuDNN refuses), on Hopper only the Mosaic GPU kernel (wgmma, sm90) where this jax has it and it
+takes the call, then the Triton kernel; on older GPUs the Triton kernel; XLA where none can.
+A measured entry (`attention_measured.json`, written by `scripts/gpu_check.sh` from benchmarks
+on that card) overrides the table for its device, dtype, head dim, masking and nearby sequence
+lengths, where its winner takes the call. `choose` is a pure function of the call's
+description, so the table is testable on any host."""
 
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from typing import Any
 MEASURED_PATH = Path(__file__).with_name("attention_measured.json")
 
 # Preference per GPU generation, best first; each impl is taken only if it supports the call.
+# "mosaic" (the Mosaic GPU kernels) is for Hopper only: never taken on another generation.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "blackwell": ("cudnn", "pallas"),
-    "hopper": ("cudnn", "pallas"),
-    "ada": ("pallas",),
-    "ampere": ("pallas",),
-    "other": ("pallas",),
+    "blackwell": ("cudnn", "triton"),
+    "hopper": ("cudnn", "mosaic", "triton"),
+    "ada": ("triton",),
+    "ampere": ("triton",),
+    "other": ("triton",),
 }
 _GENERATIONS = (  # (generation, device_kind substrings), most specific first
     ("blackwell", ("b100", "b200", "gb200", "b300", "gb300")),
@@ -50,9 +53,11 @@ class Call:
     causal: bool
     segments: bool  # segment_ids or kv_segment_ids given
     mask: bool  # an arbitrary mask given
-    pallas_ok: bool  # pallas_kernels.flash_attention.supports(...) says yes
+    triton_ok: bool  # pallas_kernels.flash_attention.supports(...) says yes
     cudnn_available: bool  # a real CUDA backend is present (cuDNN's checks query the device)
     on_gpu: bool = True  # compiling for a GPU (else device_kind names the platform)
+    # the Mosaic GPU kernels exist in this jax and flash_attention_mgpu.unsupported(...) is None
+    mosaic_ok: bool = False
 
 
 def generation(device_kind: str) -> str:
@@ -81,7 +86,13 @@ def cudnn_supports(call: Call) -> bool:
 
 
 def _supported(impl: str, call: Call) -> bool:
-    return {"cudnn": cudnn_supports(call), "pallas": call.pallas_ok, "xla": True}[impl]
+    mosaic = call.mosaic_ok and generation(call.device_kind) == "hopper"  # wgmma: sm90 only
+    return {
+        "cudnn": cudnn_supports(call),
+        "mosaic": mosaic,
+        "triton": call.triton_ok,
+        "xla": True,
+    }.get(impl, False)
 
 
 def _measured_best(call: Call, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -101,13 +112,23 @@ def _measured_best(call: Call, entries: list[dict[str, Any]]) -> dict[str, Any] 
     return min(near, key=lambda e: abs(math.log(e["seq_len"] / max(call.q_len, 1))), default=None)
 
 
+def measured_impl(entry: dict[str, Any]) -> str:
+    """A measured entry's winner as an impl name: "pallas" (files written before the Mosaic
+    kernels were measured) means the Triton kernel."""
+    best = entry.get("best", "")
+    return "triton" if best == "pallas" else best
+
+
 def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
-    """(impl, why) for `impl="auto"`."""
+    """(impl, why) for `impl="auto"`: impl is "cudnn", "mosaic", "triton" or "xla". Off a GPU,
+    xla; else the nearest measured entry's winner where it takes the call; else the first impl
+    of the generation's PREFERENCE that takes it; else xla."""
     if not call.on_gpu:
         return "xla", f"{call.device_kind}: not compiling for a GPU"
     entry = _measured_best(call, list(measured))
-    if entry is not None and _supported(entry.get("best", ""), call):
-        return entry["best"], f"measured {entry.get('measured', '')} at seq {entry['seq_len']}"
+    if entry is not None and _supported(measured_impl(entry), call):
+        why = f"measured {entry.get('measured', '')} at seq {entry['seq_len']}"
+        return measured_impl(entry), why
     gen = generation(call.device_kind)
     for impl in PREFERENCE[gen]:
         if _supported(impl, call):
@@ -116,7 +137,7 @@ def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
 
 
 _ENTRY_TYPES = {"device": str, "dtype": str, "head_dim": int, "causal": bool, "seq_len": int}
-_IMPLS = ("cudnn", "pallas", "xla")
+_IMPLS = ("cudnn", "mosaic", "triton", "xla", "pallas")  # "pallas": older files, = triton
 
 
 def measured_entries(path: str | None = None) -> tuple[dict[str, Any], ...]:

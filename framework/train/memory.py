@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 
 from framework.errors import ConfigError
 
-FLASH_ATTENTION = ("pallas", "cudnn")  # attention that never holds the seq x seq scores
+# attention that never holds the seq x seq scores
+FLASH_ATTENTION = ("pallas", "triton", "mosaic", "cudnn")
 MIN_ACTIVATION_BYTES = 2  # bf16: the least an activation element can take
 
 
