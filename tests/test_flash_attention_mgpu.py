@@ -9,136 +9,118 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mgpu_inputs import TOL, assert_no_races, inputs, packed_segments, racing
 
 from pallas_kernels import flash_attention_mgpu as mgpu
 from pallas_kernels.flash_attention import attention_reference
 
 pytestmark = pytest.mark.skipif(mgpu.available() is not None, reason=str(mgpu.available()))
-TOL = {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}  # P is rounded to the input dtype for P @ V
 
 
-def _racing():
-    """Interpret-mode parameters with race detection that raises on a race (jax 0.12; jax
-    0.11 only records it, checked by `_assert_no_races` for the last kernel)."""
-    params = mgpu.plgpu.InterpretGPUParams
-    if "on_race" in params.__dataclass_fields__:
-        return params(detect_races=True, on_race="raise")
-    return params(detect_races=True)
+def _reference_lse(q, k, causal, q_seg, kv_seg):
+    """log-sum-exp (natural log) of each query's scaled, masked scores: [b, heads, q_len]."""
+    tq, h, d = q.shape[1:]
+    tk, kh = k.shape[1], k.shape[2]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, h // kh, axis=2)) * d**-0.5
+    allowed = jnp.ones((1, 1, tq, tk), bool)
+    if causal:
+        allowed = allowed & (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None] + (tk - tq))
+    if q_seg is not None:
+        allowed = allowed & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    return jax.nn.logsumexp(jnp.where(allowed, s, -jnp.inf), axis=-1)
 
 
-def _assert_no_races():
-    """The race detector's verdict on the last interpreted kernel."""
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
-    assert not interpret_pallas_call.get_races().races_found
-
-
-def _inputs(b, tq, tk, h, kh, d, dtype, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(keys[0], (b, tq, h, d), jnp.float32)
-    k = jax.random.normal(keys[1], (b, tk, kh, d), jnp.float32)
-    v = jax.random.normal(keys[2], (b, tk, kh, d), jnp.float32)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
-
-
+# shape = (batch, q_len, kv_len, heads, kv_heads, head_dim)
 @pytest.mark.parametrize(
-    ("shape", "dtype", "causal"),
+    ("shape", "dtype", "causal", "segments", "block_kv"),
     [
-        ((1, 128, 128, 2, 1, 64), jnp.float16, False),  # MQA
-        ((1, 128, 128, 4, 2, 64), jnp.bfloat16, True),  # GQA 2
-        ((2, 64, 192, 4, 1, 64), jnp.float16, True),  # kv longer than q (a cache), 3 kv blocks
-        ((1, 128, 128, 2, 2, 128), jnp.bfloat16, False),  # head_dim 128, MHA
-        ((1, 128, 64, 8, 2, 64), jnp.float16, True),  # GQA 4, q longer: rows with no key
+        ((1, 128, 128, 2, 1, 64), jnp.float16, False, False, 64),  # MQA
+        ((1, 100, 150, 8, 1, 64), jnp.bfloat16, True, False, 64),  # GQA 8, odd lengths, cache
+        ((2, 64, 192, 4, 1, 64), jnp.float16, True, False, 64),  # kv longer than q, 3 kv blocks
+        ((1, 128, 128, 2, 2, 128), jnp.bfloat16, False, True, 128),  # d 128, MHA, segments
+        ((1, 128, 64, 8, 2, 64), jnp.float16, True, False, 64),  # GQA 4, q longer: rows, no key
+        ((1, 64, 64, 1, 1, 256), jnp.bfloat16, True, False, 64),  # head_dim 256 (forward only)
     ],
-    ids=["mqa-f16", "gqa2-causal-bf16", "offset-causal-f16", "d128-bf16", "gqa4-empty-rows"],
-)
-def test_forward_matches_the_reference(shape, dtype, causal):
+    ids=[
+        "mqa-f16", "gqa8-odd-causal-bf16", "offset-causal-f16", "d128-segments-bf16",
+        "gqa4-empty-rows", "d256-causal-bf16",
+    ],
+)  # fmt: skip
+def test_forward_matches_the_reference(shape, dtype, causal, segments, block_kv):
     b, tq, tk, h, kh, d = shape
-    q, k, v = _inputs(b, tq, tk, h, kh, d, dtype)
-    out, lse = mgpu.flash_attention_fwd(q, k, v, causal=causal, interpret=True)
+    q, k, v = inputs(b, tq, tk, h, kh, d, dtype)
+    q_seg, kv_seg = packed_segments(b, tq, tk) if segments else (None, None)
+    out, lse = mgpu.flash_attention_fwd(
+        q, k, v, causal=causal, segment_ids=q_seg, kv_segment_ids=kv_seg, block_kv=block_kv,
+        interpret=True,
+    )  # fmt: skip
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = attention_reference(*f32, causal=causal)
+    want = attention_reference(*f32, causal=causal, segment_ids=q_seg, kv_segment_ids=kv_seg)
     tol = TOL[dtype]
     np.testing.assert_allclose(out.astype(jnp.float32), want, atol=tol, rtol=tol)
-    # lse: log-sum-exp of the scaled scores of each query (natural log), [b, heads, q_len]
-    s = jnp.einsum("bqhd,bkhd->bhqk", f32[0], jnp.repeat(f32[1], h // kh, axis=2)) * d**-0.5
-    if causal:
-        allowed = jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None] + (tk - tq)
-        s = jnp.where(allowed, s, -jnp.inf)
-    np.testing.assert_allclose(lse, jax.nn.logsumexp(s, axis=-1), atol=tol, rtol=tol)
+    want_lse = _reference_lse(f32[0], f32[1], causal, q_seg, kv_seg)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
 
 
 def test_no_races_with_three_stages_in_flight():
-    q, k, v = _inputs(1, 64, 256, 2, 1, 64, jnp.float16, seed=3)
-    out, _ = mgpu.flash_attention_fwd(q, k, v, causal=True, stages=3, interpret=_racing())
-    _assert_no_races()
+    q, k, v = inputs(1, 64, 256, 2, 1, 64, jnp.float16, seed=3)
+    out, _ = mgpu.flash_attention_fwd(q, k, v, causal=True, stages=3, interpret=racing())
+    assert_no_races()
     want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=True)
     np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype", "causal", "races"),
-    [
-        # MQA, causal, race detection on; dq's 3 K/V steps and dk/dv's 4 (head, query block)
-        # pairs wrap the 2-slot rings, so slots are refilled
-        ((1, 128, 192, 2, 1, 64), jnp.float16, True, True),
-        ((1, 128, 192, 4, 2, 64), jnp.bfloat16, True, False),  # GQA 2, kv cache longer than q
-    ],
-    ids=["mqa-causal-f16-races", "gqa2-offset-causal-bf16"],
-)
-def test_gradients_match_the_reference(shape, dtype, causal, races):
-    """dq (per query block over K/V) and dk/dv (per K/V block over the group's query heads and
-    blocks, transposed products) against the reference's vjp, f32 reference inputs."""
-    b, tq, tk, h, kh, d = shape
-    q, k, v = _inputs(b, tq, tk, h, kh, d, dtype)
-    do = jax.random.normal(jax.random.key(9), q.shape).astype(dtype)
-    interpret = _racing() if races else True
-    got = jax.vjp(
-        lambda q, k, v: mgpu.flash_attention(q, k, v, causal=causal, interpret=interpret), q, k, v
-    )[1](do)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal), *f32)[1]
-    tol = 2 * TOL[dtype]
-    for name, g, w in zip("qkv", got, vjp(do.astype(jnp.float32)), strict=True):
-        np.testing.assert_allclose(g.astype(jnp.float32), w, atol=tol, rtol=tol, err_msg=name)
-    if races:
-        _assert_no_races()
-
-
-def test_forward_and_backward_lower_for_an_abstract_h100():
+@pytest.mark.parametrize(("seq", "segments"), [(256, False), (200, True)])
+def test_forward_and_backward_lower_for_an_abstract_h100(seq, segments):
     from framework.parallel.target import abstract_gpu_mesh, export_for_cuda
 
-    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, seq, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, seq, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
-    def loss(q, k, v):
-        return mgpu.flash_attention(q, k, v, causal=True).astype(jnp.float32).sum()
+    def loss(q, k, v, seg):
+        out = mgpu.flash_attention(q, k, v, causal=True, segment_ids=seg if segments else None)
+        return out.astype(jnp.float32).sum()
 
     f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     with jax.sharding.use_abstract_mesh(abstract_gpu_mesh({"x": 1})):
-        text = export_for_cuda(f, q, kv, kv).mlir_module()
+        text = export_for_cuda(f, q, kv, kv, seg).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 3  # forward, dq, dk/dv
 
 
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"tq": 100}, "multiple of 64"),
+        ({"segments": (1, 32)}, "segment ids"),
         ({"d": 80}, "head_dim"),
         ({"dtype": jnp.float32}, "float16 or bfloat16"),
         ({"kh": 3}, "multiple of kv heads"),
         ({"block_kv": 32}, "block_kv must be"),
         ({"stages": 0}, "stages must be"),
+        ({"d": 256, "block_kv": 128}, "shared memory"),
         ({"d": 256, "grad": True}, "head_dim <= 128"),
     ],
 )
 def test_unsupported_calls_say_why(change, needle):
     kw = {k: change.pop(k) for k in ("block_kv", "stages") if k in change}
-    op = mgpu.flash_attention if change.pop("grad", False) else mgpu.flash_attention_fwd
+    if "segments" in change:
+        kw["segment_ids"] = jnp.zeros(change.pop("segments"), jnp.int32)
+    grad = change.pop("grad", False)
+    op = mgpu.flash_attention if grad else mgpu.flash_attention_fwd
     dims = dict(b=1, tq=64, tk=64, h=2, kh=1, d=64, dtype=jnp.float16) | change
-    q, k, v = _inputs(**dims)
+    q, k, v = inputs(**dims)
     with pytest.raises(ValueError, match=needle):
         op(q, k, v, interpret=True, **kw)
+    if not kw:  # what dispatch asks: the same reason, without running anything
+        assert needle in mgpu.unsupported(q, k, v, backward=grad)
+
+
+def test_unsupported_names_what_the_kernels_cannot_take():
+    q, k, v = inputs(1, 64, 64, 2, 1, 64, jnp.bfloat16)
+    assert mgpu.unsupported(q, k, v) is None
+    assert mgpu.unsupported(q, k, v, segment_ids=jnp.zeros((1, 64), jnp.int32)) is None
+    assert "window" in mgpu.unsupported(q, k, v, window=16)
+    assert "mask" in mgpu.unsupported(q, k, v, mask=jnp.ones((1, 1, 64, 64), bool))
 
 
 @pytest.mark.gpu
@@ -149,7 +131,7 @@ def test_compiled_on_a_hopper_gpu(causal):
     dev = jax.devices()[0]
     if jax.default_backend() != "gpu" or getattr(dev, "compute_capability", "") != "9.0":
         pytest.skip("needs a Hopper GPU (sm90)")
-    q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
+    q, k, v = inputs(2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
     do = jax.random.normal(jax.random.key(9), q.shape).astype(jnp.bfloat16)
     out, vjp = jax.vjp(lambda q, k, v: mgpu.flash_attention(q, k, v, causal=causal), q, k, v)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
