@@ -12,6 +12,11 @@ mode on CPU).
 Kernels (grid order puts the block index first so neighbouring programs share K/V in L2):
 - forward: grid (q_blocks, batch, heads); loops over K/V blocks, writes out and log-sum-exp.
 - dq: grid (q_blocks, batch, heads); loops over K/V blocks.
+  GQA fold (forward and dq, each on its own): where the group size is a power of two and
+  block_q * groups stays within the rows the heuristic table gives that kernel (`_folds`), the
+  grid is (q_blocks, batch, kv_heads) and one program takes the group's query heads together:
+  its Q tile is [block_q, groups, d] reshaped to [block_q * groups, d] (row = position * groups
+  + head), so every K/V tile it loads serves the whole group. Masks use each row's position.
 - dk/dv: grid (kv_blocks, batch, kv_heads); loops over the query heads of the group and their
   query blocks, so the GQA sum over a group happens in registers.
 Causal runs skip K/V (or Q) blocks that are fully masked and split every loop into a masked part
@@ -128,6 +133,20 @@ def heuristic_configs() -> list[dict[str, Any]]:
 HEURISTIC_CONFIGS = heuristic_configs()
 
 
+def _table_config(head_dim: int, dtype: Any, device_kind: str, kernel: str) -> KernelConfig:
+    """The table's config for `kernel` before any clamping to the sequence lengths: blocks
+    halved for f32 at head_dim > 128 on GPUs (the table is sized for 2-byte dtypes)."""
+    family = _family(device_kind)
+    table = HEURISTIC_TABLE[family]
+    d = _padded_head_dim(head_dim)
+    row = next((cfg for max_d, cfg in table if d <= max_d), table[-1][1])
+    block_q, block_k, num_warps, num_stages = row[kernel]
+    if family != "cpu" and jnp.dtype(dtype).itemsize >= 4 and d > 128:
+        # f32 tiles take twice the shared memory of the bf16 ones the table is sized for.
+        block_q, block_k = max(MIN_BLOCK, block_q // 2), max(MIN_BLOCK, block_k // 2)
+    return KernelConfig(block_q, block_k, num_warps, num_stages)
+
+
 def choose_config(
     q_len: int,
     kv_len: int,
@@ -139,22 +158,34 @@ def choose_config(
     """(block_q, block_k, num_warps, num_stages) for `kernel` from the per-device table.
 
     Blocks shrink (to a power of two >= 16) for sequences shorter than the table's block, and
-    halve for f32 at head_dim > 128 on GPUs (the table is sized for 2-byte dtypes)."""
+    halve for f32 at head_dim > 128 on GPUs (the table is sized for 2-byte dtypes). block_q
+    counts query positions of one head; where the forward or dq folds a GQA group
+    (`_folds`), its tile has block_q * groups rows."""
     if kernel not in KERNELS:
         raise ValueError(f"choose_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if device_kind is None:
         device_kind = target_device()[1]
-    family = _family(device_kind)
-    table = HEURISTIC_TABLE[family]
-    d = _padded_head_dim(head_dim)
-    row = next((cfg for max_d, cfg in table if d <= max_d), table[-1][1])
-    block_q, block_k, num_warps, num_stages = row[kernel]
-    if family != "cpu" and jnp.dtype(dtype).itemsize >= 4 and d > 128:
-        # f32 tiles take twice the shared memory of the bf16 ones the table is sized for.
-        block_q, block_k = max(MIN_BLOCK, block_q // 2), max(MIN_BLOCK, block_k // 2)
+    block_q, block_k, num_warps, num_stages = dataclasses.astuple(
+        _table_config(head_dim, dtype, device_kind, kernel)
+    )
     block_q = min(block_q, max(MIN_BLOCK, next_pow2(q_len)))
     block_k = min(block_k, max(MIN_BLOCK, next_pow2(kv_len)))
     return KernelConfig(block_q, block_k, num_warps, num_stages)
+
+
+def _folds(
+    kernel: str, block_q: int, groups: int, head_dim: int, dtype: Any, device_kind: str
+) -> bool:
+    """Whether the forward or dq kernel takes a GQA group's query heads in one program.
+
+    Only for a power-of-two group (Triton tiles are powers of two) and while the folded tile,
+    block_q * groups rows, has no more rows than the table's own block_q for this kernel, head
+    dim, dtype and device: the table sizes registers and shared memory for that M, so a fold
+    fills a tile the sequence length had shrunk (short or decode-like queries, small autotune
+    candidates) and never grows one past what the table would use."""
+    if groups == 1 or groups & (groups - 1):
+        return False
+    return block_q * groups <= _table_config(head_dim, dtype, device_kind, kernel).block_q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +320,8 @@ class _Static:
     fwd: KernelConfig
     dq: KernelConfig
     dkdv: KernelConfig
+    fold_fwd: bool  # the forward / dq take a GQA group per program (`_folds`)
+    fold_dq: bool
     interpret: bool
 
     @property
@@ -308,11 +341,26 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _mask(
-    st: _Static, q_start, k_start, bq: int, bk: int, q_seg, kv_seg, *, keys_first: bool = False
+    st: _Static,
+    q_start,
+    k_start,
+    bq: int,
+    bk: int,
+    q_seg,
+    kv_seg,
+    *,
+    keys_first: bool = False,
+    heads: int = 1,
 ) -> jax.Array:
-    """[bq, bk] bool, True where attention is allowed (causal, window, key padding, segments);
-    keys_first: the same mask laid out [bk, bq] (for the transposed products of dk/dv)."""
+    """[bq * heads, bk] bool, True where attention is allowed (causal, window, key padding,
+    segments); heads > 1: the rows of a folded GQA tile, row r at query position
+    q_start + r // heads (q_seg holds the bq positions' ids); keys_first: the mask laid out
+    [bk, bq] (for the transposed products of dk/dv)."""
     q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
+    if heads > 1:
+        q_pos = q_start + lax.div(jnp.arange(bq * heads, dtype=jnp.int32), heads)
+        if q_seg is not None:
+            q_seg = jnp.broadcast_to(q_seg[:, None], (bq, heads)).reshape(bq * heads)
     k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
     if keys_first:
         rows, cols = q_pos[None, :], k_pos[:, None]
@@ -381,17 +429,24 @@ def _q_range(st: _Static, k_start, bq: int, bk: int, nq: int):
     return q_lo, q_full, nq
 
 
+def _rows(x: jax.Array) -> jax.Array:
+    """A folded GQA block [block_q, groups, ...] as tile rows [block_q * groups, ...]."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
-    """One query block: online softmax over K/V blocks; writes out and lse (natural log)."""
+    """One query block (of one head, or of a folded GQA group): online softmax over K/V
+    blocks; writes out and lse (natural log)."""
     if st.has_segments:
         q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
     else:
         (q_ref, k_ref, v_ref, o_ref, lse_ref), qs_ref, ks_ref = refs, None, None
     bq, bk = st.fwd.block_q, st.fwd.block_k
+    heads = st.groups if st.fold_fwd else 1
     # Causal: the last query blocks do the most work, so launch them first.
     i = nq - 1 - pl.program_id(0) if st.causal else pl.program_id(0)
     q_start = i * bq
-    q = q_ref[...]
+    q = _rows(q_ref[...]) if heads > 1 else q_ref[...]
     q_seg = qs_ref[...] if qs_ref is not None else None
     scale2 = st.scale * LOG2E
 
@@ -403,7 +458,8 @@ def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
         s = _dot_nt(q, k) * scale2
         if masked:
             kv_seg = ks_ref[pl.ds(k_start, bk)] if ks_ref is not None else None
-            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
+            allowed = _mask(st, q_start, k_start, bq, bk, q_seg, kv_seg, heads=heads)
+            s = jnp.where(allowed, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # m starts finite, so exp2 below never NaNs
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -411,35 +467,41 @@ def _fwd_kernel(*refs, st: _Static, nq: int, nk: int):
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, lsum
 
-    d = q.shape[-1]
+    rows, d = q.shape
     carry = (
-        jnp.zeros((bq, d), jnp.float32),
-        jnp.full((bq,), MASK_VALUE, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
     )
     n_start, n_full, n_end = _kv_range(st, q_start, bq, bk, nk)
     carry = lax.fori_loop(n_start, n_full, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
     acc, m, lsum = carry
     empty = lsum == 0.0  # fully masked rows: output 0, lse -inf
-    out = acc / jnp.where(empty, 1.0, lsum)[:, None]
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, lsum))) * LN2)
+    out = (acc / jnp.where(empty, 1.0, lsum)[:, None]).astype(o_ref.dtype)
+    lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, lsum))) * LN2)
+    if heads > 1:  # rows back to [block_q, groups, d] and lse to its [groups, block_q] block
+        out, lse = out.reshape(bq, heads, d), lse.reshape(bq, heads).T
+    o_ref[...] = out
+    lse_ref[...] = lse
 
 
 def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
-    """dq for one query block, looping over K/V blocks (lse in log2 units, +inf if empty)."""
+    """dq for one query block (of one head, or of a folded GQA group), looping over K/V blocks
+    (lse in log2 units, +inf if empty)."""
     if st.has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qs_ref, ks_ref = refs, None, None
     bq, bk = st.dq.block_q, st.dq.block_k
+    heads = st.groups if st.fold_dq else 1
     i = nq - 1 - pl.program_id(0) if st.causal else pl.program_id(0)
     q_start = i * bq
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
+    if heads > 1:  # [block_q, groups, d] blocks and [groups, block_q] rows as tile rows
+        q, do = _rows(q_ref[...]), _rows(do_ref[...])
+        lse, delta = _rows(lse_ref[...].T), _rows(delta_ref[...].T)
+    else:
+        q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_seg = qs_ref[...] if qs_ref is not None else None
     scale2 = st.scale * LOG2E
 
@@ -450,7 +512,8 @@ def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
         s = _dot_nt(q, k) * scale2
         if masked:
             kv_seg = ks_ref[pl.ds(k_start, bk)] if ks_ref is not None else None
-            s = jnp.where(_mask(st, q_start, k_start, bq, bk, q_seg, kv_seg), s, -jnp.inf)
+            allowed = _mask(st, q_start, k_start, bq, bk, q_seg, kv_seg, heads=heads)
+            s = jnp.where(allowed, s, -jnp.inf)
         p = jnp.exp2(s - lse[:, None])
         dp = _dot_nt(do, v)
         ds = p * (dp - delta[:, None])
@@ -460,7 +523,8 @@ def _dq_kernel(*refs, st: _Static, nq: int, nk: int):
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = lax.fori_loop(n_start, n_full, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    dq = (dq * st.scale).astype(dq_ref.dtype)
+    dq_ref[...] = dq.reshape(bq, heads, dq.shape[-1]) if heads > 1 else dq
 
 
 def _dkdv_kernel(*refs, st: _Static, nq: int):
@@ -524,33 +588,43 @@ def _params(cfg: KernelConfig) -> Any:
     return CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _query_specs(st: _Static, fold: bool, bq: int, nq: int, tk: int, d: int):
+    """BlockSpecs of the forward and dq grids (q_blocks, batch, head programs): per-head or,
+    folded, per-GQA-group blocks of q-shaped arrays and of [b, h, q] rows, the whole K/V of the
+    program's KV head, and the query / key segment ids.
+
+    Folded, program hi covers query heads hi * groups .. hi * groups + groups - 1, which share
+    KV head hi; else program hi is query head hi, reading KV head hi // groups."""
+    block_heads = st.groups if fold else None  # a group's heads, or one (squeezed) head
+    per_kv = 1 if fold else st.groups  # head programs per KV head
+    qi = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
+    q_spec = pl.BlockSpec((None, bq, block_heads, d), lambda i, bi, hi: (bi, qi(i), hi, 0))
+    kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // per_kv, 0))
+    row_spec = pl.BlockSpec((None, block_heads, bq), lambda i, bi, hi: (bi, hi, qi(i)))
+    seg_specs = [
+        pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
+        pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+    ]
+    return q_spec, kv_spec, row_spec, seg_specs
+
+
 def _forward(st: _Static, q, k, v, q_seg, kv_seg):
     """pallas_call of the forward kernel on padded inputs: (out, lse [b, h, q_pad] f32)."""
     b, tq, h, d = q.shape
-    tk, groups = k.shape[1], st.groups
+    tk = k.shape[1]
     bq, bk = st.fwd.block_q, st.fwd.block_k
     nq, nk = tq // bq, tk // bk
-    qi = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
-    in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0)),
-    ]
+    q_spec, kv_spec, row_spec, seg_specs = _query_specs(st, st.fold_fwd, bq, nq, tk, d)
+    in_specs = [q_spec, kv_spec, kv_spec]
     args = [q, k, v]
     if st.has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
-            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
-        ]
+        in_specs += seg_specs
         args += [q_seg, kv_seg]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
-        grid=(nq, b, h),
+        grid=(nq, b, h // st.groups if st.fold_fwd else h),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i))),
-        ],
+        out_specs=[q_spec, row_spec],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
@@ -571,21 +645,15 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, out, lse, do):
 
     bq, bk = st.dq.block_q, st.dq.block_k
     nq, nk = tq // bq, tk // bk
-    qi = (lambda i: nq - 1 - i) if st.causal else (lambda i: i)
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qi(i), hi, 0))
-    kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qi(i)))
+    q_spec, kv_spec, row_spec, seg_specs = _query_specs(st, st.fold_dq, bq, nq, tk, d)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse2, delta]
     if st.has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qi(i))),
-            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
-        ]
+        in_specs += seg_specs
         args += [q_seg, kv_seg]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
-        grid=(nq, b, h),
+        grid=(nq, b, h // groups if st.fold_dq else h),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -796,6 +864,8 @@ def _prepare(
         fwd=fwd,
         dq=dq,
         dkdv=dkdv,
+        fold_fwd=_folds("fwd", fwd.block_q, h // kh, d, q.dtype, device_kind),
+        fold_dq=_folds("dq", dq.block_q, h // kh, d, q.dtype, device_kind),
         interpret=bool(interpret),
     )
     return st, q, k, v, q_seg, kv_seg

@@ -14,6 +14,7 @@ Tolerances (elementwise |kernel - reference| <= atol + rtol * |reference|):
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -163,6 +164,72 @@ def test_sliding_window_parity(case: str):
     by_hand = (cols <= rows) & (cols > rows - window)
     mask = np.asarray(attention_mask(tq, tk, causal=True, window=window))[0, 0]
     np.testing.assert_array_equal(mask, by_hand)
+
+
+# GQA fold (forward and dq take a group's query heads per program). The fold's row budget is
+# the device table's block_q, so the H100 table (128 rows at head_dim <= 128) lets block_q 16
+# fold groups up to 8 here. (dtype, b, tq, tk, h, kh, d, causal, window, segments, configs);
+# configs: (block_q, block_k) for all kernels, or per-kernel KernelConfigs.
+_FWD_FOLDED_DQ_NOT = {"fwd": fa.KernelConfig(16, 16, 4, 2), "dq": fa.KernelConfig(64, 16, 4, 2)}
+FOLD_CASES = {
+    "f32-gqa2-noncausal-odd": (jnp.float32, 2, 29, 51, 4, 2, 64, False, None, False, (16, 16)),
+    "f32-gqa8-causal-seg-odd": (jnp.float32, 1, 45, 45, 16, 2, 32, True, None, True, (16, 32)),
+    "f32-mqa4-window-kv-longer": (jnp.float32, 1, 24, 50, 4, 1, 32, True, 7, False, (16, 16)),
+    "bf16-gqa4-causal-d128": (jnp.bfloat16, 1, 53, 53, 8, 2, 128, True, None, False, (16, 32)),
+    "bf16-mqa8-window-seg": (jnp.bfloat16, 2, 40, 40, 8, 1, 32, True, 12, True, (16, 16)),
+    "f32-gqa4-seg-fwd-folded-dq-not": (
+        *(jnp.float32, 1, 37, 37, 8, 2, 32, True, None, True),
+        _FWD_FOLDED_DQ_NOT,
+    ),
+}
+
+
+def _static(q, k, v, **kw) -> fa._Static:
+    """The kernels' static description (fold decisions included) for flash_attention's
+    keyword arguments."""
+    names = list(inspect.signature(fa._prepare).parameters)[3:]  # after q, k, v
+    return fa._prepare(q, k, v, **{n: kw.get(n) for n in names})[0]
+
+
+@pytest.mark.parametrize("case", sorted(FOLD_CASES))
+def test_gqa_fold_parity(case: str):
+    """Folded forward/dq (one program per GQA group, rows = positions x heads): output and
+    gradients equal the reference with causal, window and segment masks at odd lengths."""
+    dtype, b, tq, tk, h, kh, d, causal, window, seg, configs = FOLD_CASES[case]
+    seed = sum(map(ord, case))
+    q, k, v, do = _inputs(seed, b, tq, tk, h, kh, d, dtype)
+    kw = dict(causal=causal, window=window)
+    if seg:
+        kw["segment_ids"] = _segments(seed + 1, b, tq)
+        kw["kv_segment_ids"] = _segments(seed + 2, b, tk)
+    blk = dict(device_kind=fa.FAMILY_EXAMPLES["hopper"])
+    if isinstance(configs, dict):
+        blk["kernel_configs"] = configs
+    else:
+        blk["block_q"], blk["block_k"] = configs
+    st = _static(q, k, v, **kw, **blk)
+    assert (st.fold_fwd, st.fold_dq) == (True, configs is not _FWD_FOLDED_DQ_NOT)
+    got = _value_and_grads(
+        lambda q, k, v, **a: flash_attention(q, k, v, **blk, **a), q, k, v, do, kw
+    )
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    want = [w.astype(dtype) for w in _value_and_grads(attention_reference, *f32, kw)]
+    _assert_close(got, want, dtype)
+
+
+def test_gqa_fold_decision():
+    """Folds only power-of-two groups, only up to the table's block_q rows for the kernel, head
+    dim, dtype and device; the CPU table (64 rows) keeps the existing cases' coverage of both
+    paths: groups 4 at block_q 16 folds, groups 8 does not."""
+    h100, bf16 = fa.FAMILY_EXAMPLES["hopper"], jnp.bfloat16
+    assert fa._folds("fwd", 16, 8, 128, bf16, h100)  # 128 rows: the H100 forward's block_q
+    assert fa._folds("dq", 64, 2, 64, bf16, h100)
+    assert not fa._folds("fwd", 32, 8, 128, bf16, h100)  # 256 rows
+    assert not fa._folds("fwd", 16, 8, 256, bf16, h100)  # head_dim 256: 64 rows
+    assert not fa._folds("fwd", 16, 6, 64, bf16, h100)  # not a power of two
+    assert not fa._folds("fwd", 16, 1, 64, bf16, h100)
+    assert fa._folds("fwd", 16, 4, 64, jnp.float32, "cpu")
+    assert not fa._folds("dq", 16, 8, 64, jnp.float32, "cpu")
 
 
 def test_window_needs_causal():
@@ -379,6 +446,33 @@ def test_lowers_for_cuda_variants(kw):
             window=kw.get("window"),
         )
         assert triton_calls(text) == 3
+
+
+@pytest.mark.parametrize(
+    "t,h,kh,d,segments,window",
+    [(16, 32, 4, 128, True, None), (37, 8, 4, 64, False, 24), (5, 8, 1, 64, True, None)],
+    ids=["gqa8-d128-seg", "gqa2-odd-window", "mqa8-decode"],
+)
+def test_lowers_for_cuda_gqa_folded(t, h, kh, d, segments, window):
+    """Forward and dq folded (a [block_q * groups, d] tile per GQA group) lower for an H100."""
+    hopper = fa.FAMILY_EXAMPLES["hopper"]
+    q, kv = jnp.zeros((2, t, h, d), jnp.bfloat16), jnp.zeros((2, t, kh, d), jnp.bfloat16)
+    st = _static(q, kv, kv, causal=True, interpret=False, device_kind=hopper, window=window)
+    assert st.fold_fwd and st.fold_dq
+    text = _export_fwd_bwd(
+        2,
+        t,
+        t,
+        h,
+        kh,
+        d,
+        jnp.bfloat16,
+        causal=True,
+        segments=segments,
+        window=window,
+        device_kind=hopper,
+    )
+    assert triton_calls(text) == 3
 
 
 def test_non_power_of_two_block_fails_lowering(monkeypatch):
