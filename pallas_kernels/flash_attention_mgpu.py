@@ -54,10 +54,10 @@ def default_block_kv(head_dim: int) -> int:
 
 
 def forward_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory of one compiled forward CTA: Q and lse per compute warpgroup, the K/V
-    ring (P stays in registers there)."""
-    per_wg = BLOCK_Q * head_dim * itemsize + BLOCK_Q * 4
-    return COMPUTE_WGS * per_wg + 2 * stages * block_kv * head_dim * itemsize
+    """Shared memory of one compiled forward CTA: Q, lse and segment ids per compute
+    warpgroup, the K/V ring with its segment ids (P stays in registers there)."""
+    per_wg = BLOCK_Q * head_dim * itemsize + BLOCK_Q * 4 * 2
+    return COMPUTE_WGS * per_wg + stages * block_kv * (2 * head_dim * itemsize + 4)
 
 
 def _check(q, k, v, block_kv: int, stages: int) -> str | None:
@@ -399,6 +399,14 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
             @pl.loop(stages, jnp.maximum(cta_steps, stages))
             def _refill(step):
                 fetch(step, lax.rem(step, jnp.int32(stages)), wait=True)
+
+            # Observe the releases of the last blocks too, so that every phase of the free
+            # barriers is waited for (jax 0.11's interpret mode checks this at the end).
+            @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+            def _drain(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
 
     transforms = _transforms()
     extra = [] if compiled else [
