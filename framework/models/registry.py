@@ -78,6 +78,9 @@ class Model:
     state_spec: Callable[..., Any] = _no_state
     # Model FLOPs per trained token given (cfg, seq_len), for MFU; None where not meaningful.
     flops_per_token: Callable[..., float] | None = None
+    # params -> bool tree of the leaves training updates (None: all); the rest is frozen: not
+    # differentiated, no optimizer state (LoRA, framework.finetune).
+    trainable: Callable[[Any], Any] | None = None
 
 
 def _in_param_dtype(spec: Callable[..., Any]) -> Callable[..., Any]:

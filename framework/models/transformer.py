@@ -10,6 +10,7 @@ params when `scan_layers` is false), each under the remat policy named in the co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -209,6 +210,9 @@ def spec(cfg: TransformerConfig) -> dict:
         tree["unembed"] = nn.linear_spec(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), bias=False
         )
+        # the fused loss reads this kernel directly (no nn.linear): not a LoRA target
+        kernel = tree["unembed"]["kernel"]
+        tree["unembed"]["kernel"] = dataclasses.replace(kernel, out_dims=None)
     return tree
 
 

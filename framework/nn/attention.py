@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from framework import ops
-from framework.nn.basic import fan_in_init, zeros
+from framework.nn.basic import fan_in_init, low_rank, zeros
 from framework.nn.checks import check_float, check_last_dim, check_rank
 from framework.nn.norm import rms_norm, rms_norm_spec
 from framework.nn.param import Param
@@ -39,17 +39,26 @@ def attention_spec(
     spec = {
         "q": {
             "kernel": Param(
-                (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), fan_in_init
+                (d_model, n_heads, head_dim),
+                ("embed", "heads", "head_dim"),
+                fan_in_init,
+                out_dims=2,
             )
         },
         "k": {
             "kernel": Param(
-                (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), fan_in_init
+                (d_model, n_kv_heads, head_dim),
+                ("embed", "kv_heads", "head_dim"),
+                fan_in_init,
+                out_dims=2,
             )
         },
         "v": {
             "kernel": Param(
-                (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), fan_in_init
+                (d_model, n_kv_heads, head_dim),
+                ("embed", "kv_heads", "head_dim"),
+                fan_in_init,
+                out_dims=2,
             )
         },
         "o": {
@@ -59,6 +68,7 @@ def attention_spec(
                 jax.nn.initializers.variance_scaling(
                     1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
                 ),
+                out_dims=1,
             )
         },
     }
@@ -75,7 +85,7 @@ def attention_spec(
 
 
 def _project(p: dict, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("btd,dhk->bthk", x, p["kernel"].astype(x.dtype))
+    y = jnp.einsum("btd,dhk->bthk", x, p["kernel"].astype(x.dtype)) + low_rank(p, x)
     return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 
@@ -109,6 +119,7 @@ def _qkv(
 
 def _output(params: dict, out: jax.Array) -> jax.Array:
     y = jnp.einsum("bthk,hkd->btd", out, params["o"]["kernel"].astype(out.dtype))
+    y = y + low_rank(params["o"], out)
     return y + params["o"]["bias"].astype(y.dtype) if "bias" in params["o"] else y
 
 

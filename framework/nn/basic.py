@@ -22,7 +22,7 @@ def linear_spec(
     init=fan_in_init,
 ) -> dict:
     """y = x @ kernel (+ bias); kernel [d_in, d_out] with logical `axes`."""
-    spec = {"kernel": Param((d_in, d_out), axes, init)}
+    spec = {"kernel": Param((d_in, d_out), axes, init, out_dims=1)}
     if bias:
         spec["bias"] = Param((d_out,), (axes[1],), zeros)
     return spec
@@ -31,10 +31,22 @@ def linear_spec(
 def linear(params: dict, x: jax.Array) -> jax.Array:
     check_float(x)
     check_last_dim(x, params["kernel"].shape[0])
-    y = jnp.einsum("...i,io->...o", x, params["kernel"].astype(x.dtype))
+    y = jnp.einsum("...i,io->...o", x, params["kernel"].astype(x.dtype)) + low_rank(params, x)
     if "bias" in params:
         y = y + params["bias"].astype(y.dtype)
     return y
+
+
+def low_rank(params: dict, x: jax.Array) -> jax.Array | float:
+    """The LoRA term of a projection whose params hold adapters (framework.finetune): scale *
+    (x @ lora_a) @ lora_b, contracting x's trailing dims with lora_a's leading ones; 0 when
+    there are none. Never forms the [in, out] product, so the frozen kernel gets no gradient
+    matmul."""
+    if "lora_a" not in params:
+        return 0.0
+    a, b = params["lora_a"].astype(x.dtype), params["lora_b"].astype(x.dtype)
+    h = jnp.tensordot(x, a, axes=a.ndim - 1)
+    return jnp.tensordot(h, b, axes=1) * params["lora_scale"].astype(x.dtype)
 
 
 def embedding_spec(vocab: int, dim: int, axes=("vocab", "embed"), std: float = 0.02) -> dict:

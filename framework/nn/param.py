@@ -27,6 +27,11 @@ class Param:
     axes: tuple[str | None, ...]
     init: Initializer = jax.nn.initializers.normal(0.02)
     dtype: Any = jnp.float32
+    # A projection kernel (x @ kernel): how many trailing dims are outputs (the dims between
+    # the stacked ones and those are contracted with the input). None: not a projection.
+    # LoRA (framework.finetune) adapts only projections.
+    out_dims: int | None = None
+    stacked: int = 0  # leading dims added by `stack` (one slice per layer)
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -35,6 +40,10 @@ class Param:
             raise ValueError(f"Param shape {self.shape} and axes {self.axes} differ in rank")
         if any(s <= 0 for s in self.shape):
             raise ValueError(f"Param shape {self.shape} must be positive in every dimension")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 def is_param(x: Any) -> bool:
@@ -85,6 +94,8 @@ def stack(spec: PyTree, n: int, axis_name: str = "layers") -> PyTree:
         def init_fn(key, shape, dtype, _inner=p.init):
             return jax.vmap(lambda k: _inner(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
 
-        return Param((n, *p.shape), (axis_name, *p.axes), init_fn, p.dtype)
+        return Param(
+            (n, *p.shape), (axis_name, *p.axes), init_fn, p.dtype, p.out_dims, p.stacked + 1
+        )
 
     return jax.tree.map(stacked, spec, is_leaf=is_param)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from framework import models, nn
+from framework import finetune, models, nn
 from framework.data import EvalSet, Loader, describe, make_loaders
 from framework.models.registry import Model
 from framework.parallel import logical
@@ -30,7 +30,13 @@ from framework.parallel.sharding import check_batch, logical_shardings, put_batc
 from framework.train.config import Config
 from framework.train.memory import check_fits
 from framework.train.optimizer import make_optimizer, schedule
-from framework.train.step import State, init_state, make_eval_step, make_train_step
+from framework.train.step import (
+    State,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    split_trainable,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +122,8 @@ def state_shardings(
         tx,
         like_param,
         shapes["opt_state"],
-        params,
-        shapes["params"],
+        split_trainable(model, params)[0],  # the optimizer holds the trainable part only
+        split_trainable(model, shapes["params"])[0],
         transform_non_params=lambda _: replicated,
     )
     model_state = logical_shardings(
@@ -211,6 +217,8 @@ def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -
     not first generate gigabytes of tokens)."""
     initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
     model = models.get(cfg.model.name)
+    if cfg.finetune.lora is not None:
+        model = finetune.wrap(model, cfg.finetune.lora)
     meta = describe(cfg.data)
     plan = _plan(cfg, model, meta, devices) if _known_unread(cfg, meta) or not read_data else None
     train_data = eval_set = None

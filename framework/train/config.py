@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 import pydantic
 
 from framework.data.config import DataConfig
+from framework.finetune import FinetuneConfig
 from framework.models import REGISTRY
 from framework.parallel.mesh import MeshConfig
 from framework.train.checkpoint import CheckpointConfig
@@ -80,7 +81,7 @@ class TrainConfig(pydantic.BaseModel):
 
 
 class Config(pydantic.BaseModel):
-    """A whole run: run, model, data, optim, train, mesh, checkpoint."""
+    """A whole run: run, model, data, optim, train, mesh, checkpoint, finetune."""
 
     model_config = _FROZEN
     run: RunConfig = RunConfig()
@@ -90,6 +91,7 @@ class Config(pydantic.BaseModel):
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_batch(self):
@@ -97,5 +99,11 @@ class Config(pydantic.BaseModel):
             raise ValueError(
                 f"data.batch_size ({self.data.batch_size}) must be divisible by "
                 f"train.grad_accum ({self.train.grad_accum})"
+            )
+        if self.finetune.lora is not None and self.checkpoint.resume in ("auto", "never", "fresh"):
+            raise ValueError(
+                "finetune.lora adapts pretrained weights: set checkpoint.resume to the base "
+                f"run's directory (e.g. an imported Hugging Face model), not "
+                f"{self.checkpoint.resume!r}"
             )
         return self

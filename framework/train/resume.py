@@ -15,12 +15,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from framework import nn
 from framework.data.pipeline import STATE_VERSION as DATA_STATE_VERSION
 from framework.errors import CheckpointError, ConfigError
+from framework.finetune import lora
 from framework.train import checkpoint as ckpt
 from framework.train import compat
 from framework.train.build import Run
-from framework.train.step import State
+from framework.train.step import State, split_trainable
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +96,17 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
         return Start(run.init_state())
     step, arrays, meta = found
     if params_only:  # no random init: it would compile and hold a second copy of the params
-        init_opt = jax.jit(run.tx.init, out_shardings=run.shardings["opt_state"])
+        params = arrays["params"]
+        if run.cfg.finetune.lora is not None:  # the base's weights, fresh adapters
+            params = lora.deep_merge(params, _fresh_adapters(run))
+        init_opt = jax.jit(
+            lambda p: run.tx.init(split_trainable(run.model, p)[0]),
+            out_shardings=run.shardings["opt_state"],
+        )
         state = {
             "step": jax.device_put(np.int32(0), run.shardings["step"]),
-            "params": arrays["params"],
-            "opt_state": init_opt(arrays["params"]),
+            "params": params,
+            "opt_state": init_opt(params),
             "model_state": arrays["model_state"],
         }
         log.warning("initialized params from %s step %d (fine-tuning from step 0)", source, step)
@@ -106,6 +114,22 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
     log.warning("resumed from %s step %d", source, step)
     step_array = jax.device_put(np.int32(meta["step"]), run.shardings["step"])
     return Start(arrays | {"step": step_array}, int(meta.get("skipped_steps", 0)))
+
+
+def _fresh_adapters(run: Run) -> dict:
+    """The LoRA adapters' initial values (the same as a fresh state's), created sharded."""
+    spec = lora.adapters_only(run.model.spec(run.cfg.model))
+    shardings = lora.adapters_only(run.shardings["params"])
+    init = jax.jit(lambda key: nn.init(spec, key), out_shardings=shardings)
+    return init(jax.random.key(run.cfg.run.seed))
+
+
+def _base_state(run: Run, params_only: bool) -> dict:
+    """The abstract state a checkpoint is read into: a LoRA run's base weights have no
+    adapters (they are added fresh) when it starts from another run's params."""
+    if not (params_only and run.cfg.finetune.lora is not None):
+        return run.abstract_state
+    return dict(run.abstract_state, params=lora.strip(run.abstract_state["params"]))
 
 
 def _weights_only(reader: ckpt.Checkpointer) -> bool:
@@ -129,7 +153,8 @@ def _newest_good(
     newer one is moved aside (own run) or skipped (another run's). Every process takes each
     decision together: a shard that fails on one process is damage for all."""
     items = ("params", "model_state") if params_only else ckpt.ARRAY_ITEMS
-    wanted = {k: run.abstract_state[k] for k in items}
+    abstract = _base_state(run, params_only)
+    wanted = {k: abstract[k] for k in items}
     config = run.cfg.model_dump(mode="json")
     damaged = []
     for step in reversed(reader.steps()):
@@ -174,7 +199,7 @@ def _read(
         params_only=params_only,
         where=reader.step_path(step),
     )
-    return reader.restore(step, run.abstract_state, params_only=params_only)
+    return reader.restore(step, _base_state(run, params_only), params_only=params_only)
 
 
 def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, ckpt.Damaged | None]:

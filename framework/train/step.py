@@ -28,22 +28,47 @@ State = dict[str, Any]
 def init_state(
     model: Model, mcfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array
 ) -> State:
-    """Fresh params (per-path keys), model state (e.g. batch-norm statistics), optimizer state."""
+    """Fresh params (per-path keys), model state (e.g. batch-norm statistics), optimizer state
+    (for the trainable params only)."""
     params = nn.init(model.spec(mcfg), key)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": tx.init(split_trainable(model, params)[0]),
         "model_state": nn.init(model.state_spec(mcfg), key),
     }
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def split_trainable(model: Model, params: Any) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees shaped like params, None where the other has the leaf
+    (model.trainable decides; every leaf trains without it, frozen is then None). Optimizer
+    states and gradients are trees of the trainable part, so frozen leaves cost neither."""
+    if model.trainable is None:
+        return params, None
+    mask = model.trainable(params)
+    train = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
+    return train, frozen
+
+
+def combine(train: Any, frozen: Any) -> Any:
+    """The params tree from `split_trainable`'s two parts."""
+    if frozen is None:
+        return train
+    return jax.tree.map(lambda t, f: f if t is None else t, train, frozen, is_leaf=_is_none)
+
+
 def finite_leaves(tree: Any) -> jax.Array:
-    """One flag per leaf (jax.tree.leaves order): every element finite."""
-    leaves = jax.tree.leaves(tree)
+    """One flag per leaf (jax.tree.leaves order, None counting as a finite leaf, so the flags
+    of a trainable part line up with the whole params tree): every element finite."""
+    leaves = jax.tree.leaves(tree, is_leaf=_is_none)
     if not leaves:
         return jnp.zeros((0,), bool)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+    return jnp.stack([jnp.bool_(True) if x is None else jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def split_micro(batch: dict, n: int) -> dict:
@@ -69,10 +94,12 @@ def gradients(
     """(gradients, metrics, new model state) of the mean loss over every counted item of
     `batch`, accumulated over `grad_accum` micro-batches in a lax.scan. Each micro-batch's
     mean loss and metrics are weighted by its count (`aux["weight"]`), so uneven masks give the
-    same result as one full batch."""
+    same result as one full batch. Gradients are those of the trainable part
+    (`split_trainable`): frozen leaves are not differentiated (None in the tree)."""
+    params, frozen = split_trainable(model, params)
 
     def loss_fn(p, mstate, mb, k):
-        loss, aux = model.loss(p, mb, mcfg, key=k, state=mstate)
+        loss, aux = model.loss(combine(p, frozen), mb, mcfg, key=k, state=mstate)
         return loss, (
             dict(aux["metrics"], loss=loss),
             jnp.asarray(aux["weight"], jnp.float32),
@@ -135,12 +162,12 @@ def make_train_step(
 
     def step(state: State, batch: dict) -> tuple[State, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
-        params = state["params"]
+        params, frozen = split_trainable(model, state["params"])
         grads, metrics, model_state = gradients(
-            model, mcfg, params, state["model_state"], batch, key, grad_accum
+            model, mcfg, state["params"], state["model_state"], batch, key, grad_accum
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = combine(optax.apply_updates(params, updates), frozen)
         new_state = {
             "step": state["step"] + 1,
             "params": new_params,
