@@ -2,14 +2,17 @@
 
     python scripts/convert_hf.py import HF_DIR --out OUT_DIR [--param-dtype float32]
     python scripts/convert_hf.py export RUN_DIR --out HF_DIR [--step N]
-        [--dtype float32|bfloat16|float16] [--max-shard-size 5GB]
+        [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--peft]
 
 import: a local transformers checkpoint (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
 Qwen2ForCausalLM, Qwen3ForCausalLM; config.json, model.safetensors or a sharded index,
 tokenizer.json when present) -> OUT_DIR/config.yaml (train from it: `scripts/train.py
 OUT_DIR/config.yaml`, which resumes the weights from OUT_DIR), OUT_DIR/checkpoints/0 (weights
 only) and the tokenizer files. export: a run directory (or an imported OUT_DIR) -> a folder
-`transformers.AutoModelForCausalLM.from_pretrained` loads. A bad input (no config.json, an
+`transformers.AutoModelForCausalLM.from_pretrained` loads; a LoRA run (finetune.lora) is
+exported with its adapters merged into the kernels, or with --peft as its adapters alone
+(adapter_config.json + adapter_model.safetensors, which `peft.PeftModel.from_pretrained`
+loads onto the base model). A bad input (no config.json, an
 unsupported architecture or config key, a missing shard or tensor, a tensor whose shape
 disagrees with config.json, a model no HF class expresses) prints one line and exits with
 status 2; an unreadable checkpoint exits with status 1. See docs/hf.md."""
@@ -46,6 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="weight dtype (default: the imported checkpoint's, else the param dtype)",
     )
     exp.add_argument("--max-shard-size", default="5GB", help="shard above this size (5GB)")
+    exp.add_argument(
+        "--peft",
+        action="store_true",
+        help="a LoRA run: write its adapters alone in the PEFT format (adapter_config.json, "
+        "adapter_model.safetensors; float32 unless --dtype) instead of the merged model",
+    )
     for p in (imp, exp):
         p.add_argument(
             "--debug",
@@ -68,6 +77,18 @@ def run(args: argparse.Namespace) -> None:
         if s["warning"]:
             print(f"warning: {s['warning']}")
         return
+    if args.peft:
+        from framework.hf import export_adapters
+
+        s = export_adapters(args.run_dir, args.out, step=args.step, dtype=args.dtype)
+        print(
+            f"exported the LoRA adapters of step {s['step']} for {s['architecture']} "
+            f"({s['dtype']}, r={s['r']}, lora_alpha={s['lora_alpha']:g}, "
+            f"{s['params']:,} params) -> {args.out}"
+        )
+        print(f"target_modules: {', '.join(s['target_modules'])}")
+        print(f"files: {', '.join(s['files'])}")
+        return
     from framework.hf import export_run
     from framework.hf.files import parse_size
 
@@ -80,6 +101,9 @@ def run(args: argparse.Namespace) -> None:
     )
     print(f"exported step {s['step']} as {s['architecture']} ({s['dtype']}) -> {args.out}")
     print(f"files: {', '.join(['config.json', *s['files']])}")
+    if s["merged_adapters"]:
+        n = len(s["merged_adapters"])
+        print(f"merged the LoRA adapters into {n} kernels (W + alpha / r * A @ B)")
     if s["tokenizer"]:
         print(f"tokenizer: {', '.join(s['tokenizer'])}")
     else:

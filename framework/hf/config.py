@@ -77,20 +77,25 @@ KEPT_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """What an imported checkpoint was: its class, dtype and original config.json."""
+    """What an imported checkpoint was: its class, dtype, original config.json and the folder
+    it was imported from (None in records written before it was kept)."""
 
     architecture: str
     dtype: str | None
     config: dict
+    path: str | None = None
 
     def to_json(self) -> dict:
         """As written to hf.json."""
-        return {"architecture": self.architecture, "dtype": self.dtype, "config": self.config}
+        out = {"architecture": self.architecture, "dtype": self.dtype, "config": self.config}
+        return out | ({"path": self.path} if self.path else {})
 
     @classmethod
     def from_json(cls, data: dict) -> Source:
         """From hf.json's contents."""
-        return cls(data["architecture"], data.get("dtype"), data.get("config", {}))
+        return cls(
+            data["architecture"], data.get("dtype"), data.get("config", {}), data.get("path")
+        )
 
 
 def read_config(hf_dir: str | Path) -> dict:

@@ -10,6 +10,7 @@ writes config.json and safetensors that transformers loads."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -144,6 +145,7 @@ def import_checkpoint(
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).expanduser().absolute()
     cfg, source = _model(hf_dir, param_dtype)
+    source = dataclasses.replace(source, path=str(hf_dir.expanduser().absolute()))
     if step_dirs(out_dir / "checkpoints") or (out_dir / "checkpoints").is_file():
         raise ConfigError(f"--out {out_dir} already holds checkpoints; choose a new folder")
     warning = _vocab_warning(_find_tokenizer(hf_dir), cfg)

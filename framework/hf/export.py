@@ -103,8 +103,9 @@ def find_source(run_dir: Path, saved: dict, hops: int = 8) -> tuple[hfc.Source |
     return None, None
 
 
-def _plan(cfg: TransformerConfig, family: str, flat: dict, dtype: np.dtype) -> list[files.Planned]:
-    """Every HF tensor, produced on demand from the framework leaves."""
+def check_shapes(cfg: TransformerConfig, flat: dict) -> dict:
+    """The model's {path: (shape, dtype)}; ConfigError naming a param the checkpoint lacks or
+    holds in another shape."""
     shapes = weights.leaf_shapes(cfg)
     for path, (shape, _) in shapes.items():
         if path not in flat or tuple(flat[path].shape) != shape:
@@ -112,6 +113,49 @@ def _plan(cfg: TransformerConfig, family: str, flat: dict, dtype: np.dtype) -> l
             raise ConfigError(
                 f"checkpoint param {path} is {have}, the model config says {list(shape)}"
             )
+    return shapes
+
+
+def adapted_kernels(flat: dict) -> list[str]:
+    """The '/'-joined paths of the kernels a LoRA run adapts (those with a `lora_a` beside
+    them); ConfigError if one lacks lora_b or lora_scale."""
+    from framework.finetune import lora
+
+    out = []
+    for path in sorted(flat):
+        if path.endswith("/lora_a"):
+            where = path[: -len("/lora_a")]
+            for leaf in ("kernel", *lora.ADAPTER_LEAVES):
+                if f"{where}/{leaf}" not in flat:
+                    raise ConfigError(f"checkpoint param {where}/{leaf} is absent beside lora_a")
+            out.append(f"{where}/kernel")
+    return out
+
+
+def merge_adapters(flat: dict) -> tuple[dict, list[str]]:
+    """(`flat` with each LoRA-adapted kernel replaced by W + scale * A @ B and the adapter
+    leaves dropped, the kernels merged): `framework.finetune.lora.merge`, one kernel at a
+    time, on the host CPU at full f32 matmul precision, cast back to W's dtype."""
+    import jax
+
+    from framework.finetune import lora
+
+    kernels = adapted_kernels(flat)
+    if not kernels:
+        return flat, []
+    out = {k: v for k, v in flat.items() if k.rsplit("/", 1)[-1] not in lora.ADAPTER_LEAVES}
+    cpu = jax.devices("cpu")[0]
+    for kernel in kernels:
+        where = kernel[: -len("/kernel")]
+        group = {leaf: flat[f"{where}/{leaf}"] for leaf in ("kernel", *lora.ADAPTER_LEAVES)}
+        with jax.default_device(cpu), jax.default_matmul_precision("highest"):
+            out[kernel] = np.asarray(lora.merge(group)["kernel"])
+    return out, kernels
+
+
+def _plan(cfg: TransformerConfig, family: str, flat: dict, dtype: np.dtype) -> list[files.Planned]:
+    """Every HF tensor, produced on demand from the framework leaves."""
+    shapes = check_shapes(cfg, flat)
     plan = []
     for rule in weights.rules(cfg, family):
         shape = weights.slice_shape(rule, shapes, rule.fw[0])
@@ -182,7 +226,8 @@ def export_run(
     max_shard_bytes: int = DEFAULT_SHARD,
 ) -> dict[str, Any]:
     """Write `out_dir` (config.json, safetensors, tokenizer and generation files) from a run's
-    checkpoint, replacing what an earlier export wrote there; returns a summary. ConfigError
+    checkpoint, replacing what an earlier export wrote there; returns a summary. A LoRA run's
+    adapters are merged into their kernels (`merged_adapters` names them). ConfigError
     (one line) for a model HF cannot express, or an `out_dir` holding the run's own files."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     got, flat, saved = _read_run(run_dir, step)
@@ -193,11 +238,10 @@ def export_run(
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     hf_config = target.from_framework(cfg, name, dtype, source)
+    flat, merged = merge_adapters(flat)  # a LoRA run: W + alpha / r * A @ B
     plan = _plan(cfg, hfc.ARCHITECTURES[name], flat, EXPORT_DTYPES[dtype])
     tokenizer_path = _tokenizer_path(saved)  # every check passes before anything is written
-    inputs = [run_dir, source_dir, tokenizer_path.parent if tokenizer_path else None]
-    if any(p is not None and p.resolve() == out_dir.resolve() for p in inputs):
-        raise ConfigError(f"--out {out_dir} holds the run's own files; choose another folder")
+    check_out(out_dir, [run_dir, source_dir, tokenizer_path.parent if tokenizer_path else None])
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_previous_export(out_dir)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -211,4 +255,11 @@ def export_run(
         "files": [p.name for p in written],
         "tokenizer": tokenizer,
         "generation_config": generation,
+        "merged_adapters": merged,
     }
+
+
+def check_out(out_dir: Path, inputs: list[Path | None]) -> None:
+    """ConfigError if `out_dir` is one of the folders the export reads."""
+    if any(p is not None and p.resolve() == out_dir.resolve() for p in inputs):
+        raise ConfigError(f"--out {out_dir} holds the run's own files; choose another folder")

@@ -202,6 +202,12 @@ def _write_one(path: Path, tensors: Iterable[Planned], metadata: dict[str, str])
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
+def write_file(path: Path, plan: Sequence[Planned]) -> Path:
+    """Write `plan` as one safetensors file at `path` (torch metadata, as `write`)."""
+    _write_one(path, plan, {"format": "pt"})
+    return path
+
+
 def write(out_dir: Path, plan: Sequence[Planned], max_shard_bytes: int) -> list[Path]:
     """Write `plan` as model.safetensors, or as numbered shards plus model.safetensors.index.json
     when it exceeds `max_shard_bytes`; returns the files written."""
