@@ -206,3 +206,14 @@ def test_lora_without_base_weights_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoint.resume" in lines[0] and "finetune.lora" in lines[0]
+
+
+def test_base_weights_may_be_stored_in_bfloat16(base, tmp_path):
+    """model.param_dtype=bfloat16 on a float32 base: the frozen weights are read (checksums
+    verified in the saved dtype) and cast; the adapters stay float32."""
+    run = build(_lora(base, tmp_path, "model.param_dtype=bfloat16"))
+    params = jax.device_get(restore_or_init(run, plan_resume(run)).state["params"])
+    q = params["blocks"]["attn"]["q"]
+    assert q["kernel"].dtype == jnp.bfloat16 and q["lora_a"].dtype == np.float32
+    want = _read(base)[1]["blocks"]["attn"]["q"]["kernel"].astype(jnp.bfloat16)
+    np.testing.assert_array_equal(q["kernel"], want)

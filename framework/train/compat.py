@@ -109,6 +109,10 @@ def first_shape_mismatch(saved: Shapes, wanted: Shapes) -> tuple[str, str] | Non
     return None
 
 
+def _shapes_only(shapes: Shapes) -> Shapes:
+    return {item: {p: (shape, "") for p, (shape, _) in v.items()} for item, v in shapes.items()}
+
+
 def _show(key: str, values: tuple) -> str:
     old, new = (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..." for v in values)
     return f"{key} {old} -> {new}"
@@ -132,6 +136,9 @@ def check(
     changes = changed_keys(saved_config, config)
     if params_only:
         changes = {k: v for k, v in changes.items() if k.startswith("model.")}
+        # Weights taken by another run are cast on reading (e.g. a float32 base stored in
+        # bfloat16 under LoRA): only their shapes must fit.
+        saved_shapes, wanted_shapes = _shapes_only(saved_shapes), _shapes_only(wanted_shapes)
     reasons, blamed = [], set()
     mismatch = first_shape_mismatch(saved_shapes, wanted_shapes)
     if mismatch is not None:

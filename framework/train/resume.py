@@ -22,6 +22,7 @@ from framework.finetune import lora
 from framework.train import checkpoint as ckpt
 from framework.train import compat
 from framework.train.build import Run
+from framework.train.integrity import leaf_paths
 from framework.train.step import State, split_trainable
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,11 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
         return Start(run.init_state())
     step, arrays, meta = found
     if params_only:  # no random init: it would compile and hold a second copy of the params
-        params = arrays["params"]
+        base = _base_state(run, params_only)
+        params, model_state = (
+            jax.tree.map(lambda x, a: x.astype(a.dtype), arrays[k], base[k])
+            for k in ("params", "model_state")
+        )  # in the run's dtypes
         if run.cfg.finetune.lora is not None:  # the base's weights, fresh adapters
             params = lora.deep_merge(params, _fresh_adapters(run))
         init_opt = jax.jit(
@@ -107,7 +112,7 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
             "step": jax.device_put(np.int32(0), run.shardings["step"]),
             "params": params,
             "opt_state": init_opt(params),
-            "model_state": arrays["model_state"],
+            "model_state": model_state,
         }
         log.warning("initialized params from %s step %d (fine-tuning from step 0)", source, step)
         return Start(state)
@@ -190,16 +195,36 @@ def _read(
     wanted: dict,
     params_only: bool,
 ) -> tuple[dict, dict | None, dict]:
-    """Check the step's saved config against the run's (ConfigError), then read it."""
+    """Check the step's saved config against the run's (ConfigError), then read it (another
+    run's weights in their saved dtypes, so that their checksums verify; cast after)."""
+    saved = reader.array_metadata(step)
     compat.check(
         reader.read_json("config", step),
-        reader.array_metadata(step),
+        saved,
         config,
         wanted,
         params_only=params_only,
         where=reader.step_path(step),
     )
-    return reader.restore(step, _base_state(run, params_only), params_only=params_only)
+    abstract = _base_state(run, params_only)
+    if params_only:
+        abstract = dict(abstract) | {
+            k: _in_saved_dtypes(abstract[k], saved.get(k, {})) for k in wanted
+        }
+    return reader.restore(step, abstract, params_only=params_only)
+
+
+def _in_saved_dtypes(abstract: Any, saved: Any) -> Any:
+    """The abstract tree with each leaf in the dtype the checkpoint holds it in (by path)."""
+    dtypes = {p: d for p, (_, d) in compat.shapes_by_path(saved).items()}
+    leaves, treedef = jax.tree.flatten(abstract)
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jax.ShapeDtypeStruct(x.shape, dtypes.get(path, x.dtype), sharding=x.sharding)
+            for path, x in zip(leaf_paths(abstract), leaves, strict=True)
+        ],
+    )
 
 
 def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, ckpt.Damaged | None]:
