@@ -166,6 +166,8 @@ def _report(summary: dict) -> int:
             f"{k} {v:.4f}" for k, v in summary["eval"].items() if isinstance(v, float)
         )
         print(f"final eval at step {summary['step']}: {shown}")
+    if "sample_before" in summary:
+        print("sample before training:\n" + summary["sample_before"])
     if "sample" in summary:
         print("sample:\n" + summary["sample"])
     print(f"run directory: {summary['run_dir']}")

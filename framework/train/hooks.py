@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from framework import finetune
 from framework.data import load_tokenizer
 from framework.train import checkpoint as ckpt
 from framework.train.build import Run
@@ -267,17 +268,28 @@ class Evaluate(Hook):
 
 class Sample(Hook):
     """At the end of a finished run: `tokens` sampled after `prompt` with the KV-cache decoder
-    (`framework.generate`), up to the data's EOS, decoded to text."""
+    (`framework.generate`), up to the data's EOS, decoded to text. A fine-tuning run (weights
+    from checkpoint.resume) starting at step 0 also samples before its first step, to compare."""
 
     def __init__(self, run: Run, tokens: int, prompt: str, temperature: float):
         self.run, self.tokens, self.prompt, self.temperature = run, tokens, prompt, temperature
 
+    def start(self, ctx: Context) -> None:
+        if ctx.step == 0 and self.run.cfg.checkpoint.resume not in ckpt.KEYWORDS:
+            ctx.summary["sample_before"] = self._sample(ctx)
+
     def end(self, ctx: Context) -> None:
+        ctx.summary["sample"] = self._sample(ctx)
+
+    def _sample(self, ctx: Context) -> str:
         cfg = self.run.cfg
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+        params = ctx.state["params"]
+        if cfg.finetune.lora is not None:  # decode on the merged kernels (the base's layout)
+            params = finetune.merge(params)
         tokens = sample_tokens(
             self.run.model,
-            ctx.state["params"],
+            params,
             cfg.model,
             tokenizer.encode(self.prompt),
             self.tokens,
@@ -288,7 +300,7 @@ class Sample(Hook):
             rules=self.run.rules,
             eos_id=self.run.data_meta.get("eos_id"),
         )
-        ctx.summary["sample"] = tokenizer.decode(tokens)
+        return tokenizer.decode(tokens)
 
 
 class Plot(Hook):

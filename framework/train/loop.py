@@ -47,7 +47,8 @@ def train(
 ) -> dict[str, Any]:
     """Train from `start` (default: per checkpoint.resume) to train.steps or a stop; returns
     {"step", "start_step", "state", "eval", "stopped", "skipped_steps", "run_dir"}
-    (+ "sample"). SIGTERM/SIGINT stop it (framework.train.signals), before the first step too."""
+    (+ "sample", and "sample_before" for a fine-tuning run started at step 0). SIGTERM/SIGINT
+    stop it (framework.train.signals), before the first step too."""
     if run.train_data is None:
         raise ValueError("train() needs a Run built with its data (build(cfg, read_data=True))")
     with stop_signals():  # before any compile: a Ctrl-C then is a stop like any other
@@ -108,7 +109,7 @@ def _train(run: Run, hooks: list[Hook], start: Start | None) -> dict[str, Any]:
         "stopped": ctx.stop_reason,
         "skipped_steps": ctx.skipped_steps,
         "run_dir": str(run.run_dir),
-        **({"sample": ctx.summary["sample"]} if "sample" in ctx.summary else {}),
+        **{k: ctx.summary[k] for k in ("sample_before", "sample") if k in ctx.summary},
     }
 
 
