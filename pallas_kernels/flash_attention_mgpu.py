@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import flash_attention as fa
+
 try:  # jax >= 0.11 on these machines; absent or incomplete before
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -53,14 +55,53 @@ def default_block_kv(head_dim: int) -> int:
     return 128 if head_dim <= 128 else 64
 
 
-def forward_smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int = 2) -> int:
-    """Shared memory of one compiled forward CTA: Q, lse and segment ids per compute
-    warpgroup, the K/V ring with its segment ids (P stays in registers there)."""
-    per_wg = BLOCK_Q * head_dim * itemsize + BLOCK_Q * 4 * 2
-    return COMPUTE_WGS * per_wg + stages * block_kv * (2 * head_dim * itemsize + 4)
+SMEM_ALIGN = 1024  # Mosaic GPU starts every shared-memory buffer on a 1 KiB boundary
+REDUCTION_SCRATCH = 128 * 4 * 4  # reserved for cross-thread reductions (plgpu's default)
+MBARRIER_BYTES = 8
 
 
-def _check(q, k, v, block_kv: int, stages: int) -> str | None:
+def _smem_bytes(scratch, reductions: bool = True) -> int:
+    """Shared memory Mosaic GPU allocates for `scratch_types` (plgpu.SMEM buffers, each rounded
+    up to 1 KiB, and barriers) plus, in a kernel with row reductions, its reduction scratch;
+    compared with the lowering's own count by tests/test_flash_attention_mgpu.py."""
+    total = REDUCTION_SCRATCH if reductions else 0
+    leaves = jax.tree.leaves(scratch, is_leaf=lambda x: isinstance(x, plgpu.Barrier))
+    for leaf in leaves:
+        if isinstance(leaf, plgpu.Barrier):
+            n = leaf.num_barriers  # an int, or a shape tuple
+            total += (math.prod(n) if isinstance(n, tuple) else n) * MBARRIER_BYTES
+        else:
+            size = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+            total += -(-size // SMEM_ALIGN) * SMEM_ALIGN
+    return total
+
+
+def forward_smem_bytes(head_dim: int, block_kv: int, stages: int, segments: bool = False) -> int:
+    """Shared memory of one compiled forward CTA (f16/bf16): Q and lse per compute warpgroup,
+    the K/V ring, with segment ids their ids; P stays in registers there."""
+    return _smem_bytes(_forward_scratch(head_dim, block_kv, stages, jnp.bfloat16, segments, True))
+
+
+def backward_smem_bytes(head_dim: int, kv_stages: int, q_stages: int, segments: bool = False):
+    """Shared memory of the larger backward CTA (dq with a `kv_stages` K/V ring, dk/dv with a
+    `q_stages` ring of query blocks) at block_kv BLOCK_KV_BWD, f16/bf16."""
+    from pallas_kernels.flash_attention_mgpu_bwd import dkdv_scratch, dq_scratch
+
+    args = (head_dim, BLOCK_KV_BWD, jnp.bfloat16, segments, _transforms())
+    dq, dkdv = dq_scratch(*args, kv_stages), dkdv_scratch(*args, q_stages)
+    return max(_smem_bytes(dq, reductions=False), _smem_bytes(dkdv, reductions=False))
+
+
+def _smem_problem(what: str, need: int) -> str | None:
+    if need <= SMEM_BYTES:
+        return None
+    return (
+        f"{what} need {need} bytes of shared memory, over a Hopper CTA's {SMEM_BYTES}: lower "
+        "block_kv or stages"
+    )
+
+
+def _check(q, k, v, block_kv: int, stages: int, segments: bool, backward: bool) -> str | None:
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
         return f"q, k, v must be [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
     b, tq, h, d = q.shape
@@ -74,13 +115,27 @@ def _check(q, k, v, block_kv: int, stages: int) -> str | None:
         return f"block_kv must be 64, 128, 192 or 256 (wgmma K and N), got {block_kv}"
     if stages < 1:
         return f"stages must be >= 1, got {stages}"
-    need = forward_smem_bytes(d, block_kv, stages)
-    if need > SMEM_BYTES:
-        return (
-            f"block_kv={block_kv}, stages={stages} at head_dim {d} need {need // 1024} KiB of "
-            f"shared memory, over a Hopper CTA's {SMEM_BYTES // 1024} KiB: lower either"
-        )
-    return None
+    fwd_stages = min(stages, pl.cdiv(k.shape[1], block_kv))  # the ring the kernel allocates
+    problem = _smem_problem(
+        f"block_kv={block_kv}, stages={fwd_stages} at head_dim {d}",
+        forward_smem_bytes(d, block_kv, fwd_stages, segments),
+    )
+    if problem or not backward:
+        return problem
+    if d > 128:  # dk and dv: 2 x 64 x d f32 accumulators in one warpgroup's registers
+        return f"the backward takes head_dim <= 128 (registers), got {d}"
+    kv_stages, q_stages = _backward_stages(stages, tq, k.shape[1], h // k.shape[2])
+    return _smem_problem(
+        f"the backward's stages={stages} at head_dim {d}",
+        backward_smem_bytes(d, kv_stages, q_stages, segments),
+    )
+
+
+def _backward_stages(stages: int, q_len: int, kv_len: int, groups: int) -> tuple[int, int]:
+    """The backward's ring depths: dq's K/V ring and dk/dv's (query block, head) ring, each at
+    most the blocks there are to stream."""
+    n_kv, n_q = pl.cdiv(kv_len, BLOCK_KV_BWD), pl.cdiv(q_len, BLOCK_Q)
+    return max(1, min(stages, n_kv)), max(1, min(stages, n_q * groups))
 
 
 def _check_segments(q, k, segment_ids, kv_segment_ids) -> str | None:
@@ -93,6 +148,17 @@ def _check_segments(q, k, segment_ids, kv_segment_ids) -> str | None:
             f"[batch, kv_len] = {q.shape[:2]} / {k.shape[:2]}"
         )
     return None
+
+
+def _problem(q, k, v, segment_ids, kv_segment_ids, block_kv, stages, backward) -> str | None:
+    """Why the kernels (the forward; with backward, the gradient kernels too) cannot take the
+    call, or None; block_kv None means the default."""
+    block_kv = default_block_kv(q.shape[-1]) if block_kv is None else block_kv
+    return (
+        available()
+        or _check_segments(q, k, segment_ids, kv_segment_ids)
+        or _check(q, k, v, block_kv, stages, segment_ids is not None, backward)
+    )
 
 
 def unsupported(
@@ -108,14 +174,11 @@ def unsupported(
 ) -> str | None:
     """None if `flash_attention` (forward and, with backward, the gradient kernels) takes the
     call at its default tiles, else why not in one line. Any lengths (padded inside)."""
-    problem = available() or _check(q, k, v, default_block_kv(q.shape[-1]), DEFAULT_STAGES)
-    problem = problem or _check_segments(q, k, segment_ids, kv_segment_ids)
+    problem = _problem(q, k, v, segment_ids, kv_segment_ids, None, DEFAULT_STAGES, backward)
     if problem is None and mask is not None:
         problem = "an arbitrary mask is not supported (causal and segment ids are)"
     if problem is None and window is not None:
         problem = "sliding windows are not supported"
-    if problem is None and backward and q.shape[-1] > 128:  # dk, dv: 2 x 64 x d f32 registers
-        problem = f"the backward takes head_dim <= 128 (registers), got {q.shape[-1]}"
     return problem
 
 
@@ -133,26 +196,41 @@ class Masking(NamedTuple):
         """causal: query row r sees keys <= r + offset (queries aligned to the keys' end)."""
         return self.kv_len - self.q_len
 
-    def allowed(self, q_pos, k_pos, q_seg=None, kv_seg=None) -> jax.Array:
-        """Which (query, key) pairs of a block may attend, from same-shape position arrays and
-        (with segments) segment ids broadcast to that shape. Only blocks that need a mask
-        call this, so the padding check costs nothing elsewhere."""
+    def mask(self, s, q_start, k_start, q_dim: int, q_seg=None, kv_seg=None) -> jax.Array:
+        """The block of scores s (a wgmma accumulator; query positions from q_start along
+        q_dim, keys from k_start along the other dim) with disallowed pairs at -inf: causal
+        (fa.causal_allowed, the one causal rule), padded keys (>= kv_len) and, with segments,
+        other documents. q_seg / kv_seg: the block's segment-id vectors in the layouts that
+        broadcast along their dims. Masks are compares of a query vector with a key vector
+        broadcast to the block (no full index tiles). Only blocks that need a mask call this,
+        so the padding check costs nothing elsewhere."""
+        shape, k_dim = s.shape, 1 - q_dim
+        k_pos = _bcast(k_start + _iota(shape[k_dim], k_dim), shape, k_dim)
         allowed = k_pos < self.kv_len
         if self.causal:
-            allowed = allowed & (k_pos <= q_pos + self.offset)
+            q_pos = _bcast(q_start + _iota(shape[q_dim], q_dim), shape, q_dim)
+            allowed = allowed & fa.causal_allowed(q_pos, k_pos, self.q_len, self.kv_len)
         if self.segments:
-            allowed = allowed & (q_seg == kv_seg)
-        return allowed
+            allowed = allowed & (_bcast(q_seg, shape, q_dim) == _bcast(kv_seg, shape, k_dim))
+        return jnp.where(allowed, s, -jnp.inf)
+
+    def padded_rows(self, q_start) -> jax.Array:
+        """Whether a query block at q_start holds only padding rows (nothing to compute)."""
+        return q_start >= self.q_len
 
     def kv_steps(self, q_start, block_q: int, block_kv: int, n_kv: int):
-        """(steps, unmasked): the K/V blocks a query block at q_start visits, and how many of
-        them, from the first, need no mask."""
+        """(steps, unmasked): the K/V blocks a query block at q_start visits (none if its rows
+        are all padding), and how many of them, from the first, need no mask."""
         if self.causal:
             steps = pl.cdiv(q_start + block_q + self.offset, block_kv)
             steps = jnp.clip(steps, 0, n_kv)
+        else:
+            steps = jnp.int32(n_kv)
+        steps = jnp.where(self.padded_rows(q_start), 0, steps)  # rows all padding: no work
+        if self.causal:
             unmasked = jnp.clip(lax.div(q_start + self.offset + 1, block_kv), 0, steps)
         else:
-            steps = unmasked = jnp.int32(n_kv)
+            unmasked = steps
         if self.segments:
             return steps, jnp.int32(0)
         return steps, jnp.minimum(unmasked, self.kv_len // block_kv)
@@ -187,30 +265,43 @@ def flash_attention_fwd(
     [b, kv_len], default segment_ids): tokens attend within their segment. Lengths are padded
     to whole blocks inside. `stages` K/V blocks are in flight at once. interpret: True (or a
     `plgpu.InterpretGPUParams`, e.g. with detect_races=True) simulates the kernel on the CPU."""
-    block_kv = default_block_kv(q.shape[-1]) if block_kv is None else block_kv
-    problem = available() or _check(q, k, v, block_kv, stages)
-    problem = problem or _check_segments(q, k, segment_ids, kv_segment_ids)
-    if problem:
-        raise ValueError(f"flash_attention_fwd (Mosaic GPU): {problem}")
-    masking = Masking(bool(causal), q.shape[1], k.shape[1], segment_ids is not None)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_seg, kv_seg = _segments(segment_ids, kv_segment_ids)
-    out, lse = _forward(
-        masking, scale, block_kv, stages, interpret,
-        *_padded(q, k, v, q_seg, kv_seg, block_kv),
-    )  # fmt: skip
+    o = _options("flash_attention_fwd", q, k, v, causal, segment_ids, kv_segment_ids, scale,
+                 block_kv, stages, interpret, backward=False)  # fmt: skip
+    out, lse = _forward(o, *_padded(q, k, v, segment_ids, kv_segment_ids, o.block_kv))
     return out[:, : q.shape[1]], lse[..., : q.shape[1]]
 
 
-def _segments(segment_ids, kv_segment_ids) -> tuple[jax.Array | None, jax.Array | None]:
-    if segment_ids is None:
-        return None, None
-    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-    return segment_ids.astype(jnp.int32), kv_seg.astype(jnp.int32)
+class _Options(NamedTuple):
+    masking: Masking
+    scale: float
+    block_kv: int
+    stages: int
+    interpret: Any
 
 
-def _padded(q, k, v, q_seg, kv_seg, block_kv: int) -> list[jax.Array | None]:
-    """q (and its segment ids) padded to whole forward CTAs, k/v to whole K/V blocks."""
+def _options(name, q, k, v, causal, segment_ids, kv_segment_ids, scale, block_kv, stages,
+             interpret, backward: bool) -> _Options:  # fmt: skip
+    """The checked call's static options (defaults filled in); a ValueError naming `name` and
+    the reason where the kernels cannot take it."""
+    problem = _problem(q, k, v, segment_ids, kv_segment_ids, block_kv, stages, backward)
+    if problem:
+        raise ValueError(f"{name} (Mosaic GPU): {problem}")
+    return _Options(
+        Masking(bool(causal), q.shape[1], k.shape[1], segment_ids is not None),
+        q.shape[-1] ** -0.5 if scale is None else float(scale),
+        default_block_kv(q.shape[-1]) if block_kv is None else block_kv,
+        stages,
+        interpret,
+    )
+
+
+def _padded(q, k, v, segment_ids, kv_segment_ids, block_kv: int) -> list[jax.Array | None]:
+    """q (and its segment ids, int32) padded to whole forward CTAs, k/v (and theirs) to whole
+    K/V blocks; the segment ids None without segments."""
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        q_seg, kv_seg = segment_ids.astype(jnp.int32), kv_seg.astype(jnp.int32)
     q, q_seg = _pad_to(q, 1, CTA_Q), _pad_to(q_seg, 1, CTA_Q)
     return [
         q,
@@ -221,8 +312,7 @@ def _padded(q, k, v, q_seg, kv_seg, block_kv: int) -> list[jax.Array | None]:
     ]
 
 
-def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpret: Any,
-             q, k, v, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+def _forward(o: _Options, q, k, v, q_seg, kv_seg) -> tuple[jax.Array, jax.Array]:
     """The forward kernel on block-padded inputs: (out, lse), both padded.
 
     Per CTA: 128 query rows in two compute warpgroups of 64 (one wgmma M each) and a producer
@@ -232,16 +322,17 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
     matmuls. Every barrier phase is waited for by every warpgroup that uses the barrier, in
     order (mbarrier parity), so a warpgroup whose causal range ends early keeps consuming
     (without computing) until the CTA's last block."""
+    masking, scale, block_kv = o.masking, o.scale, o.block_kv
     b, tq, h, d = q.shape
     tk, kh = k.shape[1], k.shape[2]
     groups = h // kh
     n_kv = tk // block_kv
-    stages = max(1, min(stages, n_kv))
+    stages = max(1, min(o.stages, n_kv))
     dtype = q.dtype
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     # Compiled for a GPU, P is wgmma's register A operand; the interpret mode's wgmma takes
     # shared-memory operands only (jax 0.11-0.12), so there P goes through shared memory.
-    compiled = interpret is False
+    compiled = o.interpret is False
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         if masking.segments:
@@ -254,8 +345,14 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
         head, qi, bi = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = lax.div(head, jnp.int32(groups))
-        # the CTA's K/V blocks: those its last query row needs (causal: the most)
-        cta_steps = masking.kv_steps(qi * CTA_Q + BLOCK_Q, BLOCK_Q, block_kv, n_kv)[0]
+        # the CTA's K/V blocks: those either compute warpgroup needs (the second's, unless its
+        # rows are all padding)
+        cta_steps = jnp.maximum(
+            *(
+                masking.kv_steps(qi * CTA_Q + w * BLOCK_Q, BLOCK_Q, block_kv, n_kv)[0]
+                for w in (0, 1)
+            )
+        )
 
         def rendezvous():  # both compute warpgroups arrive; each waits for the other
             plgpu.barrier_arrive(schedule)
@@ -298,21 +395,16 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
 
                 shape = (BLOCK_Q, block_kv)
                 s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * (scale * LOG2E)
+                kv_seg = None
                 if masking.segments:  # every block is masked; its ids share K's slot
                     plgpu.barrier_wait(kvseg_bars.at[slot])
                     kv_seg = plgpu.load(kvseg_smem.at[slot], layout=col_layout)
+                    # the generic-proxy read is ordered before the producer's next TMA write
+                    # of the slot (async proxy), which the release below allows
+                    plgpu.commit_smem()
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    segs = ()
-                    if masking.segments:
-                        segs = (
-                            lax.broadcast_in_dim(q_seg, shape, [0]),
-                            lax.broadcast_in_dim(kv_seg, shape, [1]),
-                        )
-                    allowed = masking.allowed(
-                        q_start + _iota(shape, 0), step * block_kv + _iota(shape, 1), *segs
-                    )
-                    s = jnp.where(allowed, s, -jnp.inf)
+                    s = masking.mask(s, q_start, step * block_kv, 0, q_seg, kv_seg)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
@@ -408,11 +500,31 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
+    call = plgpu.kernel(
+        kernel,
+        out_type=[
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
+        ],
+        scratch_types=_forward_scratch(d, block_kv, stages, dtype, masking.segments, compiled),
+        grid=(h, tq // CTA_Q, b),
+        grid_names=("heads", "q", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        interpret=_interpret(o.interpret),
+    )
+    segs = (q_seg, kv_seg) if masking.segments else ()
+    return tuple(call(q, k, v, *segs))
+
+
+def _forward_scratch(d: int, block_kv: int, stages: int, dtype, segments: bool,
+                     compiled: bool) -> list:  # fmt: skip
+    """The forward kernel's shared memory and barriers (what `forward_smem_bytes` counts)."""
     transforms = _transforms()
     extra = [] if compiled else [
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, block_kv), dtype, transforms=transforms)
     ]  # fmt: skip
-    if masking.segments:
+    if segments:
         extra += [
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
             plgpu.SMEM((stages, block_kv), jnp.int32),
@@ -421,40 +533,33 @@ def _forward(masking: Masking, scale: float, block_kv: int, stages: int, interpr
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             ),
         ]
-    call = plgpu.kernel(
-        kernel,
-        out_type=[
-            jax.ShapeDtypeStruct(q.shape, dtype),
-            jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
-        ],
-        scratch_types=[
-            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
-            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-            (
-                plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS),  # Q loaded
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # K slot loaded
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot loaded
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K slot free
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V slot free
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong schedule
-            ),
-            *extra,
-        ],
-        grid=(h, tq // CTA_Q, b),
-        grid_names=("heads", "q", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        interpret=_interpret(interpret),
-    )
-    segs = (q_seg, kv_seg) if masking.segments else ()
-    return tuple(call(q, k, v, *segs))
+    return [
+        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+        (
+            plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS),  # Q loaded
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # K slot loaded
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot loaded
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K slot free
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V slot free
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong schedule
+        ),
+        *extra,
+    ]
 
 
-def _iota(shape, dim) -> jax.Array:
-    """Indices along dim of a wgmma-accumulator-shaped block."""
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+def _iota(n: int, dim: int) -> jax.Array:
+    """0..n-1 as a vector in the layout that broadcasts along `dim` of a wgmma accumulator
+    (dim 0: one value per row, WGMMA.reduce(1); dim 1: per column, WGMMA.reduce(0))."""
+    layout = plgpu.Layout.WGMMA.reduce(1 - dim)
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout)
+
+
+def _bcast(x: jax.Array, shape, dim: int) -> jax.Array:
+    """A vector laid out for `dim` (see `_iota`) broadcast to a wgmma-accumulator block."""
+    return lax.broadcast_in_dim(x, shape, [dim])
 
 
 def _transforms() -> tuple[Any, ...]:
@@ -483,27 +588,10 @@ def flash_attention(
 ) -> jax.Array:
     """Differentiable attention on the Mosaic GPU kernels (forward here, dq and dk/dv in
     flash_attention_mgpu_bwd); arguments as `flash_attention_fwd`."""
-    block_kv = default_block_kv(q.shape[-1]) if block_kv is None else block_kv
-    problem = available() or _check(q, k, v, block_kv, stages)
-    problem = problem or _check_segments(q, k, segment_ids, kv_segment_ids)
-    if problem is None and q.shape[-1] > 128:  # dk and dv: 2 x 64 x d f32 in one warpgroup
-        problem = f"the backward takes head_dim <= 128 (registers), got {q.shape[-1]}"
-    if problem:
-        raise ValueError(f"flash_attention (Mosaic GPU): {problem}")
-    masking = Masking(bool(causal), q.shape[1], k.shape[1], segment_ids is not None)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    opts = _Options(masking, scale, block_kv, stages, interpret)
-    q_seg, kv_seg = _segments(segment_ids, kv_segment_ids)
-    out = _attention(opts, *_padded(q, k, v, q_seg, kv_seg, block_kv))
+    o = _options("flash_attention", q, k, v, causal, segment_ids, kv_segment_ids, scale,
+                 block_kv, stages, interpret, backward=True)  # fmt: skip
+    out = _attention(o, *_padded(q, k, v, segment_ids, kv_segment_ids, o.block_kv))
     return out[:, : q.shape[1]]
-
-
-class _Options(NamedTuple):
-    masking: Masking
-    scale: float
-    block_kv: int
-    stages: int
-    interpret: Any
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -512,9 +600,7 @@ def _attention(o: _Options, q, k, v, q_seg, kv_seg):
 
 
 def _attention_fwd(o: _Options, q, k, v, q_seg, kv_seg):
-    out, lse = _forward(
-        o.masking, o.scale, o.block_kv, o.stages, o.interpret, q, k, v, q_seg, kv_seg
-    )
+    out, lse = _forward(o, q, k, v, q_seg, kv_seg)
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
@@ -522,10 +608,9 @@ def _attention_bwd(o: _Options, res, do):
     from pallas_kernels.flash_attention_mgpu_bwd import backward
 
     q, k, v, q_seg, kv_seg, out, lse = res
-    interpret = _interpret(o.interpret)
     dq, dk, dv = backward(
         q, k, v, q_seg, kv_seg, out, lse, do, masking=o.masking, scale=o.scale,
-        block_kv=BLOCK_KV_BWD, stages=o.stages, interpret=interpret, transforms=_transforms(),
+        stages=o.stages, interpret=_interpret(o.interpret), transforms=_transforms(),
     )  # fmt: skip
     return dq, dk, dv, None, None  # segment ids: integers, no cotangent
 

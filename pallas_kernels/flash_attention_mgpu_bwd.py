@@ -16,7 +16,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention_mgpu import BLOCK_Q, LOG2E, Masking, _iota, plgpu
+from pallas_kernels.flash_attention_mgpu import (
+    BLOCK_KV_BWD,
+    BLOCK_Q,
+    LOG2E,
+    Masking,
+    _backward_stages,
+    plgpu,
+)
 
 
 def _acc(fn, shape) -> jax.Array:
@@ -31,10 +38,10 @@ def _acc(fn, shape) -> jax.Array:
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _segment_scratch(masking: Masking, resident: tuple, ring: tuple) -> list:
+def _segment_scratch(segments: bool, resident: tuple, ring: tuple) -> list:
     """With segments: shared memory for the resident block's ids, a ring slot's ids (beside
     the streamed operands), and their barriers; nothing otherwise."""
-    if not masking.segments:
+    if not segments:
         return []
     return [
         plgpu.SMEM(resident, jnp.int32),
@@ -46,9 +53,49 @@ def _segment_scratch(masking: Masking, resident: tuple, ring: tuple) -> list:
     ]
 
 
+def dq_scratch(d: int, block_kv: int, dtype, segments: bool, transforms: tuple,
+               kv_stages: int) -> list:  # fmt: skip
+    """The dq kernel's shared memory and barriers: Q, dO, a K/V ring, dS, lse, delta."""
+    return [
+        plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_Q, block_kv), dtype, transforms=transforms),
+        plgpu.SMEM((BLOCK_Q,), jnp.float32),
+        plgpu.SMEM((BLOCK_Q,), jnp.float32),
+        (
+            plgpu.Barrier(num_arrivals=1, num_barriers=4),
+            plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
+        ),
+        *_segment_scratch(segments, (BLOCK_Q,), (kv_stages, block_kv)),
+    ]
+
+
+def dkdv_scratch(d: int, block_kv: int, dtype, segments: bool, transforms: tuple,
+                 q_stages: int) -> list:  # fmt: skip
+    """The dk/dv kernel's shared memory and barriers: K, V, a ring of (Q, dO, lse, delta),
+    P^T and dS^T."""
+    return [
+        plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
+        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
+        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
+        plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
+        plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
+        (
+            plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            *(plgpu.Barrier(num_arrivals=1, num_barriers=q_stages) for _ in range(4)),
+        ),
+        *_segment_scratch(segments, (block_kv,), (q_stages, BLOCK_Q)),
+    ]
+
+
 def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: float,
-             block_kv: int, stages: int, interpret: Any,
-             transforms: tuple) -> tuple[jax.Array, ...]:  # fmt: skip
+             stages: int, interpret: Any, transforms: tuple) -> tuple[jax.Array, ...]:  # fmt: skip
     """(dq, dk, dv) of attention(q, k, v) on block-padded inputs given its out, lse (natural
     log) and dout; segment ids None unless masking.segments."""
     b, tq, h, d = q.shape
@@ -58,8 +105,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
     c = scale * LOG2E
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)
+    block_kv = BLOCK_KV_BWD
     n_kv, n_q = tk // block_kv, tq // BLOCK_Q
-    kv_stages, q_stages = max(1, min(stages, n_kv)), stages
+    n_q_live = pl.cdiv(masking.q_len, BLOCK_Q)  # query blocks with a real row
+    kv_stages, q_stages = _backward_stages(stages, masking.q_len, masking.kv_len, groups)
     segs = (q_seg, kv_seg) if masking.segments else ()
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -107,6 +156,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
             plgpu.barrier_wait(in_bars.at[i])
         lse = plgpu.load(lse_smem, layout=row_layout)
         dlt = plgpu.load(delta_smem, layout=row_layout)
+        q_seg = None
         if masking.segments:
             plgpu.barrier_wait(qseg_bar)
             q_seg = plgpu.load(qseg_smem, layout=row_layout)
@@ -118,18 +168,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
             shape = (BLOCK_Q, block_kv)
             s = _acc(lambda r: plgpu.wgmma(r, q_smem, k_smem.at[slot].T), shape) * c
             if masked:
-                seg_pair = ()
+                kv_seg = None
                 if masking.segments:  # every block is masked: each waits for its ids
                     plgpu.barrier_wait(kvseg_bars.at[slot])
                     kv_seg = plgpu.load(kvseg_smem.at[slot], layout=col_layout)
-                    seg_pair = (
-                        lax.broadcast_in_dim(q_seg, shape, [0]),
-                        lax.broadcast_in_dim(kv_seg, shape, [1]),
-                    )
-                allowed = masking.allowed(
-                    q_start + _iota(shape, 0), step * block_kv + _iota(shape, 1), *seg_pair
-                )
-                s = jnp.where(allowed, s, -jnp.inf)
+                s = masking.mask(s, q_start, step * block_kv, 0, q_seg, kv_seg)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, shape, [0]))
             dp = _acc(lambda r: plgpu.wgmma(r, do_smem, v_smem.at[slot].T), shape)
             ds_smem[...] = (p * (dp - lax.broadcast_in_dim(dlt, shape, [0]))).astype(dtype)
@@ -154,21 +197,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
     dq = plgpu.kernel(
         dq_kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        scratch_types=[
-            plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
-            plgpu.SMEM((BLOCK_Q, d), dtype, transforms=transforms),
-            plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
-            plgpu.SMEM((kv_stages, block_kv, d), dtype, transforms=transforms),
-            plgpu.SMEM((BLOCK_Q, block_kv), dtype, transforms=transforms),
-            plgpu.SMEM((BLOCK_Q,), jnp.float32),
-            plgpu.SMEM((BLOCK_Q,), jnp.float32),
-            (
-                plgpu.Barrier(num_arrivals=1, num_barriers=4),
-                plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=kv_stages),
-            ),
-            *_segment_scratch(masking, (BLOCK_Q,), (kv_stages, block_kv)),
-        ],
+        scratch_types=dq_scratch(d, block_kv, dtype, masking.segments, transforms, kv_stages),
         grid=(h, n_q, b),
         grid_names=("heads", "q", "batch"),
         interpret=interpret,
@@ -193,11 +222,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
         # major: all (not causal) or from the diagonal on; the first `masked` of them need a
         # mask (the diagonal blocks; all with segments or when the block holds padded keys).
         if masking.causal:
-            q_lo = jnp.clip(lax.div(k_start - offset, BLOCK_Q), 0, n_q)
-            clear = jnp.clip(pl.cdiv(k_start + block_kv - 1 - offset, BLOCK_Q), q_lo, n_q)
+            q_lo = jnp.clip(lax.div(k_start - offset, BLOCK_Q), 0, n_q_live)
+            clear = jnp.clip(pl.cdiv(k_start + block_kv - 1 - offset, BLOCK_Q), q_lo, n_q_live)
         else:
             q_lo, clear = jnp.int32(0), jnp.int32(0)
-        total = (n_q - q_lo) * groups
+        total = (n_q_live - q_lo) * groups  # query blocks of padding rows only: skipped
         masked = (clear - q_lo) * groups
         if masking.segments:
             masked = total
@@ -227,6 +256,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
             pl.when(first < total)(lambda first=first: fetch(jnp.int32(first), first))
         plgpu.barrier_wait(kv_bar.at[0])
         plgpu.barrier_wait(kv_bar.at[1])
+        kv_seg = None
         if masking.segments:
             plgpu.barrier_wait(kvseg_bar)
             kv_seg = plgpu.load(kvseg_smem, layout=row_layout)
@@ -240,19 +270,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
             q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
             s_t = _acc(lambda r: plgpu.wgmma(r, k_smem, q_slot.T), shape) * c
             if masked:
-                q_start = pair(t)[1]
-                seg_pair = ()
+                q_seg = None
                 if masking.segments:  # every pair is masked: each waits for its ids
                     plgpu.barrier_wait(qseg_bars.at[slot])
                     q_seg = plgpu.load(qseg_smem.at[slot], layout=col_layout)
-                    seg_pair = (
-                        lax.broadcast_in_dim(q_seg, shape, [1]),
-                        lax.broadcast_in_dim(kv_seg, shape, [0]),
-                    )
-                allowed = masking.allowed(
-                    q_start + _iota(shape, 1), k_start + _iota(shape, 0), *seg_pair
-                )
-                s_t = jnp.where(allowed, s_t, -jnp.inf)
+                s_t = masking.mask(s_t, pair(t)[1], k_start, 1, q_seg, kv_seg)
             lse = plgpu.load(lse_smem.at[slot], layout=col_layout)
             dlt = plgpu.load(delta_smem.at[slot], layout=col_layout)
             p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, shape, [1]))
@@ -281,27 +303,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, masking: Masking, scale: f
         plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, cols, kv_head])
         plgpu.wait_smem_to_gmem(0)
 
-    ring = [
-        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
-        plgpu.SMEM((q_stages, BLOCK_Q, d), dtype, transforms=transforms),
-        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
-        plgpu.SMEM((q_stages, BLOCK_Q), jnp.float32),
-    ]
     dk, dv = plgpu.kernel(
         dkdv_kernel,
         out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
-        scratch_types=[
-            plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
-            plgpu.SMEM((block_kv, d), dtype, transforms=transforms),
-            *ring,
-            plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
-            plgpu.SMEM((block_kv, BLOCK_Q), dtype, transforms=transforms),
-            (
-                plgpu.Barrier(num_arrivals=1, num_barriers=2),
-                *(plgpu.Barrier(num_arrivals=1, num_barriers=q_stages) for _ in range(4)),
-            ),
-            *_segment_scratch(masking, (block_kv,), (q_stages, BLOCK_Q)),
-        ],
+        scratch_types=dkdv_scratch(d, block_kv, dtype, masking.segments, transforms, q_stages),
         grid=(kh, n_kv, b),
         grid_names=("kv_heads", "kv", "batch"),
         interpret=interpret,

@@ -198,15 +198,12 @@ SUITES = {
 }
 
 
-# Kernels a measured entry picks among; a "pallas" row (CPU, or rows from before the Mosaic
-# kernels were benchmarked) is the Triton kernel.
-DISPATCH_KERNELS = {"cudnn": "cudnn", "mosaic": "mosaic", "triton": "triton", "pallas": "triton"}
-
-
 def dispatch_entries(rows: list[dict], device: str) -> list[dict]:
     """One measured-dispatch entry per attention shape timed for at least two of the kernels
     (cudnn, mosaic, triton): the fastest by forward + backward time, as its impl name
     (framework/ops/attention_dispatch.py reads them); `ms` keeps every impl's time."""
+    from framework.ops import attention_dispatch
+
     by_shape: dict[tuple, dict[str, float]] = {}
     meta: dict[tuple, dict] = {}
     for r in rows:
@@ -219,11 +216,7 @@ def dispatch_entries(rows: list[dict], device: str) -> list[dict]:
     stamp = f"{datetime.date.today().isoformat()} jax {jax.__version__}"
     entries = []
     for key, ms in by_shape.items():
-        kernels: dict[str, float] = {}
-        for impl, t in ms.items():
-            if impl in DISPATCH_KERNELS:
-                name = DISPATCH_KERNELS[impl]
-                kernels[name] = min(t, kernels.get(name, t))
+        kernels = attention_dispatch.kernel_times(ms)  # a "pallas" row is the Triton kernel
         if len(kernels) < 2:
             continue
         best = min(kernels, key=kernels.get)

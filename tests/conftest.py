@@ -4,7 +4,10 @@ at -O0 and a session-wide persistent compilation cache (tests/jax_setup.py says 
 Files run heaviest first: `--dist loadfile` keeps each file on one worker, so a long file
 started last would leave the other worker idle at the end."""
 
+import logging
+
 import jax_setup
+import pytest
 
 jax_setup.configure()
 
@@ -44,3 +47,28 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if not hasattr(config, "workerinput"):  # xdist's controller, or the only process
         jax_setup.remove_cache()
+
+
+class _Lines(logging.Handler):
+    """Collects messages; attached to the logger itself so that a parent logger with
+    propagate=False (scripts/train.py sets one) cannot hide them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def ops_log():
+    """The messages framework.ops logs (its registry's logger, at INFO) during the test."""
+    from framework.ops import registry
+
+    lines, level = _Lines(), registry.log.level
+    registry.log.setLevel(logging.INFO)  # setLevel (not .level =) clears the enabled-for cache
+    registry.log.addHandler(lines)
+    yield lines.messages
+    registry.log.removeHandler(lines)
+    registry.log.setLevel(level)

@@ -3,6 +3,8 @@ import it as `mgpu_inputs`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -11,20 +13,31 @@ from pallas_kernels import flash_attention_mgpu as mgpu
 TOL = {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}  # P is rounded to the input dtype for P @ V
 
 
-def racing():
-    """Interpret-mode parameters with race detection that raises on a race (jax 0.12; jax
-    0.11 only records it, checked by `assert_no_races` for the last kernel)."""
+@contextlib.contextmanager
+def races_checked(kernels: int):
+    """Interpret-mode parameters with race detection, for every kernel run inside: jax 0.12
+    raises at a race (on_race="raise"); jax 0.11 keeps only the latest kernel's detector
+    state, so each kernel's state is recorded here and all are checked at exit. Exactly
+    `kernels` kernels must have run (so a check that saw nothing cannot pass)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
     params = mgpu.plgpu.InterpretGPUParams
+    racing = params(detect_races=True)
     if "on_race" in params.__dataclass_fields__:
-        return params(detect_races=True, on_race="raise")
-    return params(detect_races=True)
+        racing = params(detect_races=True, on_race="raise")
+    states, cls = [], gpu_callbacks.GPURaceDetectionState
 
+    def recorded(*args, **kwargs):
+        states.append(cls(*args, **kwargs))
+        return states[-1]
 
-def assert_no_races():
-    """The race detector's verdict on the last interpreted kernel."""
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
-    assert not interpret_pallas_call.get_races().races_found
+    gpu_callbacks.GPURaceDetectionState = recorded
+    try:
+        yield racing
+    finally:
+        gpu_callbacks.GPURaceDetectionState = cls
+    assert len(states) == kernels, f"{len(states)} kernels interpreted, expected {kernels}"
+    assert not any(state.races_found for state in states), "a race was detected"
 
 
 def inputs(b, tq, tk, h, kh, d, dtype, seed=0):

@@ -96,10 +96,18 @@ def test_measured_entry_overrides_the_table_near_its_length():
     for kw in ({"q_len": 16384, "kv_len": 16384}, {"head_dim": 64}, {"causal": False}):
         assert dispatch.choose(_call(**kw), [entry])[0] == "cudnn", kw
     assert dispatch.choose(_call(device_kind=B200, q_len=2048, kv_len=2048), [entry])[0] == "cudnn"
-    # A measured winner that cannot take this call (segments: no cuDNN) is not used.
+    # A measured winner that cannot take this call (segments: no cuDNN) is not used: the
+    # fastest measured kernel that takes it is (an old "pallas" row is Triton), else the table.
     cudnn_entry = {**entry, "best": "cudnn"}
     seg = _call(q_len=2048, kv_len=2048, segments=True)
     assert dispatch.choose(seg, [cudnn_entry])[0] == "mosaic"
+    timed = {**cudnn_entry, "ms": {"cudnn": 8.0, "mosaic": 12.0, "pallas": 9.5, "xla": 1.0}}
+    assert dispatch.choose(seg, [timed]) == (
+        "triton",
+        "measured 2026-11-27 jax 0.11.2 at seq 2048 (fastest that takes the call)",
+    )
+    assert dispatch.choose(_call(q_len=2048, kv_len=2048, segments=True, triton_ok=False),
+                           [timed])[0] == "mosaic"  # fmt: skip
     assert dispatch.choose(_call(q_len=2048, kv_len=2048), [{**entry, "best": "mosaic"}])[0] == (
         "mosaic"
     )
@@ -161,19 +169,8 @@ def test_auto_under_an_abstract_h100_picks_a_kernel_and_logs_why(monkeypatch, ca
     assert "chose xla" in chosen[1] and "cpu: not compiling for a GPU" in chosen[1], chosen
 
 
-class _Lines(logging.Handler):
-    """Collects messages, attached to the framework.ops logger itself."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
-def spies(monkeypatch):
+def spies(monkeypatch, ops_log):
     """Which kernel attention_pallas / auto ran: _mosaic and _triton replaced by recorders
     (returning q, so nothing is lowered); the once-per-process warning flag reset."""
     ran = []
@@ -181,13 +178,7 @@ def spies(monkeypatch):
     monkeypatch.setattr(attention, "_triton", lambda q, k, v, **kw: ran.append("triton") or q)
     monkeypatch.setattr(attention, "_mosaic_warned", False)
     monkeypatch.setattr(registry, "_LOGGED", set())
-    lines = _Lines()
-    level = registry.log.level
-    registry.log.setLevel(logging.INFO)
-    registry.log.addHandler(lines)
-    yield ran, lines.messages
-    registry.log.removeHandler(lines)
-    registry.log.setLevel(level)
+    return ran, ops_log
 
 
 def _trace(device_kind, impl, seq=128, **kw):

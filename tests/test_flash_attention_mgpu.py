@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mgpu_inputs import TOL, assert_no_races, inputs, packed_segments, racing
+from mgpu_inputs import TOL, inputs, packed_segments, races_checked
 
 from pallas_kernels import flash_attention_mgpu as mgpu
+from pallas_kernels import flash_attention_mgpu_bwd as bwd
 from pallas_kernels.flash_attention import attention_reference
 
 pytestmark = pytest.mark.skipif(mgpu.available() is not None, reason=str(mgpu.available()))
@@ -62,16 +63,30 @@ def test_forward_matches_the_reference(shape, dtype, causal, segments, block_kv)
     np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
 
 
-def test_no_races_with_three_stages_in_flight():
-    q, k, v = inputs(1, 64, 256, 2, 1, 64, jnp.float16, seed=3)
-    out, _ = mgpu.flash_attention_fwd(q, k, v, causal=True, stages=3, interpret=racing())
-    assert_no_races()
-    want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], causal=True)
+def test_no_races_when_ring_slots_are_refilled():
+    """4 K/V blocks through a 3-slot ring (slot 0 refilled), segment ids (read from the slot
+    by both compute warpgroups before they release it: without the fence between the read and
+    the release this races, on jax 0.11.2 and 0.12.0.1), not causal. The interpret mode checks
+    TMA writes against shared-memory loads (the segment ids); it does not check wgmma operands
+    (jax 0.12.0.1), so the K/V release protocol itself is a GPU-check item."""
+    q, k, v = inputs(1, 128, 256, 2, 1, 64, jnp.float16, seed=3)
+    q_seg, kv_seg = packed_segments(1, 128, 256)
+    masks = dict(segment_ids=q_seg, kv_segment_ids=kv_seg)
+    with races_checked(kernels=1) as interpret:
+        out, _ = mgpu.flash_attention_fwd(
+            q, k, v, **masks, block_kv=64, stages=3, interpret=interpret
+        )
+        jax.block_until_ready(out)
+    want = attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], **masks)
     np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize(("seq", "segments"), [(256, False), (200, True)])
 def test_forward_and_backward_lower_for_an_abstract_h100(seq, segments):
+    """Three Mosaic GPU kernels; the shared memory each allocates (the lowering's own count)
+    is what forward_smem_bytes / backward_smem_bytes charge for it."""
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
     from framework.parallel.target import abstract_gpu_mesh, export_for_cuda
 
     q = jax.ShapeDtypeStruct((1, seq, 4, 128), jnp.bfloat16)
@@ -82,10 +97,25 @@ def test_forward_and_backward_lower_for_an_abstract_h100(seq, segments):
         out = mgpu.flash_attention(q, k, v, causal=True, segment_ids=seg if segments else None)
         return out.astype(jnp.float32).sum()
 
+    allocated, count = [], mosaic_core._smem_tree_size
+
+    def counted(tree):
+        allocated.append(count(tree))
+        return allocated[-1]
+
     f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    with jax.sharding.use_abstract_mesh(abstract_gpu_mesh({"x": 1})):
-        text = export_for_cuda(f, q, kv, kv, seg).mlir_module()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mosaic_core, "_smem_tree_size", counted)
+        with jax.sharding.use_abstract_mesh(abstract_gpu_mesh({"x": 1})):
+            text = export_for_cuda(f, q, kv, kv, seg).mlir_module()
     assert text.count("custom_call @mosaic_gpu") == 3  # forward, dq, dk/dv
+    # seq >= 2 blocks everywhere: the forward's ring and the backward's two hold 2 stages
+    fwd = mgpu.forward_smem_bytes(128, 128, 2, segments)
+    scratch = (bwd.dq_scratch, bwd.dkdv_scratch)
+    dq, dkdv = (s(128, 64, jnp.bfloat16, segments, mgpu._transforms(), 2) for s in scratch)
+    charged = [fwd, mgpu._smem_bytes(dq, reductions=False), mgpu._smem_bytes(dkdv, False)]
+    assert sorted(allocated) == sorted(charged), (allocated, charged)
+    assert mgpu.backward_smem_bytes(128, 2, 2, segments) == max(charged[1:])
 
 
 @pytest.mark.parametrize(
@@ -97,7 +127,10 @@ def test_forward_and_backward_lower_for_an_abstract_h100(seq, segments):
         ({"kh": 3}, "multiple of kv heads"),
         ({"block_kv": 32}, "block_kv must be"),
         ({"stages": 0}, "stages must be"),
-        ({"d": 256, "block_kv": 128}, "shared memory"),
+        ({"d": 256, "block_kv": 128, "tk": 256}, "shared memory"),
+        ({"d": 128, "block_kv": 128, "stages": 3, "tk": 384}, "shared memory"),  # 232568 B
+        ({"d": 128, "block_kv": 128, "stages": 3, "tk": 256}, None),  # 2 blocks: 2 stages
+        ({"d": 64, "stages": 12, "tq": 768, "tk": 768, "grad": True}, "backward's stages"),
         ({"d": 256, "grad": True}, "head_dim <= 128"),
     ],
 )
@@ -109,6 +142,10 @@ def test_unsupported_calls_say_why(change, needle):
     op = mgpu.flash_attention if grad else mgpu.flash_attention_fwd
     dims = dict(b=1, tq=64, tk=64, h=2, kh=1, d=64, dtype=jnp.float16) | change
     q, k, v = inputs(**dims)
+    if needle is None:  # accepted: the ring is clamped to the blocks there are
+        stages = kw.get("stages", mgpu.DEFAULT_STAGES)
+        assert mgpu._problem(q, k, v, None, None, kw.get("block_kv"), stages, grad) is None
+        return
     with pytest.raises(ValueError, match=needle):
         op(q, k, v, interpret=True, **kw)
     if not kw:  # what dispatch asks: the same reason, without running anything

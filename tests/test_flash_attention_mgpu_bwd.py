@@ -4,11 +4,13 @@ reference's vjp. A file of its own so that pytest's two workers share the slow s
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mgpu_inputs import TOL, assert_no_races, inputs, packed_segments, racing
+from mgpu_inputs import TOL, inputs, packed_segments, races_checked
 
 from pallas_kernels import flash_attention_mgpu as mgpu
 from pallas_kernels.flash_attention import attention_reference
@@ -37,13 +39,13 @@ def test_gradients_match_the_reference(shape, dtype, causal, segments, races):
     q_seg, kv_seg = packed_segments(b, tq, tk) if segments else (None, None)
     masks = dict(causal=causal, segment_ids=q_seg, kv_segment_ids=kv_seg)
     do = jax.random.normal(jax.random.key(9), q.shape).astype(dtype)
-    interpret = racing() if races else True
-    got = jax.vjp(lambda q, k, v: mgpu.flash_attention(q, k, v, **masks, interpret=interpret),
-                  q, k, v)[1](do)  # fmt: skip
+    checked = races_checked(kernels=3) if races else contextlib.nullcontext(True)
+    with checked as interpret:  # forward, dq, dk/dv: each race-checked
+        got = jax.vjp(lambda q, k, v: mgpu.flash_attention(q, k, v, **masks, interpret=interpret),
+                      q, k, v)[1](do)  # fmt: skip
+        jax.block_until_ready(got)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **masks), *f32)[1]
     tol = 2 * TOL[dtype]
     for name, g, w in zip("qkv", got, vjp(do.astype(jnp.float32)), strict=True):
         np.testing.assert_allclose(g.astype(jnp.float32), w, atol=tol, rtol=tol, err_msg=name)
-    if races:
-        assert_no_races()

@@ -26,45 +26,31 @@ _KV_AXES = ("batch", None, "kv_heads", None)
 _SEG_AXES = ("batch", None)
 
 
-def _triton(q, k, v, *, causal, segment_ids, kv_segment_ids, window, scale):
-    """The Triton-backend Pallas kernel, per shard under a mesh; interpreted on CPU."""
+def _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, **options):
+    """kernel(q, k, v, segment_ids=, kv_segment_ids=, **options) per shard under a mesh."""
 
     def run(q, k, v, seg, kv_seg):
-        return fa.flash_attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            segment_ids=seg,
-            kv_segment_ids=kv_seg,
-            window=window,
-            scale=scale,
-        )
+        return kernel(q, k, v, segment_ids=seg, kv_segment_ids=kv_seg, **options)
 
     return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES, _SEG_AXES, _SEG_AXES], _Q_AXES)(
         q, k, v, segment_ids, kv_segment_ids
     )
+
+
+def _triton(q, k, v, *, causal, segment_ids, kv_segment_ids, window, scale):
+    """The Triton-backend Pallas kernel, per shard under a mesh; interpreted on CPU."""
+    return _per_shard(
+        fa.flash_attention, q, k, v, segment_ids, kv_segment_ids,
+        causal=causal, window=window, scale=scale,
+    )  # fmt: skip
 
 
 def _mosaic(q, k, v, *, causal, segment_ids, kv_segment_ids, scale):
     """The Mosaic GPU kernels (Hopper), per shard under a mesh; interpreted on a CPU target."""
-    interpret = target_device()[0] != "gpu"
-
-    def run(q, k, v, seg, kv_seg):
-        return mgpu.flash_attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            segment_ids=seg,
-            kv_segment_ids=kv_seg,
-            scale=scale,
-            interpret=interpret,
-        )
-
-    return per_shard(run, [_Q_AXES, _KV_AXES, _KV_AXES, _SEG_AXES, _SEG_AXES], _Q_AXES)(
-        q, k, v, segment_ids, kv_segment_ids
-    )
+    return _per_shard(
+        mgpu.flash_attention, q, k, v, segment_ids, kv_segment_ids,
+        causal=causal, scale=scale, interpret=target_device()[0] != "gpu",
+    )  # fmt: skip
 
 
 _mosaic_warned = False  # the Mosaic GPU kernels' absence is logged once per process
@@ -84,7 +70,7 @@ def mosaic_problem(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None,
             _mosaic_warned = True
             registry.log.warning(
                 "ops.attention: Mosaic GPU kernels unavailable on %s (%s); attention "
-                "impl=pallas and impl=auto use the Triton kernel instead",
+                "impl=pallas uses the Triton kernel instead, impl=auto cuDNN or Triton",
                 kind,
                 reason,
             )

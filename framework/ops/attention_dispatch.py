@@ -7,7 +7,8 @@ cuDNN refuses), on Hopper only the Mosaic GPU kernel (wgmma, sm90) where this ja
 takes the call, then the Triton kernel; on older GPUs the Triton kernel; XLA where none can.
 A measured entry (`attention_measured.json`, written by `scripts/gpu_check.sh` from benchmarks
 on that card) overrides the table for its device, dtype, head dim, masking and nearby sequence
-lengths, where its winner takes the call. `choose` is a pure function of the call's
+lengths: its winner where it takes the call, else its fastest measured kernel that does.
+`choose` is a pure function of the call's
 description, so the table is testable on any host."""
 
 from __future__ import annotations
@@ -112,23 +113,50 @@ def _measured_best(call: Call, entries: list[dict[str, Any]]) -> dict[str, Any] 
     return min(near, key=lambda e: abs(math.log(e["seq_len"] / max(call.q_len, 1))), default=None)
 
 
+# The kernels a measured entry picks among, and the old names of their benchmark rows:
+# "pallas" (files and rows from before the Mosaic kernels were measured) is the Triton kernel.
+MEASURED_KERNELS = ("cudnn", "mosaic", "triton")
+_OLD_NAMES = {"pallas": "triton"}
+
+
+def impl_name(impl: str) -> str:
+    """A benchmarked or measured impl under its current name ("pallas" -> "triton")."""
+    return _OLD_NAMES.get(impl, impl)
+
+
 def measured_impl(entry: dict[str, Any]) -> str:
-    """A measured entry's winner as an impl name: "pallas" (files written before the Mosaic
-    kernels were measured) means the Triton kernel."""
-    best = entry.get("best", "")
-    return "triton" if best == "pallas" else best
+    """A measured entry's winner as an impl name."""
+    return impl_name(entry.get("best", ""))
+
+
+def kernel_times(ms: dict[str, Any]) -> dict[str, float]:
+    """Forward + backward ms per kernel of MEASURED_KERNELS from a benchmark's per-impl times
+    (a measured entry's `ms`): other impls (xla, auto) left out, the faster row where two
+    names mean one kernel."""
+    times: dict[str, float] = {}
+    for impl, t in ms.items():
+        name = impl_name(impl)
+        if name in MEASURED_KERNELS and isinstance(t, (int, float)):
+            times[name] = min(t, times.get(name, t))
+    return times
 
 
 def choose(call: Call, measured: list[dict[str, Any]] = ()) -> tuple[str, str]:
     """(impl, why) for `impl="auto"`: impl is "cudnn", "mosaic", "triton" or "xla". Off a GPU,
-    xla; else the nearest measured entry's winner where it takes the call; else the first impl
-    of the generation's PREFERENCE that takes it; else xla."""
+    xla; else the nearest measured entry's winner where it takes the call, else the fastest
+    kernel of that entry's times (`ms`) that takes it (entries are measured without segment
+    ids: a call with them, which cuDNN refuses, gets the faster of the other kernels); else
+    the first impl of the generation's PREFERENCE that takes it; else xla."""
     if not call.on_gpu:
         return "xla", f"{call.device_kind}: not compiling for a GPU"
     entry = _measured_best(call, list(measured))
-    if entry is not None and _supported(measured_impl(entry), call):
+    if entry is not None:
+        times = kernel_times(entry.get("ms") or {})
+        best = measured_impl(entry)
         why = f"measured {entry.get('measured', '')} at seq {entry['seq_len']}"
-        return measured_impl(entry), why
+        for impl in [best, *sorted(times, key=times.get)]:
+            if _supported(impl, call):
+                return impl, why if impl == best else f"{why} (fastest that takes the call)"
     gen = generation(call.device_kind)
     for impl in PREFERENCE[gen]:
         if _supported(impl, call):
