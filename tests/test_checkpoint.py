@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
 STEPS = 40
 # Log every step to compare losses. Saves cost most of a run's time (orbax moves each of 8
-# devices' slices), so every 4 steps here; the kill -9 loop saves every 2 so that its kills
-# often land during an asynchronous save.
+# devices' slices), so every 8 steps here (and at train.stop_at, STEPS/2); the kill -9 loop
+# saves every 2 so that its kills often land during an asynchronous save.
 RUN = (
-    "checkpoint.every=4",
+    "checkpoint.every=8",
     "checkpoint.keep=2",
     "train.log_every=1",
     "train.eval_every=1000",
@@ -377,6 +377,7 @@ def test_restore_with_two_processes_continues_the_run(env, straight, at_half, tm
             for i in range(2)
         ],
         env=env4,
+        timeout=300,  # a hang guard: 150 s (run_all's default) timed out on a loaded 2-core box
     )
     assert step_dirs(run_dir / "tiny_lm/checkpoints")[-1] == STEPS
     resumed, straight_losses = _losses(run_dir), _losses(straight)

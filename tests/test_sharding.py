@@ -76,7 +76,9 @@ def test_layout_matches_one_device(layout, reference, tmp_path):
 
 
 def test_fsdp_shards_params_and_optimizer_state(tmp_path):
-    run = _build(tmp_path, *LAYOUTS["fsdp8"])
+    # SGD's momentum is optimizer state the size of the params; with SGD this is the program
+    # test_layout_matches_one_device[fsdp8] compiled (the persistent cache has it)
+    run = _build(tmp_path, *SGD, *LAYOUTS["fsdp8"])
     state = run.init_state()
     state, _ = run.train_step(state, run.put(next(run.train_data)))
     for part in ("params", "opt_state"):
@@ -167,39 +169,31 @@ import json, sys
 from framework.config import load_config
 from framework.train.config import Config
 from framework.train import build
-run = build(load_config(Config, sys.argv[1], sys.argv[2:]))
-state = run.init_state()
-losses = []
-for _ in range(5):
-    state, metrics = run.train_step(state, run.put(next(run.train_data)))
-    losses.append(float(metrics["loss"]))
-print(json.dumps({"devices": run.mesh.devices.size, "losses": losses}))
+config, run_dir = sys.argv[1], sys.argv[2]
+common, layouts = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+results = {}
+for name, layout in layouts.items():  # one jax.distributed session: the second build joins it
+    run = build(load_config(Config, config, [f"run.dir={run_dir}/{name}", *common, *layout]))
+    state = run.init_state()
+    losses = []
+    for _ in range(3):
+        state, metrics = run.train_step(state, run.put(next(run.train_data)))
+        losses.append(float(metrics["loss"]))
+    results[name] = {"devices": int(run.mesh.devices.size), "losses": losses}
+print(json.dumps(results))
 """
 
+# Both layouts in each of the two processes (one launch, one distributed start). SGD, as the
+# single-process layouts above: the losses must match one device's (`reference`).
+GLOO_LAYOUTS = {
+    "flat": ["mesh.data=2", "mesh.fsdp=4"],
+    # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
+    "across_nodes": ["mesh.data=1", "mesh.fsdp=4", "mesh.across_nodes.data=2"],
+}
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> list[float]:
-    """The 5 losses of the two-process runs' config trained in this one process."""
-    run = _build(
-        tmp_path_factory.mktemp("one_process"), "train.steps=5", "mesh.data=2", "mesh.fsdp=4"
-    )
-    return _train(run, 5)[0]
 
-
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["mesh.data=2", "mesh.fsdp=4"],
-        # within-node fsdp=4, data spans the 2 "nodes" (processes): a hybrid (ICI x DCN) mesh
-        ["mesh.data=1", "mesh.fsdp=4", "mesh.across_nodes.data=2"],
-    ],
-    ids=["flat", "across_nodes"],
-)
-def test_two_processes_with_gloo_match_one_process(layout, one_process, tmp_path):
-    overrides = [f"run.dir={tmp_path}", "train.steps=5", *layout]
-    expected = one_process
+def test_two_processes_with_gloo_match_one_device(reference, tmp_path):
     port = free_port()
-    env = cpu_env(4)
     outs = run_all(
         [
             [
@@ -207,16 +201,20 @@ def test_two_processes_with_gloo_match_one_process(layout, one_process, tmp_path
                 "-c",
                 _WORKER,
                 str(TINY),
-                *DIMS,
-                *overrides,
-                *distributed_overrides(port, i),
+                str(tmp_path),
+                json.dumps([*DIMS, *SGD, *distributed_overrides(port, i)]),
+                json.dumps(GLOO_LAYOUTS),
             ]
             for i in range(2)
         ],
         cwd=ROOT,
-        env=env,
+        env=cpu_env(4),
+        timeout=300,  # a hang guard: two layouts per process
     )
+    _, ref_losses, _ = reference
     for out in outs:
-        result = json.loads(out.strip().splitlines()[-1])
-        assert result["devices"] == 8
-        np.testing.assert_allclose(result["losses"], expected, rtol=1e-5, atol=1e-6)
+        results = json.loads(out.strip().splitlines()[-1])
+        assert sorted(results) == sorted(GLOO_LAYOUTS)
+        for name, result in results.items():
+            assert result["devices"] == 8, name
+            np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-5, atol=1e-6)
