@@ -145,10 +145,9 @@ def load_run(run_dir: Path, step: int | None) -> Loaded:
     assert isinstance(cfg, TransformerConfig)
     if cfg.vocab_size is None:
         raise _usage_error(f"{run_dir}/config.yaml has no model.vocab_size (not a resolved config)")
-    if isinstance(tree.get("finetune"), dict) and tree["finetune"].get("lora"):
-        from framework.finetune import lora
+    from framework.finetune import lora
 
-        params = lora.merge(params)  # a LoRA run decodes at the base model's speed
+    params = lora.merge(params)  # a LoRA run's adapters folded in (no-op without)
     spec = _find_tokenizer(str((tree.get("data") or {}).get("tokenizer", "byte")), run_dir)
     tokenizer = load_tokenizer(spec, (tree.get("data") or {}).get("eos_token"))
     # an imported folder keeps generation_config.json; else the tokenizer's own EOS

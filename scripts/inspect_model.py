@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         total = shard_bytes(shapes[part], _replicated(shardings[part], mesh))
         one = shard_bytes(shapes[part], shardings[part])
         print(f"  {part:<12} {_mib(one):>28} of {_mib(total)} total")
+    if run.model.trainable is not None:  # frozen params (LoRA): what the optimizer covers
+        from framework.train.step import split_trainable
+
+        trained = [
+            split_trainable(run.model, x)[0] for x in (shapes["params"], shardings["params"])
+        ]
+        one = shard_bytes(*trained)
+        total = shard_bytes(trained[0], _replicated(trained[1], mesh))
+        print(
+            f"  {'trainable':<12} {_mib(one):>28} of {_mib(total)} total (params the step updates)"
+        )
     return 0
 
 

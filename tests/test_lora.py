@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny/lm.yaml"
 QUIET = ("train.eval_every=1000", "train.sample_tokens=0", "train.log_every=1")
 TARGETS = '["blocks/attn/(q|k|v|o)/kernel", "blocks/mlp/(up|down)/kernel"]'
-STEPS = 12
+STEPS = 20
 
 
 def _cfg(run_dir: Path, *overrides: str) -> Config:
@@ -44,7 +44,7 @@ def _lora(base: Path, run_dir: Path, *overrides: str) -> Config:
         f"finetune.lora={{rank: 4, alpha: 8, targets: {TARGETS}}}",
         "optim.learning_rate=5e-2",
         f"train.steps={STEPS}",
-        "checkpoint.every=4",
+        "checkpoint.every=5",
         *overrides,
     )
 
@@ -80,6 +80,7 @@ def straight(base, tmp_path_factory) -> Path:
 
 
 def test_only_adapters_train_and_the_base_is_bitwise_unchanged(base, straight):
+    """After STEPS (20) steps."""
     base_params = _flat(_read(base)[1])
     step, params = _read(straight)
     assert step == STEPS
@@ -217,3 +218,22 @@ def test_base_weights_may_be_stored_in_bfloat16(base, tmp_path):
     assert q["kernel"].dtype == jnp.bfloat16 and q["lora_a"].dtype == np.float32
     want = _read(base)[1]["blocks"]["attn"]["q"]["kernel"].astype(jnp.bfloat16)
     np.testing.assert_array_equal(q["kernel"], want)
+
+
+def test_a_lora_run_is_a_base_for_another(straight, tmp_path):
+    """Weights from a LoRA run: its adapters are merged into its kernels, fresh ones added."""
+    run = build(_lora(straight, tmp_path, "run.name=second", "finetune.lora.rank=2"))
+    params = jax.device_get(restore_or_init(run, plan_resume(run)).state["params"])
+    merged = lora.merge(jax.tree.map(jnp.asarray, _read(straight)[1]))
+    q = params["blocks"]["attn"]["q"]
+    np.testing.assert_allclose(q["kernel"], merged["blocks"]["attn"]["q"]["kernel"], rtol=1e-6)
+    assert q["lora_a"].shape[-1] == 2 and not np.any(q["lora_b"])
+
+
+def test_changed_lora_settings_do_not_resume_silently(straight, tmp_path):
+    import shutil
+
+    shutil.copytree(straight, tmp_path / "lora")
+    run = build(_lora(straight, tmp_path, "finetune.lora.alpha=4", f"train.steps={STEPS + 2}"))
+    with pytest.raises(ConfigError, match="finetune.lora.alpha 8.0 -> 4.0"):
+        restore_or_init(run, plan_resume(run))

@@ -184,7 +184,8 @@ def merge(params: Any) -> Any:
         r = a.shape[-1]
         a2 = a.reshape(*a.shape[:stacked], -1, r)
         b2 = b.reshape(*b.shape[:stacked], r, -1)
-        delta = jnp.matmul(a2, b2) * scale.reshape(*scale.shape, 1, 1)
+        delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+        delta = delta * scale.reshape(*scale.shape, 1, 1)
         out["kernel"] = (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(
             kernel.dtype
         )

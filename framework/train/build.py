@@ -202,6 +202,14 @@ def _plan(
     return _Plan(cfg, mesh, rules, tx, shardings, abstract)
 
 
+def model_for(cfg: Config) -> Model:
+    """The config's registered model, transformed as `finetune` says (LoRA adapters)."""
+    model = models.get(cfg.model.name)
+    if cfg.finetune.lora is not None:
+        model = finetune.wrap(model, cfg.finetune.lora)
+    return model
+
+
 def _known_unread(cfg: Config, meta: Mapping[str, Any]) -> bool:
     """Whether the data's metadata fixes every shape before reading it (token files tell
     their vocabulary only once read, unless model.vocab_size is set)."""
@@ -216,9 +224,7 @@ def build(cfg: Config, devices: list | None = None, *, read_data: bool = True) -
     checked before the data is read where its metadata allows (a typo in data.seq_len must
     not first generate gigabytes of tokens)."""
     initialize(cfg.mesh.distributed)  # before any backend use; no-op for one process
-    model = models.get(cfg.model.name)
-    if cfg.finetune.lora is not None:
-        model = finetune.wrap(model, cfg.finetune.lora)
+    model = model_for(cfg)
     meta = describe(cfg.data)
     plan = _plan(cfg, model, meta, devices) if _known_unread(cfg, meta) or not read_data else None
     train_data = eval_set = None

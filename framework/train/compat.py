@@ -143,11 +143,18 @@ def check(
     mismatch = first_shape_mismatch(saved_shapes, wanted_shapes)
     if mismatch is not None:
         item, detail = mismatch
-        section = "optim." if item == "opt_state" else "model."
-        keys = [k for k in changes if k.startswith(section)]
+        sections = ("optim.",) if item == "opt_state" else ("model.", "finetune.")
+        keys = [k for k in changes if k.startswith(sections)]
         blamed |= set(keys)
         named = ", ".join(_show(k, changes[k]) for k in keys)
         reasons.append(f"{named} ({detail})" if named else detail)
+    adapters = [k for k in changes if k.startswith("finetune.") and k not in blamed]
+    if adapters:  # the checkpoint's adapters (and their scale) were made by the old settings
+        blamed |= set(adapters)
+        reasons.append(
+            ", ".join(_show(k, changes[k]) for k in adapters)
+            + " (the checkpoint's LoRA adapters were made with the old settings)"
+        )
     stream = [k for k in changes if k in DATA_STREAM]
     if stream:
         blamed |= set(stream)

@@ -13,7 +13,7 @@ from framework.data.config import DataConfig
 from framework.finetune import FinetuneConfig
 from framework.models import REGISTRY
 from framework.parallel.mesh import MeshConfig
-from framework.train.checkpoint import CheckpointConfig
+from framework.train.checkpoint import KEYWORDS, CheckpointConfig
 from framework.train.optimizer import OptimConfig
 
 _FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
@@ -100,7 +100,7 @@ class Config(pydantic.BaseModel):
                 f"data.batch_size ({self.data.batch_size}) must be divisible by "
                 f"train.grad_accum ({self.train.grad_accum})"
             )
-        if self.finetune.lora is not None and self.checkpoint.resume in ("auto", "never", "fresh"):
+        if self.finetune.lora is not None and self.checkpoint.resume in KEYWORDS:
             raise ValueError(
                 "finetune.lora adapts pretrained weights: set checkpoint.resume to the base "
                 f"run's directory (e.g. an imported Hugging Face model), not "

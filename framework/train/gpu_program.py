@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from framework import models
 from framework.config import ConfigError
 from framework.data import describe
 from framework.parallel.mesh import AXES, resolve_sizes
 from framework.parallel.sharding import batch_spec
 from framework.parallel.target import GPU_CUSTOM_CALLS, H100, abstract_gpu_mesh, export_for_cuda
-from framework.train.build import _jit_steps, _plan
+from framework.train.build import _jit_steps, _plan, model_for
 from framework.train.config import Config
 from framework.train.optimizer import schedule
 
@@ -34,7 +33,7 @@ def export_train_step(
     only: the batch is {"inputs", "targets"} int32 [batch_size, seq_len]."""
     if cfg.mesh.across_nodes.sizes() != {a: 1 for a in AXES}:
         raise ConfigError("mesh.across_nodes: the abstract GPU mesh is one node; leave it unset")
-    model = models.get(cfg.model.name)
+    model = model_for(cfg)
     meta = describe(cfg.data)
     if meta["kind"] != "lm":
         raise ConfigError(f"data.source {cfg.data.source!r}: GPU export takes language models")

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import nn
 from framework.data.pipeline import STATE_VERSION as DATA_STATE_VERSION
@@ -79,7 +80,9 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
     if source is None:
         return Start(run.init_state())
     own = source == ckpt.checkpoint_dir(run.run_dir)
-    params_only = run.cfg.checkpoint.resume_params_only and not own
+    # a LoRA run takes only the weights of another run (its optimizer state has no adapters)
+    takes_weights = run.cfg.checkpoint.resume_params_only or run.cfg.finetune.lora is not None
+    params_only = takes_weights and not own
     reader = ckpt.Checkpointer(source, run.cfg.checkpoint, read_only=True)
     try:
         if not params_only and _weights_only(reader):
@@ -97,11 +100,12 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
         return Start(run.init_state())
     step, arrays, meta = found
     if params_only:  # no random init: it would compile and hold a second copy of the params
+        # a LoRA base (its adapters read too) becomes plain weights, then the run's dtypes
+        arrays["params"] = lora.merge(arrays["params"])
         base = _base_state(run, params_only)
         params, model_state = (
-            jax.tree.map(lambda x, a: x.astype(a.dtype), arrays[k], base[k])
-            for k in ("params", "model_state")
-        )  # in the run's dtypes
+            _cast_dropping(arrays, k, base[k]) for k in ("params", "model_state")
+        )
         if run.cfg.finetune.lora is not None:  # the base's weights, fresh adapters
             params = lora.deep_merge(params, _fresh_adapters(run))
         init_opt = jax.jit(
@@ -121,6 +125,17 @@ def restore_or_init(run: Run, source: Path | None) -> Start:
     return Start(arrays | {"step": step_array}, int(meta.get("skipped_steps", 0)))
 
 
+def _cast_dropping(arrays: dict, item: str, like: Any) -> Any:
+    """arrays[item] in `like`'s dtypes, leaf by leaf, each saved-dtype leaf released once cast
+    (a float32 base stored in bfloat16 never holds both whole trees)."""
+    leaves, treedef = jax.tree.flatten(arrays.pop(item))
+    out = []
+    for i, target in enumerate(jax.tree.leaves(like)):
+        out.append(leaves[i].astype(target.dtype))
+        leaves[i] = None
+    return jax.tree.unflatten(treedef, out)
+
+
 def _fresh_adapters(run: Run) -> dict:
     """The LoRA adapters' initial values (the same as a fresh state's), created sharded."""
     spec = lora.adapters_only(run.model.spec(run.cfg.model))
@@ -130,11 +145,32 @@ def _fresh_adapters(run: Run) -> dict:
 
 
 def _base_state(run: Run, params_only: bool) -> dict:
-    """The abstract state a checkpoint is read into: a LoRA run's base weights have no
-    adapters (they are added fresh) when it starts from another run's params."""
-    if not (params_only and run.cfg.finetune.lora is not None):
+    """The abstract state of the weights taken from another run: without adapters (a LoRA
+    run adds fresh ones)."""
+    if not params_only:
         return run.abstract_state
     return dict(run.abstract_state, params=lora.strip(run.abstract_state["params"]))
+
+
+def _read_target(run: Run, saved: dict, params_only: bool) -> dict:
+    """The abstract state a checkpoint is read into. Another run's weights are read in their
+    saved dtypes (checksums verify; cast after) and with its LoRA adapters, if it has any
+    (merged into its kernels after reading)."""
+    abstract = _base_state(run, params_only)
+    if not params_only:
+        return abstract
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    saved_params = saved.get("params")  # orbax's tree metadata: a dict of dicts inside
+    saved_adapters = lora.adapters_only(dict(saved_params) if saved_params else {}) or {}
+    adapters = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+        saved_adapters,
+    )
+    params = lora.deep_merge(abstract["params"], adapters)
+    return dict(abstract) | {
+        "params": _in_saved_dtypes(params, saved.get("params", {})),
+        "model_state": _in_saved_dtypes(abstract["model_state"], saved.get("model_state", {})),
+    }
 
 
 def _weights_only(reader: ckpt.Checkpointer) -> bool:
@@ -157,13 +193,10 @@ def _newest_good(
     does not), reads, matches its checksums and whose data position applies; each damaged
     newer one is moved aside (own run) or skipped (another run's). Every process takes each
     decision together: a shard that fails on one process is damage for all."""
-    items = ("params", "model_state") if params_only else ckpt.ARRAY_ITEMS
-    abstract = _base_state(run, params_only)
-    wanted = {k: abstract[k] for k in items}
     config = run.cfg.model_dump(mode="json")
     damaged = []
     for step in reversed(reader.steps()):
-        found, damage = _attempt(_read, run, reader, step, config, wanted, params_only)
+        found, damage = _attempt(_read, run, reader, step, config, params_only)
         damage = _agreed(damage)
         if damage is None:  # the checksums are a collective: only once every process has read
             arrays, data_state, meta = found
@@ -192,25 +225,21 @@ def _read(
     reader: ckpt.Checkpointer,
     step: int,
     config: dict,
-    wanted: dict,
     params_only: bool,
 ) -> tuple[dict, dict | None, dict]:
     """Check the step's saved config against the run's (ConfigError), then read it (another
-    run's weights in their saved dtypes, so that their checksums verify; cast after)."""
+    run's weights as `_read_target` says)."""
     saved = reader.array_metadata(step)
+    abstract = _read_target(run, saved, params_only)
+    items = ("params", "model_state") if params_only else ckpt.ARRAY_ITEMS
     compat.check(
         reader.read_json("config", step),
         saved,
         config,
-        wanted,
+        {k: abstract[k] for k in items},
         params_only=params_only,
         where=reader.step_path(step),
     )
-    abstract = _base_state(run, params_only)
-    if params_only:
-        abstract = dict(abstract) | {
-            k: _in_saved_dtypes(abstract[k], saved.get(k, {})) for k in wanted
-        }
     return reader.restore(step, abstract, params_only=params_only)
 
 

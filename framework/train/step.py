@@ -174,7 +174,9 @@ def make_train_step(
             "opt_state": opt_state,
             "model_state": model_state,
         }
-        grad_finite, param_finite = finite_leaves(grads), finite_leaves(new_params)
+        # frozen params cannot change: only the updated part is checked (None counts finite)
+        grad_finite = finite_leaves(grads)
+        param_finite = finite_leaves(split_trainable(model, new_params)[0])
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(grad_finite) & jnp.all(param_finite)
         out = dict(
             metrics,
