@@ -171,7 +171,9 @@ def test_window_block_ranges_cover_the_band(tq, tk):
         [None, 1, 3, 16, 17, 100], [(16, 16), (16, 32), (32, 16)], [False, True]
     ):
         blocks = fa.KernelConfig(bq, bk, 4, 1)
-        st = fa._Static(1.0, True, tq, tk, 1, seg, window, blocks, blocks, blocks, True)
+        st = fa._Static(
+            1.0, True, tq, tk, 1, seg, window, blocks, blocks, blocks, False, False, True
+        )
         nq, nk = -(-tq // bq), -(-tk // bk)
         allowed = _band(tq, tk, nq * bq, nk * bk, window)
         tiles = allowed.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)

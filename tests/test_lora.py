@@ -237,3 +237,38 @@ def test_changed_lora_settings_do_not_resume_silently(straight, tmp_path):
     run = build(_lora(straight, tmp_path, "finetune.lora.alpha=4", f"train.steps={STEPS + 2}"))
     with pytest.raises(ConfigError, match="finetune.lora.alpha 8.0 -> 4.0"):
         restore_or_init(run, plan_resume(run))
+
+
+def test_adapter_dropout_is_unbiased_and_off_without_a_key(tmp_path):
+    """finetune.lora.dropout: PEFT's dropout on the adapters' input, with the step's key only
+    (evaluation and decoding pass none): the layer's mean over keys is the key-less output."""
+    from framework import nn
+
+    spec = {"kernel": nn.Param((8, 6), (None, None), out_dims=1)}
+    cfg = lora.LoraConfig(rank=2, alpha=4, dropout=0.25, targets=("kernel",))
+    params = nn.init(lora.add_adapters(spec, cfg), jax.random.key(0))
+    params["lora_b"] = jax.random.normal(jax.random.key(1), params["lora_b"].shape)
+    np.testing.assert_allclose(params["lora_dropout"], 0.25)
+    x = jax.random.normal(jax.random.key(2), (4, 8))
+    exact = nn.linear(params, x)
+    keys = jax.random.split(jax.random.key(3), 20000)
+    dropped = jax.vmap(lambda k: nn.linear(params, x, k))(keys)
+    assert np.abs(np.asarray(dropped[0] - exact)).max() > 1e-3  # the key drops inputs
+    term = exact - x @ params["kernel"]  # the adapters' share; its mean over keys is kept
+    spread = 4 * np.asarray(dropped.std(0)) / np.sqrt(len(keys))  # 4 standard errors
+    assert np.all(np.abs(np.asarray(dropped.mean(0) - exact)) <= spread + 1e-6)
+    assert np.abs(np.asarray(term)).max() > 10 * spread.max()  # a check that can fail
+    no_dropout = lora.add_adapters(spec, cfg.model_copy(update={"dropout": 0.0}))
+    assert "lora_dropout" not in no_dropout  # no leaf, no random numbers
+
+
+def test_transformer_trains_with_adapter_dropout_and_evaluates_without(base, tmp_path):
+    run = build(_lora(base, tmp_path, "finetune.lora.dropout=0.5"))
+    params = jax.tree.map(jnp.asarray, restore_or_init(run, plan_resume(run)).state["params"])
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.5 if p[-1].key == "lora_b" else x, params
+    )  # adapters that matter
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 32)), jnp.int32)
+    apply = lambda key: run.model.apply(params, tokens, run.cfg.model, key=key)[0]  # noqa: E731
+    np.testing.assert_array_equal(apply(None), apply(None))
+    assert np.abs(np.asarray(apply(jax.random.key(0)) - apply(None))).max() > 1e-3

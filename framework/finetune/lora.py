@@ -1,10 +1,11 @@
 """LoRA as a transformation of the parameter tree: each targeted projection kernel W gets
-sibling leaves `lora_a` [*layers, *in, r], `lora_b` [*layers, r, *out] and `lora_scale`
-(alpha / r), and the projection layers (nn.linear, attention's q/k/v/o) add
-scale * (x @ lora_a) @ lora_b to x @ W. Adapters are declared as `Param`s (logical axes of the
-kernel's in/out dims, so they shard like it; A uniform in +-1/sqrt(fan_in) as in PEFT, B zero),
-initialized, sharded and checkpointed like every parameter. Only `lora_a`/`lora_b` train: the
-train step differentiates them alone and the optimizer keeps state for them alone."""
+sibling leaves `lora_a` [*layers, *in, r], `lora_b` [*layers, r, *out], `lora_scale`
+(alpha / r) and, with dropout, `lora_dropout` (its rate); the projection layers (nn.linear,
+attention's q/k/v/o) add scale * (dropout(x) @ lora_a) @ lora_b to x @ W. Adapters are
+declared as `Param`s (logical axes of the kernel's in/out dims, so they shard like it; A
+uniform in +-1/sqrt(fan_in) as in PEFT, B zero), initialized, sharded and checkpointed like
+every parameter. Only `lora_a`/`lora_b` train: the train step differentiates them alone and
+the optimizer keeps state for them alone."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from framework.nn.param import Param, is_param
 
 TRAINED = ("lora_a", "lora_b")
 SCALE = "lora_scale"
-ADAPTER_LEAVES = (*TRAINED, SCALE)
+DROPOUT = "lora_dropout"  # present only with finetune.lora.dropout > 0
+ADAPTER_LEAVES = (*TRAINED, SCALE, DROPOUT)
 
 
 class LoraConfig(pydantic.BaseModel):
@@ -32,6 +34,9 @@ class LoraConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     rank: int = pydantic.Field(8, gt=0, description="adapter rank r")
     alpha: float = pydantic.Field(16.0, gt=0, description="adapter scale is alpha / rank")
+    dropout: float = pydantic.Field(
+        0.0, ge=0, lt=1, description="dropout on the adapters' input while training (PEFT's)"
+    )
     targets: tuple[str, ...] = pydantic.Field(
         ("blocks/attn/(q|k|v|o)/kernel",),
         min_length=1,
@@ -82,7 +87,8 @@ def _adapters(kernel: Param, path: str, cfg: LoraConfig) -> dict[str, Param]:
             f"{kernel.shape}"
         )
     r, f32, init = cfg.rank, jnp.float32, jax.nn.initializers
-    return {
+    rate = {DROPOUT: Param(stack_shape, stack_axes, init.constant(cfg.dropout), f32)}
+    return (rate if cfg.dropout else {}) | {
         "lora_a": Param(
             (*stack_shape, *in_shape, r), (*stack_axes, *in_axes, None), _uniform_fan_in(s), f32
         ),

@@ -174,7 +174,7 @@ def export_adapters(
         "inference_mode": True,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": float(((saved.get("finetune") or {}).get("lora") or {}).get("dropout", 0)),
         "target_modules": sorted(set(targets)),
         "fan_in_fan_out": fan_in_fan_out.pop(),
         "bias": "none",

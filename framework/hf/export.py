@@ -125,7 +125,7 @@ def adapted_kernels(flat: dict) -> list[str]:
     for path in sorted(flat):
         if path.endswith("/lora_a"):
             where = path[: -len("/lora_a")]
-            for leaf in ("kernel", *lora.ADAPTER_LEAVES):
+            for leaf in ("kernel", *lora.TRAINED, lora.SCALE):  # lora_dropout is optional
                 if f"{where}/{leaf}" not in flat:
                     raise ConfigError(f"checkpoint param {where}/{leaf} is absent beside lora_a")
             out.append(f"{where}/kernel")
@@ -147,7 +147,7 @@ def merge_adapters(flat: dict) -> tuple[dict, list[str]]:
     cpu = jax.devices("cpu")[0]
     for kernel in kernels:
         where = kernel[: -len("/kernel")]
-        group = {leaf: flat[f"{where}/{leaf}"] for leaf in ("kernel", *lora.ADAPTER_LEAVES)}
+        group = {leaf: flat[f"{where}/{leaf}"] for leaf in ("kernel", *lora.TRAINED, lora.SCALE)}
         with jax.default_device(cpu), jax.default_matmul_precision("highest"):
             out[kernel] = np.asarray(lora.merge(group)["kernel"])
     return out, kernels

@@ -239,6 +239,7 @@ def block(
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). With a layer's KV
     `cache` the attention reads and extends it; returns (x, updated cache or None)."""
     k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+    k_lora = nn.sub_key(key, 2)  # LoRA dropout (framework.finetune); unused without adapters
     with scope("attn"):
         h = _norm(params["attn_norm"], x, cfg)
         if cache is None:
@@ -249,6 +250,7 @@ def block(
                 segment_ids=segment_ids,
                 positions=positions,
                 impl=cfg.attention_impl,
+                key=nn.sub_key(k_lora, 0),
                 **_attention_options(cfg),
             )
         else:
@@ -257,7 +259,9 @@ def block(
             )
     x = x + nn.dropout(h, cfg.dropout, k_attn)
     with scope("mlp"):
-        h = nn.mlp(params["mlp"], _norm(params["mlp_norm"], x, cfg), cfg.activation)
+        h = nn.mlp(
+            params["mlp"], _norm(params["mlp_norm"], x, cfg), cfg.activation, nn.sub_key(k_lora, 1)
+        )
     x = x + nn.dropout(h, cfg.dropout, k_mlp)
     return constrain(x, ("batch", "seq", "embed")), cache
 

@@ -2,7 +2,15 @@
 
 from framework.errors import ShapeError
 from framework.nn.attention import attention, attention_spec, cached_attention
-from framework.nn.basic import attend, dropout, embed, embedding_spec, linear, linear_spec
+from framework.nn.basic import (
+    attend,
+    dropout,
+    embed,
+    embedding_spec,
+    linear,
+    linear_spec,
+    sub_key,
+)
 from framework.nn.batch_norm import batch_norm, batch_norm_spec, batch_norm_state_spec
 from framework.nn.checks import scope
 from framework.nn.conv import avg_pool, conv2d, conv2d_spec, max_pool
@@ -51,4 +59,5 @@ __all__ = [
     "segment_positions",
     "shapes",
     "stack",
+    "sub_key",
 ]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from framework import ops
-from framework.nn.basic import fan_in_init, low_rank, zeros
+from framework.nn.basic import fan_in_init, low_rank, sub_key, zeros
 from framework.nn.checks import check_float, check_last_dim, check_rank
 from framework.nn.norm import rms_norm, rms_norm_spec
 from framework.nn.param import Param
@@ -84,8 +84,8 @@ def attention_spec(
     return spec
 
 
-def _project(p: dict, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("btd,dhk->bthk", x, p["kernel"].astype(x.dtype)) + low_rank(p, x)
+def _project(p: dict, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    y = jnp.einsum("btd,dhk->bthk", x, p["kernel"].astype(x.dtype)) + low_rank(p, x, key)
     return y + p["bias"].astype(y.dtype) if "bias" in p else y
 
 
@@ -96,13 +96,14 @@ def _qkv(
     rope_theta: float | None,
     rope_scaling: Mapping[str, Any] | None,
     norm_eps: float,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [batch, seq, d_model] -> q [b, s, heads, hd], k and v [b, s, kv_heads, hd]: projected,
     QK-normed when the params have norms, rotated when rope_theta is set."""
     check_float(x)
     check_rank(x, 3, layout="batch, seq, d_model")
     check_last_dim(x, params["q"]["kernel"].shape[0])
-    q, k, v = (_project(params[n], x) for n in ("q", "k", "v"))
+    q, k, v = (_project(params[n], x, sub_key(key, i)) for i, n in enumerate(("q", "k", "v")))
     if "q_norm" in params:  # per head, over head_dim; XLA fuses it into the projection
         q = rms_norm(params["q_norm"], q, eps=norm_eps, impl="xla")
         k = rms_norm(params["k_norm"], k, eps=norm_eps, impl="xla")
@@ -117,9 +118,9 @@ def _qkv(
     return q, k, v
 
 
-def _output(params: dict, out: jax.Array) -> jax.Array:
+def _output(params: dict, out: jax.Array, key: jax.Array | None = None) -> jax.Array:
     y = jnp.einsum("bthk,hkd->btd", out, params["o"]["kernel"].astype(out.dtype))
-    y = y + low_rank(params["o"], out)
+    y = y + low_rank(params["o"], out, sub_key(key, 3))
     return y + params["o"]["bias"].astype(y.dtype) if "bias" in params["o"] else y
 
 
@@ -136,17 +137,19 @@ def attention(
     norm_eps: float = 1e-6,
     mask: jax.Array | None = None,
     impl: str = "auto",
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """Self-attention over x [batch, seq, d_model] -> [batch, seq, d_model].
 
     rope_theta=None means no rotary embedding (e.g. GPT-2's learned positions); positions
     default to 0..seq-1. window: each query sees at most that many latest keys, itself
-    included (sliding-window attention); norm_eps is the QK-norm's epsilon."""
-    q, k, v = _qkv(params, x, positions, rope_theta, rope_scaling, norm_eps)
+    included (sliding-window attention); norm_eps is the QK-norm's epsilon; key: the LoRA
+    adapters' dropout key (None: none)."""
+    q, k, v = _qkv(params, x, positions, rope_theta, rope_scaling, norm_eps, key)
     out = ops.attention(
         q, k, v, causal=causal, segment_ids=segment_ids, mask=mask, window=window, impl=impl
     )
-    return _output(params, out)
+    return _output(params, out, key)
 
 
 def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

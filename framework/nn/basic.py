@@ -28,25 +28,37 @@ def linear_spec(
     return spec
 
 
-def linear(params: dict, x: jax.Array) -> jax.Array:
+def linear(params: dict, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """x @ kernel (+ LoRA term, `key` its dropout key) (+ bias)."""
     check_float(x)
     check_last_dim(x, params["kernel"].shape[0])
-    y = jnp.einsum("...i,io->...o", x, params["kernel"].astype(x.dtype)) + low_rank(params, x)
+    y = jnp.einsum("...i,io->...o", x, params["kernel"].astype(x.dtype))
+    y = y + low_rank(params, x, key)
     if "bias" in params:
         y = y + params["bias"].astype(y.dtype)
     return y
 
 
-def low_rank(params: dict, x: jax.Array) -> jax.Array | float:
+def low_rank(params: dict, x: jax.Array, key: jax.Array | None = None) -> jax.Array | float:
     """The LoRA term of a projection whose params hold adapters (framework.finetune): scale *
-    (x @ lora_a) @ lora_b, contracting x's trailing dims with lora_a's leading ones; 0 when
-    there are none. Never forms the [in, out] product, so the frozen kernel gets no gradient
-    matmul."""
+    (dropout(x) @ lora_a) @ lora_b, contracting x's trailing dims with lora_a's leading ones;
+    0 when there are none. Never forms the [in, out] product, so the frozen kernel gets no
+    gradient matmul. The dropout (rate `lora_dropout`, where the params hold one) needs `key`:
+    None (evaluation, decoding) applies none."""
     if "lora_a" not in params:
         return 0.0
+    if key is not None and "lora_dropout" in params:
+        rate = params["lora_dropout"].astype(jnp.float32)
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
     a, b = params["lora_a"].astype(x.dtype), params["lora_b"].astype(x.dtype)
     h = jnp.tensordot(x, a, axes=a.ndim - 1)
     return jnp.tensordot(h, b, axes=1) * params["lora_scale"].astype(x.dtype)
+
+
+def sub_key(key: jax.Array | None, i: int) -> jax.Array | None:
+    """The i-th key derived from `key` (None stays None): one per projection of a layer."""
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def embedding_spec(vocab: int, dim: int, axes=("vocab", "embed"), std: float = 0.02) -> dict:
