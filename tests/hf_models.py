@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -120,3 +121,32 @@ def logits(model: torch.nn.Module, ids) -> torch.Tensor:
     """The model's float32 logits for int token ids [batch, seq]."""
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits
+
+
+# The framework side of the parity tests (tests/test_hf.py, tests/test_lora_export.py).
+IDS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ))
+TOL = 1e-4
+# XLA:CPU without its expensive passes: half the compile time, the same f32 arithmetic
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def rel(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def framework_logits(cfg, params: dict) -> np.ndarray:
+    """The framework's f32 logits on IDS (XLA attention and norms, highest matmul precision;
+    adapters in the tree are applied)."""
+    import jax
+    import jax.numpy as jnp
+
+    from framework.models.transformer import apply
+
+    cfg = cfg.model_copy(update={"attention_impl": "xla", "norm_impl": "xla"})
+    ids = jnp.asarray(IDS)
+    with jax.default_matmul_precision("highest"):
+        lowered = jax.jit(apply, static_argnums=2).lower(params, ids, cfg)
+        out, _ = lowered.compile(FAST_COMPILE)(params, ids)
+    return np.asarray(out)

@@ -20,37 +20,17 @@ torch = pytest.importorskip("torch")
 
 import hf_models  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from framework.config import load_config  # noqa: E402
 from framework.errors import ConfigError  # noqa: E402
 from framework.hf import export_run, import_checkpoint, load, target  # noqa: E402
-from framework.models.transformer import TransformerConfig, apply  # noqa: E402
+from framework.models.transformer import TransformerConfig  # noqa: E402
 from framework.train.checkpoint import flatten_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import convert_hf  # noqa: E402
-
-IDS = np.random.default_rng(0).integers(0, hf_models.VOCAB, (2, hf_models.SEQ))
-TOL = 1e-4
-# XLA:CPU without its expensive passes: half the compile time, the same f32 arithmetic
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _framework_logits(cfg: TransformerConfig, params: dict) -> np.ndarray:
-    cfg = cfg.model_copy(update={"attention_impl": "xla", "norm_impl": "xla"})
-    ids = jnp.asarray(IDS)
-    with jax.default_matmul_precision("highest"):
-        lowered = jax.jit(apply, static_argnums=2).lower(params, ids, cfg)
-        out, _ = lowered.compile(FAST_COMPILE)(params, ids)
-    return np.asarray(out)
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +63,20 @@ def roundtrip(hf, tmp_path_factory):
 def test_import_logits_match_transformers(hf, name):
     path, model = hf[name]
     cfg, params, _ = load(path)
-    ref = hf_models.logits(model, IDS).numpy()
-    got = _framework_logits(cfg, params)
-    err = _rel(got, ref)
+    ref = hf_models.logits(model, hf_models.IDS).numpy()
+    got = hf_models.framework_logits(cfg, params)
+    err = hf_models.rel(got, ref)
     print(f"{name}: import max relative logit error {err:.2e}")
-    assert err < TOL, (name, err)
+    assert err < hf_models.TOL, (name, err)
     # the options under test change the result (the comparison is not vacuous)
     for field in ("sliding_window", "rope_scaling"):
         if getattr(cfg, field) is not None:
-            assert _rel(_framework_logits(cfg.model_copy(update={field: None}), params), ref) > 1e-3
+            assert (
+                hf_models.rel(
+                    hf_models.framework_logits(cfg.model_copy(update={field: None}), params), ref
+                )
+                > 1e-3
+            )
 
 
 @pytest.mark.parametrize("name", list(hf_models.VARIANTS))
@@ -107,7 +92,9 @@ def test_export_loads_bitwise_equal(hf, roundtrip, name):
     assert a.keys() == b.keys()
     for key in a:  # tied unembeddings appear under both names, equal to the embedding
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert torch.equal(hf_models.logits(back.eval(), IDS), hf_models.logits(model, IDS))
+    assert torch.equal(
+        hf_models.logits(back.eval(), hf_models.IDS), hf_models.logits(model, hf_models.IDS)
+    )
 
 
 def test_import_folder_contents(hf, roundtrip):
@@ -329,8 +316,8 @@ def test_export_of_a_run_never_imported(tmp_path):
     assert config["eos_token_id"] is None  # not Qwen2's or Llama's default ids
     assert not summary["generation_config"]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ref = hf_models.logits(back, IDS).numpy()
-    assert _rel(_framework_logits(cfg, params), ref) < TOL
+    ref = hf_models.logits(back, hf_models.IDS).numpy()
+    assert hf_models.rel(hf_models.framework_logits(cfg, params), ref) < hf_models.TOL
 
 
 def test_bfloat16_checkpoint_round_trips(hf, tmp_path, capsys):

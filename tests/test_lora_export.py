@@ -22,39 +22,20 @@ peft = pytest.importorskip("peft")
 
 import hf_models  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from framework import nn  # noqa: E402
 from framework.finetune import lora  # noqa: E402
 from framework.hf import export_adapters, export_run, import_checkpoint, load  # noqa: E402
-from framework.models.transformer import TransformerConfig, apply, spec  # noqa: E402
+from framework.models.transformer import TransformerConfig, spec  # noqa: E402
 from framework.train.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import convert_hf  # noqa: E402
 
-IDS = np.random.default_rng(0).integers(0, hf_models.VOCAB, (2, hf_models.SEQ))
-TOL = 1e-4
 RANK, ALPHA = 4, 12.0  # lora_scale 3
 ALL = ("blocks/attn/(q|k|v|o)/kernel", "blocks/mlp/(gate|up|down)/kernel")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _logits(cfg: TransformerConfig, params: dict) -> np.ndarray:
-    """The framework's f32 logits on IDS (adapters in the tree are applied)."""
-    cfg = cfg.model_copy(update={"attention_impl": "xla", "norm_impl": "xla"})
-    ids = jnp.asarray(IDS)
-    with jax.default_matmul_precision("highest"):
-        lowered = jax.jit(apply, static_argnums=2).lower(params, ids, cfg)
-        out, _ = lowered.compile(FAST_COMPILE)(params, ids)
-    return np.asarray(out)
 
 
 def _with_adapters(cfg: TransformerConfig, params: dict, targets: tuple[str, ...]) -> dict:
@@ -100,7 +81,7 @@ def llama(tmp_path_factory):
     cfg, params, _ = load(root / "hf")
     params = _with_adapters(cfg, params, ALL)
     run = _save_run(root / "run", cfg, params, root / "fw", ALL)
-    return root / "hf", root / "fw", run, cfg, params, _logits(cfg, params)
+    return root / "hf", root / "fw", run, cfg, params, hf_models.framework_logits(cfg, params)
 
 
 def _base_model(hf_dir: Path):
@@ -109,13 +90,13 @@ def _base_model(hf_dir: Path):
 
 def test_merge_gives_the_adapted_logits(llama):
     hf_dir, _, _, cfg, params, adapted = llama
-    base = hf_models.logits(_base_model(hf_dir), IDS).numpy()
-    assert _rel(adapted, base) > 1e-2  # the adapters matter
+    base = hf_models.logits(_base_model(hf_dir), hf_models.IDS).numpy()
+    assert hf_models.rel(adapted, base) > 1e-2  # the adapters matter
     merged = lora.merge(params)
     assert not any(k in lora.ADAPTER_LEAVES for k in merged["blocks"]["attn"]["q"])
-    err = _rel(_logits(cfg, merged), adapted)
+    err = hf_models.rel(hf_models.framework_logits(cfg, merged), adapted)
     print(f"lora.merge: max relative logit difference {err:.2e}")
-    assert err < TOL
+    assert err < hf_models.TOL
 
 
 def test_merged_export_loads_in_transformers(llama, tmp_path):
@@ -127,9 +108,9 @@ def test_merged_export_loads_in_transformers(llama, tmp_path):
         tmp_path / "merged", output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    err = _rel(hf_models.logits(model.eval(), IDS).numpy(), adapted)
+    err = hf_models.rel(hf_models.logits(model.eval(), hf_models.IDS).numpy(), adapted)
     print(f"merged export: max relative logit difference {err:.2e}")
-    assert err < TOL
+    assert err < hf_models.TOL
     # the merged weights are the ones lora.merge gives (W + scale * A @ B, in W's layout)
     q = lora.merge(params)["blocks"]["attn"]["q"]["kernel"][1]
     want = np.asarray(q).reshape(q.shape[0], -1).T
@@ -172,10 +153,10 @@ def test_peft_export_loads_with_peft(llama, tmp_path, capsys):
     o = "base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"
     assert saved[o].shape == (RANK, 4 * 8)  # [r, heads * head_dim]
 
-    err = _rel(hf_models.logits(model, IDS).numpy(), adapted)
+    err = hf_models.rel(hf_models.logits(model, hf_models.IDS).numpy(), adapted)
     with capsys.disabled():
         print(f"PEFT export: max relative logit difference {err:.2e}")
-    assert err < TOL
+    assert err < hf_models.TOL
     # PEFT's own merge equals the merged export
     export_run(run, tmp_path / "merged")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
@@ -197,10 +178,13 @@ def test_gpt2_peft_export_and_fused_c_attn(tmp_path, capsys):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"]  # Conv1D stores [in, out]
     model = peft.PeftModel.from_pretrained(_base_model(tmp_path / "hf"), tmp_path / "peft")
-    err = _rel(hf_models.logits(model.eval(), IDS).numpy(), _logits(cfg, params))
+    err = hf_models.rel(
+        hf_models.logits(model.eval(), hf_models.IDS).numpy(),
+        hf_models.framework_logits(cfg, params),
+    )
     with capsys.disabled():
         print(f"GPT-2 PEFT export: max relative logit difference {err:.2e}")
-    assert err < TOL
+    assert err < hf_models.TOL
 
     fused = ("blocks/attn/(q|v)/kernel",)
     run = _save_run(
