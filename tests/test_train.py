@@ -1,6 +1,7 @@
 """Training: shipped configs, optimizer, gradient accumulation, loop metrics, non-finite."""
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -22,7 +23,14 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "bas
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_shipped_config_validates(path):
+def test_every_shipped_config_validates(path, tmp_path):
+    text = path.read_text()
+    base = re.search(r"^base:\s*(\S+)", text, re.M)
+    if base and base.group(1).startswith("../runs/"):
+        # a config over an imported model's (convert_hf.py import writes runs/NAME/config.yaml,
+        # absent here): validated over the tiny LM's config standing in for the import
+        path = tmp_path / path.name
+        path.write_text(text.replace(base.group(1), str(ROOT / "configs/tiny/lm.yaml"), 1))
     cfg = load_config(Config, path)
     assert cfg.model.name in models.REGISTRY
 
