@@ -65,9 +65,9 @@ _SPLIT_ARG = re.compile(r'sdy\.sharding<@\w+, \[[^\]]*"|mhlo\.sharding = "\{devi
 
 def summarize(exported: jax.export.Exported) -> dict[str, Any]:
     """Size and contents of an exported GPU program: StableHLO bytes, Triton kernels by name,
-    cuDNN calls, inputs split over the mesh, and the collectives written explicitly (inside
-    shard_map; XLA adds the rest when it partitions the program on the node), counting only
-    those whose groups hold more than one device."""
+    cuDNN and Mosaic GPU calls, inputs split over the mesh, and the collectives written
+    explicitly (inside shard_map; XLA adds the rest when it partitions the program on the
+    node), counting only those whose groups hold more than one device."""
     text = exported.mlir_module()
     kernels: collections.Counter[str] = collections.Counter()
     for line in text.splitlines():
@@ -89,5 +89,6 @@ def summarize(exported: jax.export.Exported) -> dict[str, Any]:
         "inputs_split": sum(bool(_SPLIT_ARG.search(a)) for a in args),
         "triton_kernels": dict(sorted(kernels.items())),
         "cudnn_calls": text.count("__cudnn$"),
+        "mosaic_gpu_calls": text.count("custom_call @mosaic_gpu"),
         "explicit_collectives": dict(sorted(collectives.items())),
     }
