@@ -39,6 +39,7 @@ def measure(cfg, steps: int) -> dict:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
     out = {
+        **_memory(compiled),
         "compile_s": compile_s,
         "step_s": step_s,
         "items_per_s": run.items_per_step / step_s,
@@ -53,6 +54,21 @@ def measure(cfg, steps: int) -> dict:
     if run.flops_per_token:
         out["mfu"] = mfu(out["items_per_s"], run.flops_per_token, run.mesh.size, peak)
     out["hfu"] = hardware_flops / step_s / peak  # NaN: a loop in the step (see compile_step)
+    return out
+
+
+def _memory(compiled) -> dict:
+    """XLA's memory analysis of the compiled step (bytes per device: arguments, outputs,
+    temporaries, aliased) and, where the backend reports it, the device's measured peak."""
+    analysis = compiled.memory_analysis()
+    out = {}
+    for field in ("argument", "output", "temp", "alias", "generated_code"):
+        value = getattr(analysis, f"{field}_size_in_bytes", None)
+        if value is not None:
+            out[f"compiled_{field}_bytes"] = int(value)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["measured_peak_bytes"] = int(stats["peak_bytes_in_use"])
     return out
 
 
@@ -94,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU {m.get('mfu', float('nan')):.3f} | HFU {m['hfu']:.3f} | "
         f"compile {m['compile_s']:.2f} s"
     )
+    if "compiled_temp_bytes" in m:
+        print(
+            f"memory per device: compiled arguments {m['compiled_argument_bytes'] / 2**30:.2f} GiB,"
+            f" temporaries {m['compiled_temp_bytes'] / 2**30:.2f} GiB; measured peak "
+            f"{m.get('measured_peak_bytes', float('nan')) / 2**30:.2f} GiB"
+        )
     if args.layers:
         print(
             f"{'layers':>6} {'scan compile s':>15} {'unrolled compile s':>19} "
