@@ -3,7 +3,8 @@
 User mistakes (`ConfigError`, `DataError`, `ShapeError`) carry one line naming the key, path or
 layer; scripts print that line and exit with status 2. Run failures the user did not type
 (`CheckpointError`, `NonFiniteError`, `DistributedError`, and a full disk, a read-only file
-system or a denied permission) exit with status 1."""
+system or a denied permission) exit with status 1. `OutOfMemoryError` (XLA could not allocate
+the step on the device) exits with status 3 after its multi-line report."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ class NonFiniteError(_OneLine, RuntimeError):
 
 class DistributedError(_OneLine, RuntimeError):
     """The processes of a multi-process run could not connect, or lost one another."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """XLA could not allocate the train step: `report` holds the lines naming the device, the
+    step's need and the largest buffers by layer (framework.train.oom)."""
+
+    def __init__(self, report: str):
+        self.report = report
+        super().__init__(report)
 
 
 class ShapeError(ValueError):

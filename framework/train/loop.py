@@ -21,7 +21,7 @@ import jax
 
 from framework.config.loader import dump_resolved
 from framework.errors import ConfigError, NonFiniteError
-from framework.train import nonfinite
+from framework.train import nonfinite, oom
 from framework.train.build import Run, compile_step
 from framework.train.context import Context
 from framework.train.hooks import Hook, default_hooks
@@ -122,14 +122,16 @@ def _steps(ctx: Context, hooks: Sequence[Hook], total: int) -> None:
         if step_fn is None:
             if _stop_requested(ctx):
                 break
-            step_fn, ctx.hardware_flops = compile_step(run, ctx.state, batch)
             ctx.batch_spec = jax.eval_shape(lambda b: b, batch)
+            with oom.reported(run, ctx.batch_spec):
+                step_fn, ctx.hardware_flops = compile_step(run, ctx.state, batch)
             if math.isnan(ctx.hardware_flops):
                 log.info("hfu not logged: the step has loops (scan over layers, accumulation)")
             if _stop_requested(ctx):
                 break
             ctx.clock.restart()  # compile time is not step time
-        ctx.state, metrics = step_fn(ctx.state, batch)
+        with oom.reported(run, ctx.batch_spec, ctx.step + 1, step_fn):
+            ctx.state, metrics = step_fn(ctx.state, batch)  # OOM: a report naming the layers
         ctx.step += 1
         ctx.done = ctx.step == total
         ctx.record(metrics)

@@ -1,0 +1,333 @@
+"""Out-of-memory reports that name the layers: when compiling the train step or running a step
+fails to allocate, `reported` replaces XLA's wall of text with a short report (exit status 3
+through scripts/train.py):
+
+    out of memory on NVIDIA H100 80GB HBM3 at step 12: the step needs ~91.3 GiB per device,
+    the device has 79.1 GiB
+    XLA: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.
+    largest buffers by layer (...):
+       38.0 GiB  41%  transformer/blocks/attn (backward)  [24 buffers]
+       ...
+    suggestion: set model.remat=full (predicted 31.2 GiB per device)
+
+The headline's need is XLA's own memory analysis of the compiled step (arguments + outputs -
+aliased + temporaries, per device); the device's size is the allocator's `bytes_limit` where
+jax reports one. The table is a cheap signal, not a live-range simulation: every instruction of
+the program whose result is at least `MIN_BYTES` is counted once (a loop body's once, not per
+iteration), by the named scope in its metadata (`framework.nn.scope`: transformer/blocks/mlp,
+...), with jit/jvp/while wrappers and layer indices stripped and the transposed (backward) pass
+marked. Buffers XLA reuses are all counted, so a group's size says where the big arrays are made,
+not how many are live at once. Sizes are per device from the compiled (partitioned) program; if
+compiling itself failed, from the program before optimization and partitioning (global sizes)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+
+from framework.errors import OutOfMemoryError
+
+log = logging.getLogger(__name__)
+
+MIN_BYTES = 1 << 20  # instructions with smaller results are left out of the table
+TOP = 10  # groups shown
+GIB = 1 << 30
+MARKERS = ("RESOURCE_EXHAUSTED", "out of memory")  # case-insensitive, in XLA's message
+
+# bits per element of HLO's element types (pred and the 8-bit floats take a byte)
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "f4e2m1fn": 4, "c64": 64, "c128": 128}
+# instructions whose result is not a new buffer (aliases, loop and call results, arguments)
+_NO_BUFFER = frozenset(
+    {
+        "parameter",
+        "tuple",
+        "get-tuple-element",
+        "bitcast",
+        "while",
+        "conditional",
+        "call",
+        "after-all",
+        "opt-barrier",
+        "add-dependency",
+        "domain",
+    }
+)
+# computations whose instructions allocate (others are fused bodies, reducers, comparators)
+_CALLERS = frozenset({"while", "conditional", "call"})
+# name-stack entries that are wrappers, not layers
+_NOISE = frozenset(
+    {
+        "while",
+        "body",
+        "cond",
+        "closed_call",
+        "core_call",
+        "checkpoint",
+        "remat",
+        "rematted_computation",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "pjit",
+        "shard_map",
+        "scan",
+    }
+)
+_WRAPPED = re.compile(r"^([\w\-]+)\((.*)\)$")
+_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([^\]]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_REFS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|_computations=\{([^}]*)\}")
+
+
+class Group(NamedTuple):
+    """Buffers of one layer path: their bytes and how many instructions made them."""
+
+    path: str
+    bytes: int
+    count: int
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether XLA failed to allocate device memory (compiling or running)."""
+    text = str(e)
+    return isinstance(e, jax.errors.JaxRuntimeError) and any(
+        m.lower() in text.lower() for m in MARKERS
+    )
+
+
+def _split(op_name: str) -> list[str]:
+    """The name stack's entries ('/' inside parentheses kept: `jvp(blocks/0)`)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(op_name):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "/" and depth == 0:
+            parts.append(op_name[start:i])
+            start = i + 1
+    parts.append(op_name[start:])
+    return parts
+
+
+def layer_path(op_name: str, depth: int = 3) -> str:
+    """The layer an instruction belongs to, from its metadata op_name:
+    "jit(wrapped)/transpose(jvp(transformer))/blocks/while/body/closed_call/mlp/up/dot_general"
+    -> "transformer/blocks/mlp (backward)". The first entry (the step's jit) and the last (the
+    primitive) are dropped, as are wrappers, helper jits, einsum specs and layer indices; the
+    path keeps its first `depth` scopes. "(outside any layer scope)" for the rest (optimizer,
+    loss...), "(no op name)" for instructions XLA added (copies, layout changes)."""
+    if not op_name:
+        return "(no op name)"
+    entries = _split(op_name.split(";")[0])
+    if entries and entries[0].startswith("jit("):
+        entries = entries[1:]
+    backward, path = False, []
+    for entry in entries[:-1]:
+        names = []
+        for piece in _split(entry):
+            while match := _WRAPPED.match(piece):
+                backward |= match.group(1) == "transpose"
+                if match.group(1) == "jit":  # a library helper (jit(_where), jit(clip))
+                    piece = ""
+                    break
+                piece = match.group(2)
+            names.extend(_split(piece) if "/" in piece else [piece])
+        path.extend(
+            n for n in names if n and _NAME.match(n) and n not in _NOISE and not n.isdigit()
+        )
+    where = "/".join(path[:depth]) or "(outside any layer scope)"
+    return f"{where} (backward)" if backward else where
+
+
+def _bytes(shape_text: str) -> int:
+    """Bytes of an HLO result type: `f32[512,32]{1,0}` or a tuple of them."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(shape_text):
+        if dtype == "token":
+            continue
+        bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
+        sizes = [int(d.replace("<=", "")) for d in dims.split(",") if d.strip()]
+        total += math.prod(sizes) * bits // 8
+    return total
+
+
+def _result(line: str) -> tuple[str, str, str] | None:
+    """(result type, opcode, rest of the line) of one HLO instruction line, or None."""
+    head = _INSTRUCTION.match(line)
+    if head is None:
+        return None
+    rest = line[head.end() :]
+    if rest.startswith("("):  # a tuple type: up to its closing parenthesis
+        depth, end = 0, 0
+        while end < len(rest):
+            depth += (rest[end] == "(") - (rest[end] == ")")
+            end += 1
+            if depth == 0:
+                break
+        shape, rest = rest[:end], rest[end:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    opcode, paren, rest = rest.partition("(")
+    return (shape, opcode.strip(), rest) if paren else None
+
+
+def buffers_by_layer(hlo_text: str, min_bytes: int = MIN_BYTES) -> list[Group]:
+    """Result bytes of the program's instructions, summed by `layer_path`, largest first: only
+    computations that allocate (the entry, loop bodies, called computations; not fused bodies
+    or reducers), only instructions that make a buffer of at least `min_bytes`."""
+    computations: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    entry = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            if (header := _HEADER.match(line)) and "=" not in line.split("(")[0]:
+                current = computations.setdefault(header.group(1), [])
+                entry = header.group(1) if line.startswith("ENTRY") else entry
+        elif line.strip() == "}":
+            current = None
+        else:
+            current.append(line)
+    called: dict[str, bool] = {}  # computation -> whether it allocates (reached by a caller)
+    for lines in computations.values():
+        for line in lines:
+            if (parsed := _result(line)) is None:
+                continue
+            for one, many in _REFS.findall(parsed[2]):
+                for name in [one] if one else re.findall(r"[\w.\-]+", many):
+                    called[name] = called.get(name, False) or parsed[1] in _CALLERS
+    groups: dict[str, list[int]] = {}
+    for name, lines in computations.items():
+        if name != entry and not called.get(name, True):
+            continue
+        for line in lines:
+            parsed = _result(line)
+            if parsed is None or parsed[1] in _NO_BUFFER:
+                continue
+            size = _bytes(parsed[0])
+            if size < max(min_bytes, 1):
+                continue
+            op_name = re.search(r'op_name="([^"]*)"', parsed[2])
+            group = groups.setdefault(layer_path(op_name.group(1) if op_name else ""), [0, 0])
+            group[0] += size
+            group[1] += 1
+    found = [Group(path, size, count) for path, (size, count) in groups.items()]
+    return sorted(found, key=lambda g: -g.bytes)
+
+
+def step_bytes(compiled: Any) -> int | None:
+    """Bytes one device needs for the compiled step (XLA's memory analysis), or None."""
+    try:
+        m = compiled.memory_analysis()
+        return int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+    except Exception:  # noqa: BLE001 (a backend without the analysis)
+        return None
+
+
+def _gib(n: int | None) -> str:
+    return (
+        "unknown"
+        if n is None
+        else f"{n / GIB:.1f} GiB"
+        if n >= GIB / 10
+        else f"{n / 2**20:.1f} MiB"
+    )
+
+
+def _suggestion(cfg: Any, n_devices: int, device_kind: str) -> str:
+    """framework.estimate's advice where it has one, else the knobs that lower memory."""
+    try:
+        from framework.estimate import suggest
+    except ImportError:
+        suggest = None
+    line = None
+    if suggest is not None:
+        try:
+            line = suggest(cfg, n_devices, device_kind)
+        except Exception:  # noqa: BLE001 (advice must not hide the report)
+            log.debug("framework.estimate.suggest failed", exc_info=True)
+    if isinstance(line, str) and line:
+        return f"suggestion: {line}"
+    return (
+        "suggestion: recompute activations (model.remat=full), shard params and optimizer state "
+        "over the devices (mesh.fsdp), or lower data.batch_size and raise train.grad_accum to "
+        "keep the tokens per step"
+    )
+
+
+def report(
+    run: Any, batch_spec: Any, error: BaseException, where: str, compiled: Any = None
+) -> str:
+    """The report's lines for an allocation failure `where` ("while compiling the train step",
+    "at step 12"). `compiled`: the compiled step, None if compiling failed (the program is then
+    lowered again and read before optimization)."""
+    device = next(d for d in run.mesh.devices.flat if d.process_index == jax.process_index())
+    kind = getattr(device, "device_kind", "the device")
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 (a backend without stats)
+        limit = None
+    need = step_bytes(compiled) if compiled is not None else None
+    needs = (
+        f"the step needs ~{_gib(need)} per device"
+        if need is not None
+        else "the step's size is unknown (it did not compile)"
+    )
+    lines = [f"out of memory on {kind} {where}: {needs}, the device has {_gib(limit)}"]
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    lines.append(f"XLA: {first[:200]}")
+    try:
+        if compiled is not None:
+            text = compiled.as_text()
+            source = "compiled step, per device"
+        else:
+            lowered = run.train_step.lower(run.abstract_state, batch_spec)
+            text = lowered.as_text(dialect="hlo", debug_info=True)
+            source = f"step before optimization and sharding, global over {run.mesh.size} devices"
+        groups = buffers_by_layer(text)
+    except Exception as e:  # noqa: BLE001 (the report must not fail in its turn)
+        log.debug("no buffer table", exc_info=True)
+        groups, source = [], f"unavailable: {type(e).__name__}"
+    if groups:
+        total = sum(g.bytes for g in groups)
+        lines.append(
+            f"largest buffers by layer ({source}): each instruction result >= "
+            f"{_gib(MIN_BYTES)} counted once, not a live-range simulation"
+        )
+        for g in groups[:TOP]:
+            lines.append(
+                f"  {_gib(g.bytes):>10}  {100 * g.bytes / total:3.0f}%  {g.path}  "
+                f"[{g.count} buffer{'s' * (g.count != 1)}]"
+            )
+    else:
+        lines.append(f"no instruction result of {_gib(MIN_BYTES)} or more ({source})")
+    lines.append(_suggestion(run.cfg, run.mesh.size, kind))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def reported(
+    run: Any, batch_spec: Any, step: int | None = None, compiled: Any = None
+) -> Iterator[None]:
+    """Turn XLA's out-of-memory error inside the block (compiling the step, or running step
+    `step` with the `compiled` step) into OutOfMemoryError carrying the report; other errors
+    pass through untouched."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_oom(e):
+            raise
+        where = "while compiling the train step" if step is None else f"at step {step}"
+        text = report(run, batch_spec, e, where, compiled)
+        raise OutOfMemoryError(text) from None
