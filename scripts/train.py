@@ -3,7 +3,8 @@
 User mistakes (bad key, wrong type, missing file, incompatible data, a run too big for the
 devices, `checkpoint.resume=never` over existing checkpoints) print one line and exit with status
 2; failures of the run or its environment (unreadable checkpoints, NaN, a full disk, a read-only
-file system, a denied permission, a dead peer process) print one line and exit with status 1.
+file system, a denied permission, a dead peer process) print one line and exit with status 1;
+XLA running out of device memory prints a report naming the layers and exits with status 3.
 `--debug` or FRAMEWORK_DEBUG=1 shows the traceback instead; an internal bug always does.
 SIGTERM/SIGINT save a checkpoint and exit 0; rerunning the same command resumes. The run
 directory gets the resolved config, metrics, plots and checkpoints/."""
@@ -64,6 +65,7 @@ def failure(e: BaseException) -> tuple[int, str] | None:
         DataError,
         DistributedError,
         NonFiniteError,
+        OutOfMemoryError,
         ShapeError,
         environment_cause,
     )
@@ -85,11 +87,13 @@ def failure(e: BaseException) -> tuple[int, str] | None:
         NonFiniteError: (1, "non-finite"),
         DistributedError: (1, "distributed error"),
     }
+    if isinstance(e, OutOfMemoryError):  # its report is printed before this line
+        return 3, "out of memory: the train step does not fit the device (report above)"
     for kind, (status, prefix) in kinds.items():
         if isinstance(e, kind):
             return status, f"{prefix}: {e}"
     if _out_of_device_memory(e):
-        return 2, (
+        return 3, (
             f"out of device memory ({str(e).splitlines()[0]}): lower data.batch_size, "
             "data.seq_len or the model's size, or spread it over more devices (mesh.*)"
         )
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
+            if (report := getattr(e, "report", None)) is not None:
+                sys.stderr.write(report + "\n")
             sys.stderr.write(" ".join(line.split()) + "\n")
         sys.stderr.flush()
         from framework.errors import environment_cause

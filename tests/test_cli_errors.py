@@ -104,7 +104,7 @@ def _wrapped(outer: Exception, cause: BaseException) -> Exception:
         ),
         (FileNotFoundError(errno.ENOENT, "No such file", "/no/data"), 2, "/no/data"),
         (CheckpointError("no checkpoint can be restored"), 1, "checkpoint"),
-        (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"), 2, "data.batch_size"),
+        (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"), 3, "data.batch_size"),
         (RuntimeError("an internal bug"), None, None),
     ],
 )

@@ -178,10 +178,18 @@ def _result(line: str) -> tuple[str, str, str] | None:
     return (shape, opcode.strip(), rest) if paren else None
 
 
-def buffers_by_layer(hlo_text: str, min_bytes: int = MIN_BYTES) -> list[Group]:
+def _op_name(rest: str) -> str:
+    found = re.search(r'op_name="([^"]*)"', rest)
+    return found.group(1) if found else ""
+
+
+def buffers_by_layer(hlo_text: str, min_bytes: int | None = None) -> list[Group]:
     """Result bytes of the program's instructions, summed by `layer_path`, largest first: only
     computations that allocate (the entry, loop bodies, called computations; not fused bodies
-    or reducers), only instructions that make a buffer of at least `min_bytes`."""
+    or reducers), only instructions that make a buffer of at least `min_bytes` (MIN_BYTES).
+    Before optimization, a called function's op names are relative to its call (XLA prefixes
+    them when it inlines the call): the caller's op name is prefixed here."""
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     computations: dict[str, list[str]] = {}
     current: list[str] | None = None
     entry = None
@@ -195,13 +203,25 @@ def buffers_by_layer(hlo_text: str, min_bytes: int = MIN_BYTES) -> list[Group]:
         else:
             current.append(line)
     called: dict[str, bool] = {}  # computation -> whether it allocates (reached by a caller)
-    for lines in computations.values():
+    call_sites: dict[str, tuple[str, str]] = {}  # callee -> (calling computation, op name)
+    for where, lines in computations.items():
         for line in lines:
             if (parsed := _result(line)) is None:
                 continue
             for one, many in _REFS.findall(parsed[2]):
                 for name in [one] if one else re.findall(r"[\w.\-]+", many):
                     called[name] = called.get(name, False) or parsed[1] in _CALLERS
+                    if parsed[1] == "call":
+                        call_sites.setdefault(name, (where, _op_name(parsed[2])))
+    prefixes: dict[str, str] = {}
+
+    def prefix(name: str, depth: int = 0) -> str:
+        if name not in prefixes:
+            caller, op = call_sites.get(name, ("", ""))
+            outer = prefix(caller, depth + 1) if caller and depth < 50 else ""
+            prefixes[name] = "/".join(p for p in (outer, op) if p)
+        return prefixes[name]
+
     groups: dict[str, list[int]] = {}
     for name, lines in computations.items():
         if name != entry and not called.get(name, True):
@@ -213,8 +233,9 @@ def buffers_by_layer(hlo_text: str, min_bytes: int = MIN_BYTES) -> list[Group]:
             size = _bytes(parsed[0])
             if size < max(min_bytes, 1):
                 continue
-            op_name = re.search(r'op_name="([^"]*)"', parsed[2])
-            group = groups.setdefault(layer_path(op_name.group(1) if op_name else ""), [0, 0])
+            op = _op_name(parsed[2])
+            op = "/".join(p for p in (prefix(name), op) if p) if op else ""
+            group = groups.setdefault(layer_path(op), [0, 0])
             group[0] += size
             group[1] += 1
     found = [Group(path, size, count) for path, (size, count) in groups.items()]
@@ -236,13 +257,13 @@ def step_bytes(compiled: Any) -> int | None:
 
 
 def _gib(n: int | None) -> str:
-    return (
-        "unknown"
-        if n is None
-        else f"{n / GIB:.1f} GiB"
-        if n >= GIB / 10
-        else f"{n / 2**20:.1f} MiB"
-    )
+    """Bytes for people: GiB, MiB or KiB."""
+    if n is None:
+        return "unknown"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= size / 10:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def _suggestion(cfg: Any, n_devices: int, device_kind: str) -> str:
@@ -284,7 +305,8 @@ def report(
         if need is not None
         else "the step's size is unknown (it did not compile)"
     )
-    lines = [f"out of memory on {kind} {where}: {needs}, the device has {_gib(limit)}"]
+    has = f"the device has {_gib(limit)}" if limit else "the device's size is not reported"
+    lines = [f"out of memory on {kind} {where}: {needs}, {has}"]
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     lines.append(f"XLA: {first[:200]}")
     try:
