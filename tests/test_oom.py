@@ -48,6 +48,9 @@ def test_layer_path_strips_wrappers_and_marks_backward():
     assert path("jit(step)/jvp(transformer)/blocks/3/attn/jit(_where)/select_n") == (
         "transformer/blocks/attn"
     )
+    assert path("jit(wrapped)/jvp(transformer)/blocks/while/body/eval_jaxpr/mlp/up") == (
+        "transformer/blocks/mlp"  # jax 0.12's scan body
+    )
     assert path("jit(wrapped)/add") == "(outside any layer scope)"
     assert path("") == "(no op name)"
     assert oom.is_oom(jax.errors.JaxRuntimeError(XLA_WALL))

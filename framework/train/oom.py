@@ -67,6 +67,7 @@ _NOISE = frozenset(
         "body",
         "cond",
         "closed_call",
+        "eval_jaxpr",
         "core_call",
         "checkpoint",
         "remat",
