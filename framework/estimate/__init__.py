@@ -1,0 +1,7 @@
+"""Will a config fit, and how fast will it step? Memory, FLOPs, bytes and a roofline step time
+per device, from the config alone, on a host without the target GPUs (scripts/estimate.py)."""
+
+from framework.estimate.cards import CARDS, Card, card
+from framework.estimate.estimate import Estimate, estimate
+
+__all__ = ["CARDS", "Card", "Estimate", "card", "estimate"]

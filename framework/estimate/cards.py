@@ -1,0 +1,98 @@
+"""GPUs the estimator knows: memory, peak dense FLOP/s, HBM and interconnect bandwidth, with
+where each number comes from, and the efficiencies measured on our own step (calibration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from framework.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """One GPU model; bandwidths are per GPU, one direction, in bytes/s."""
+
+    name: str
+    device_kind: str  # as jax names it (abstract meshes for tracing use it)
+    memory: int  # bytes of HBM
+    bf16_flops: float  # dense tensor-core peak
+    hbm: float
+    nvlink: float  # within a node
+    network: float  # across nodes (one NIC per GPU)
+    gpus_per_node: int
+    source: str
+
+
+GB = 10**9
+# NVLink: 900 GB/s (H100/H200 SXM) and 600 GB/s (A100) are both directions together; one
+# direction is half. Network: one 400 Gb/s NIC per GPU (ConnectX-7; A100 nodes: 200 Gb/s).
+CARDS: dict[str, Card] = {
+    "h100": Card(
+        "NVIDIA H100 SXM 80GB",
+        "NVIDIA H100 80GB HBM3",
+        80 * GB,
+        989e12,
+        3.35e12,
+        450 * GB,
+        50 * GB,
+        8,
+        "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense, 3.35 TB/s, "
+        "NVLink 900 GB/s",
+    ),
+    "h200": Card(
+        "NVIDIA H200 SXM 141GB",
+        "NVIDIA H200",
+        141 * GB,
+        989e12,
+        4.8e12,
+        450 * GB,
+        50 * GB,
+        8,
+        "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 4.8 TB/s, "
+        "NVLink 900 GB/s",
+    ),
+    "a100": Card(
+        "NVIDIA A100 SXM 80GB",
+        "NVIDIA A100-SXM4-80GB",
+        80 * GB,
+        312e12,
+        2.039e12,
+        300 * GB,
+        25 * GB,
+        8,
+        "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): 312 TFLOP/s bf16 dense, "
+        "2.039 TB/s, NVLink 600 GB/s",
+    ),
+}
+
+# Fractions of the datasheet peaks our step reaches, calibrated on an H200 (jax 0.11.2,
+# 2026-11-27, docs/performance.md): llama_1b at micro-batches 4/8/16 x 2048 tokens ran at
+# 0.43-0.47 MFU with save_dots_no_batch remat; matmuls at 0.62 of peak and memory-bound work
+# at 0.7 of HBM bandwidth reproduce those step times within 10% (docs/estimate.md).
+MATMUL_EFFICIENCY = 0.62
+HBM_EFFICIENCY = 0.7
+LINK_EFFICIENCY = 0.8  # ring collectives reach about 80% of link bandwidth (nccl-tests)
+
+# jax preallocates this share of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+# otherwise (scripts/launch_slurm.sh sets 0.9)
+DEFAULT_MEM_FRACTION = 0.75
+
+
+def card(name: str) -> Card:
+    """The card named `name` (h100, h200, a100); ConfigError listing the known ones."""
+    key = name.lower().replace("-", "").replace("nvidia", "").strip()
+    if key not in CARDS:
+        raise ConfigError(f"--gpu {name!r} is not a known card; known: {', '.join(CARDS)}")
+    return CARDS[key]
+
+
+def mem_fraction(value: float | None = None) -> float:
+    """The share of a GPU's memory jax may use: `value`, else $XLA_PYTHON_CLIENT_MEM_FRACTION,
+    else jax's default 0.75."""
+    if value is None:
+        env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+        value = float(env) if env else DEFAULT_MEM_FRACTION
+    if not 0 < value <= 1:
+        raise ConfigError(f"memory fraction must be in (0, 1], got {value}")
+    return value

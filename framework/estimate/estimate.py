@@ -1,0 +1,313 @@
+"""`estimate(cfg, devices, card)`: per-device memory, FLOPs, HBM and collective bytes of one
+train step, and the step time a roofline of the card predicts, from the config alone.
+
+Memory is framework.estimate.memory's. Time: matmul FLOPs (the model's count plus what the
+remat policy recomputes) at the card's calibrated matmul rate, plus memory-bound traffic
+(optimizer update, activations written and read outside the matmuls) at its calibrated HBM
+rate, plus the part of the collectives the compute cannot hide (XLA overlaps them with
+compute: exposed = max(0, collectives - compute)). Activations scale with the rows a device
+computes, so one trace at one row per device prices every micro-batch size."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from framework.config import ConfigError
+from framework.data import describe
+from framework.estimate.cards import (
+    HBM_EFFICIENCY,
+    LINK_EFFICIENCY,
+    MATMUL_EFFICIENCY,
+    Card,
+)
+from framework.estimate.memory import (
+    Memory,
+    local_model_config,
+    lm_batch,
+    saved_activations,
+    tree_bytes,
+)
+from framework.parallel.mesh import AXES, resolve_sizes
+from framework.train.build import _plan, model_for
+from framework.train.config import Config
+from framework.train.step import split_trainable
+
+RECOMPUTE_LIVE = 0.7  # share of a rematerialized layer live at once in its backward (fitted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """One config on `devices` GPUs of one card: everything per device, per optimizer step."""
+
+    card: Card | None  # None: the host's own devices (CPU checks against the compiler)
+    devices: int
+    mesh: dict[str, int]
+    micro_batch: int  # rows per micro-batch over the whole mesh
+    grad_accum: int
+    memory: Memory
+    usable: int  # bytes jax may use on one device (0: unknown)
+    model_flops: float  # the model's FLOPs (for MFU)
+    hardware_flops: float  # plus what remat recomputes
+    hbm_bytes: float  # memory-bound traffic outside the matmuls
+    collective_bytes: dict[str, float]  # sent per device, per mesh axis
+    seconds: dict[str, float]  # compute, memory, collectives, exposed collectives, step
+    mfu: float
+
+    @property
+    def fits(self) -> bool:
+        return self.usable == 0 or self.memory.total <= self.usable
+
+
+def mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
+    """Total size of each mesh axis on `devices` devices (within-node sizes x node counts)."""
+    across = cfg.mesh.across_nodes.sizes()
+    nodes = math.prod(across.values())
+    if devices % nodes:
+        raise ConfigError(
+            f"--devices {devices} is not a multiple of the {nodes} nodes set in mesh.across_nodes"
+        )
+    within = resolve_sizes(cfg.mesh, devices // nodes)
+    return {a: within[a] * across[a] for a in AXES}
+
+
+def abstract_mesh(sizes: dict[str, int], card: Card | None) -> AbstractMesh:
+    """An abstract mesh of the card's GPUs (kernels then trace as on that GPU), or of the
+    host's own platform where `card` is None."""
+    kw = {"axis_types": (AxisType.Auto,) * len(sizes)}
+    if card is not None:
+        kw["abstract_device"] = AbstractDevice(
+            device_kind=card.device_kind, num_cores=132, platform="cuda"
+        )
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Activations:
+    """What the backward keeps, as fixed bytes + bytes per row a device computes."""
+
+    kept: tuple[float, float]  # (fixed, per row): saved for the backward
+    outside: tuple[float, float]  # the largest saved outside the layers (the loss's)
+    recompute: tuple[float, float]  # one layer's activations remat rebuilds
+    largest: str
+
+    def at(self, rows: int) -> tuple[float, float, float]:
+        return tuple(
+            fixed + rows * per_row for fixed, per_row in (self.kept, self.outside, self.recompute)
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _activations(
+    model_cfg_json: str, model_name: str, lora: str, seq: int, card: Card | None
+) -> _Activations:
+    """Traced at one and two rows of `seq` tokens (activations are linear in the rows); the
+    arguments are hashable so that searching over meshes and batches traces each model once."""
+    cfg = _model_cfg(model_cfg_json, model_name)
+    model = _model(model_name, lora)
+    layers = getattr(cfg, "n_layers", 1)
+    one = {a: 1 for a in AXES}
+    points = []
+    with jax.sharding.use_abstract_mesh(abstract_mesh(one, card)):
+        for rows in (1, 2):
+            saved = saved_activations(model, cfg, lm_batch(rows, seq))
+            every = saved_activations(
+                model, cfg.model_copy(update={"remat": "none"}), lm_batch(rows, seq)
+            )
+            kept = sum(b for b, _ in saved)
+            outside = [b for b, w in saved if not w.startswith(f"{_dtype_prefix(w)}[{layers},")]
+            recompute = max(sum(b for b, _ in every) - kept, 0) / layers
+            points.append((kept, max(outside, default=0), recompute))
+    (k1, o1, r1), (k2, o2, r2) = points
+    linear = lambda a, b: (2 * a - b, b - a)  # noqa: E731 - (fixed, per row) from 1 and 2 rows
+    largest = max(saved, default=(0, "none"))[1]
+    return _Activations(linear(k1, k2), linear(o1, o2), linear(r1, r2), largest)
+
+
+def _dtype_prefix(what: str) -> str:
+    return what.split("[", 1)[0]
+
+
+def _model_cfg(json: str, name: str) -> Any:
+    from framework.models import REGISTRY
+
+    return REGISTRY[name].config.model_validate_json(json)
+
+
+def _model(name: str, lora: str) -> Any:
+    from framework.finetune import LoraConfig
+    from framework.models import REGISTRY
+
+    model = REGISTRY[name]
+    if lora:
+        from framework import finetune
+
+        model = finetune.wrap(model, LoraConfig.model_validate_json(lora))
+    return model
+
+
+def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> Estimate:
+    """The estimate for `cfg` on `devices` devices of `card` (None: the host's own devices,
+    for checking against XLA's memory analysis); `usable` bytes per device (0: unknown)."""
+    model = model_for(cfg)
+    meta = describe(cfg.data)
+    if meta["kind"] != "lm":
+        raise ConfigError(f"data.source {cfg.data.source!r}: the estimator takes language models")
+    if meta["vocab_size"] is None and getattr(cfg.model, "vocab_size", None) is None:
+        raise ConfigError("model.vocab_size: set it (token files give it only once read)")
+    sizes = mesh_sizes(cfg, devices)
+    mesh = abstract_mesh(sizes, card)
+    with jax.sharding.use_abstract_mesh(mesh):
+        plan = _plan(cfg, model, meta, None, mesh=mesh)
+    cfg, state = plan.cfg, plan.abstract
+    mcfg = cfg.model
+    seq = cfg.data.seq_len
+    accum = cfg.train.grad_accum
+    micro = cfg.data.batch_size // accum
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    rows = -(-micro // batch_shards)
+    seq_local = seq // sizes["sequence"]
+
+    params = tree_bytes(state["params"])
+    optimizer = tree_bytes(state["opt_state"]) + tree_bytes(state["model_state"])
+    grads = tree_bytes(split_trainable(model, state["params"])[0])
+    local = local_model_config(mcfg, sizes["tensor"])
+    lora = cfg.finetune.lora.model_dump_json() if cfg.finetune.lora is not None else ""
+    acts = _activations(local.model_dump_json(), mcfg.name, lora, seq_local, card)
+    kept, outside, recompute = acts.at(rows)
+    layers = getattr(mcfg, "n_layers", 1)
+    compute_bytes = np.dtype(mcfg.compute_dtype).itemsize
+    global_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+    layer_weights = global_params / layers * compute_bytes / sizes["tensor"]
+    fsdp = sizes["fsdp"]
+    memory = Memory(
+        params=params,
+        optimizer=optimizer,
+        gradients=grads,
+        grad_accumulator=grads if accum > 1 else 0,
+        activations=int(kept),
+        workspace=int(max(2 * outside, RECOMPUTE_LIVE * recompute)),
+        collectives=int(2 * layer_weights * (fsdp - 1) / fsdp) if fsdp > 1 else 0,
+        largest_activation=acts.largest,
+    )
+
+    # FLOPs per device per step
+    tokens = cfg.data.batch_size * seq
+    per_token = model.flops_per_token(mcfg, seq) if model.flops_per_token else 0.0
+    model_flops = per_token * tokens / devices
+    hardware_flops = model_flops + _recompute_flops(mcfg, seq) * tokens / devices
+    # memory-bound traffic: the optimizer reads params, grads, state and writes params, state;
+    # every activation is written and read in the forward and again as a cotangent
+    everything = kept + recompute * layers
+    hbm = 2 * (params + optimizer) + 2 * grads + 4 * everything * accum
+    coll = _collective_bytes(sizes, mcfg, global_params, compute_bytes, rows, seq_local, accum)
+    secs = _seconds(card, hardware_flops, hbm, coll, sizes, cfg, devices)
+    peak = card.bf16_flops if card is not None else math.nan
+    return Estimate(
+        card=card,
+        devices=devices,
+        mesh=sizes,
+        micro_batch=micro,
+        grad_accum=accum,
+        memory=memory,
+        usable=usable,
+        model_flops=model_flops,
+        hardware_flops=hardware_flops,
+        hbm_bytes=hbm,
+        collective_bytes=coll,
+        seconds=secs,
+        mfu=model_flops / (secs["step"] * peak) if secs["step"] > 0 else math.nan,
+    )
+
+
+def _recompute_flops(mcfg: Any, seq: int) -> float:
+    """FLOPs per token the remat policy adds: the whole forward of each layer (full) or the
+    attention forward, which no dot-saving policy keeps (a flash kernel is no dot; the XLA
+    attention's score products have batch dims) except save_dots with XLA attention."""
+    if not hasattr(mcfg, "n_layers") or mcfg.remat == "none":
+        return 0.0
+    layer_matmul_params = mcfg.d_model * mcfg.head_size * (2 * mcfg.n_heads + 2 * mcfg.kv_heads)
+    layer_matmul_params += mcfg.d_model * mcfg.d_ff * (3 if mcfg.activation == "swiglu" else 2)
+    attention = 4.0 * mcfg.n_layers * 0.5 * seq * mcfg.n_heads * mcfg.head_size
+    if mcfg.remat == "full":
+        return 2.0 * mcfg.n_layers * layer_matmul_params + attention
+    return attention
+
+
+def _collective_bytes(
+    sizes: dict[str, int],
+    mcfg: Any,
+    global_params: int,
+    compute_bytes: int,
+    rows: int,
+    seq_local: int,
+    accum: int,
+) -> dict[str, float]:
+    """Bytes each device sends per step, per mesh axis, for ring collectives: FSDP gathers the
+    weights twice (forward, backward) and reduce-scatters f32 gradients; data parallelism
+    all-reduces them; tensor parallelism all-reduces each layer's two outputs forward and
+    backward; sequence parallelism gathers each layer's keys and values (and scatters their
+    gradients). Per micro-batch, as XLA places them inside the accumulation loop."""
+    t, f, d, s = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes["sequence"]
+    ring = lambda n: (n - 1) / n  # noqa: E731
+    weights = global_params / t
+    out = {a: 0.0 for a in AXES}
+    out["fsdp"] = (2 * weights * compute_bytes + weights * 4) * ring(f) * accum
+    out["data"] = 2 * weights / f * 4 * ring(d) * accum
+    layers = getattr(mcfg, "n_layers", 0)
+    if layers:
+        act = rows * seq_local * mcfg.d_model * compute_bytes
+        out["tensor"] = 4 * 2 * act * ring(t) * layers * accum
+        kv = rows * seq_local * s * max(mcfg.kv_heads // t, 1) * mcfg.head_size * compute_bytes
+        out["sequence"] = 2 * 2 * kv * ring(s) * layers * accum
+    return out
+
+
+def crossing_axes(cfg: Config, sizes: dict[str, int], devices: int, card: Card) -> set[str]:
+    """Mesh axes whose collectives cross nodes: those `mesh.across_nodes` spreads over nodes;
+    with none set and more devices than a node holds, the outermost axis larger than one."""
+    across = cfg.mesh.across_nodes.sizes()
+    crossing = {a for a in AXES if across[a] > 1}
+    if not crossing and devices > card.gpus_per_node:
+        crossing = {next(a for a in AXES if sizes[a] > 1)}
+    return crossing
+
+
+def _seconds(
+    card: Card | None,
+    flops: float,
+    hbm: float,
+    coll: dict[str, float],
+    sizes: dict[str, int],
+    cfg: Config,
+    devices: int,
+) -> dict[str, float]:
+    if card is None:
+        return {
+            "compute": math.nan,
+            "memory": math.nan,
+            "collectives": math.nan,
+            "exposed_collectives": math.nan,
+            "step": math.nan,
+        }
+    compute = flops / (card.bf16_flops * MATMUL_EFFICIENCY)
+    memory = hbm / (card.hbm * HBM_EFFICIENCY)
+    crossing = crossing_axes(cfg, sizes, devices, card)
+    collectives = sum(
+        b / ((card.network if a in crossing else card.nvlink) * LINK_EFFICIENCY)
+        for a, b in coll.items()
+    )
+    exposed = max(0.0, collectives - compute)
+    return {
+        "compute": compute,
+        "memory": memory,
+        "collectives": collectives,
+        "exposed_collectives": exposed,
+        "step": compute + memory + exposed,
+    }

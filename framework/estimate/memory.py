@@ -1,0 +1,110 @@
+"""Bytes one device holds during a train step, from the config alone (nothing allocated).
+
+The state (params, optimizer state) is exact: its shapes and shardings come from the same plan
+`framework.train.build` makes, over an abstract mesh of the target's devices. Gradients are
+the trainable params' bytes under the same shardings. Activations are what jax itself says the
+backward keeps: `saved_residuals` of one device's share of the loss (its rows, its sequence
+slice, its heads / MLP columns / vocabulary slice under tensor parallelism), traced under the
+remat policy and with the kernels the target would run (flash attention and the fused loss on a
+GPU). The transient workspace on top is the largest of: the last op's cotangent (the loss
+backward), one layer's activations rebuilt by remat, and an FSDP-gathered layer of weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from framework import nn
+from framework.models.registry import Model
+from framework.train.step import split_trainable
+
+try:  # the same function behind jax.ad_checkpoint.print_saved_residuals (jax 0.10 - 0.12)
+    from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
+except ImportError:  # pragma: no cover - a future jax; the estimate says it cannot count
+    _saved_residuals = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per device, by what holds them."""
+
+    params: int
+    optimizer: int
+    gradients: int
+    grad_accumulator: int  # the summed gradients of micro-batches (train.grad_accum > 1)
+    activations: int  # kept for the backward under the remat policy
+    workspace: int  # the largest transient on top: loss backward, a rematerialized layer
+    collectives: int  # FSDP: one layer's gathered weights (and the next one's, prefetched)
+    largest_activation: str  # where the biggest saved activation comes from
+
+    @property
+    def total(self) -> int:
+        return (
+            self.params
+            + self.optimizer
+            + self.gradients
+            + self.grad_accumulator
+            + self.activations
+            + self.workspace
+            + self.collectives
+        )
+
+
+def leaf_bytes(shape: tuple, dtype: Any, sharding: Any = None) -> int:
+    """Bytes of one device's shard of an array (the whole array without a sharding)."""
+    local = sharding.shard_shape(shape) if sharding is not None else shape
+    return math.prod(local) * np.dtype(dtype).itemsize
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
+    return sum(leaf_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
+
+
+def local_model_config(mcfg: Any, tensor: int) -> Any:
+    """The model one device computes under tensor parallelism: query/KV heads, MLP width and
+    vocabulary divided by the tensor axis (Megatron-style; KV heads fewer than the axis are
+    replicated). Models without these fields are unchanged."""
+    if tensor == 1 or not hasattr(mcfg, "n_heads"):
+        return mcfg
+    update = {
+        "n_heads": max(mcfg.n_heads // tensor, 1),
+        "n_kv_heads": max(mcfg.kv_heads // tensor, 1),
+        "head_dim": mcfg.head_size,
+        "d_ff": max(mcfg.d_ff // tensor, 1),
+        "vocab_size": max(-(-mcfg.vocab_size // tensor), 1),
+    }
+    return mcfg.model_copy(update=update)
+
+
+def saved_activations(model: Model, mcfg: Any, batch: dict) -> list[tuple[int, str]]:
+    """(bytes, what) of each activation the backward of the loss keeps, for these abstract
+    inputs; the params themselves (residuals 'from the argument') are not counted."""
+    if _saved_residuals is None:
+        raise RuntimeError("this jax has no jax._src.ad_checkpoint.saved_residuals")
+    params = jax.eval_shape(lambda k: nn.init(model.spec(mcfg), k), jax.random.key(0))
+    trainable, frozen = split_trainable(model, params)
+
+    def loss(train, batch):
+        from framework.train.step import combine
+
+        return model.loss(combine(train, frozen), batch, mcfg, key=None)[0]
+
+    out = []
+    for aval, what in _saved_residuals(loss, trainable, batch):
+        if "from the argument" in what or not hasattr(aval, "shape"):
+            continue
+        size = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+        out.append((size, f"{aval.str_short()} {what.split(' from ')[0]}"))
+    return out
+
+
+def lm_batch(rows: int, seq_len: int) -> dict:
+    """Abstract token batch {"inputs", "targets"} [rows, seq_len] int32."""
+    tokens = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    return {"inputs": tokens, "targets": tokens}
