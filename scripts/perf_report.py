@@ -26,7 +26,7 @@ GOALS = (
 )
 HOW_TO_RUN = """## How to run the check
 
-On a machine with one GPU (at most 7 minutes of step limits on an H100):
+On a machine with one GPU (at most 9 minutes of step limits on an H100):
 
 ```bash
 bash scripts/gpu_check.sh            # writes docs/performance.md, docs/performance.json and

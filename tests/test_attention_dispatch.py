@@ -295,17 +295,10 @@ def test_benchmark_times_mosaic_on_hopper_and_measures_the_fastest_kernel(monkey
 def test_cudnn_and_auto_match_the_reference_on_gpu(impl, causal):
     """The path auto takes on Hopper (cuDNN), auto itself and pallas (the Mosaic kernels on
     Hopper with a jax that has them): values and gradients, GQA 4."""
-    from test_flash_attention import _assert_close, _inputs, _value_and_grads
-
-    from pallas_kernels.flash_attention import attention_reference
+    from test_flash_attention import _inputs, assert_as_accurate_as_xla
 
     if jax.default_backend() != "gpu":
         pytest.skip("needs a CUDA GPU")
     q, k, v, do = _inputs(1, 2, 1024, 1024, 8, 2, 128, jnp.bfloat16)
-    kw = dict(causal=causal)
-    got = _value_and_grads(
-        lambda q, k, v, **a: ops.attention(q, k, v, impl=impl, **a), q, k, v, do, kw
-    )
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    want = [w.astype(jnp.bfloat16) for w in _value_and_grads(attention_reference, *f32, kw)]
-    _assert_close(got, want, jnp.bfloat16)
+    fn = lambda q, k, v, **a: ops.attention(q, k, v, impl=impl, **a)
+    assert_as_accurate_as_xla(fn, q, k, v, do, dict(causal=causal))

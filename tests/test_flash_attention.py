@@ -76,6 +76,25 @@ def _assert_close(got, want, dtype, names=("out", "dq", "dk", "dv")):
         assert not bad.any(), f"{name}: max abs err {err.max():.3g} (atol {atol}, rtol {rtol})"
 
 
+def assert_as_accurate_as_xla(fn, q, k, v, do, kw, factor: float = 2.0):
+    """Compiled on a GPU in bf16: fn's (out, dq, dk, dv) are each no further from the f32
+    reference (max abs error) than `factor` x what XLA's attention computed in the same dtype
+    is. A fixed tolerance does not hold there: long reductions (dk/dv of a GQA group over
+    thousands of queries) round by more than an elementwise 1e-2."""
+    from pallas_kernels.flash_attention import attention_reference
+
+    got = _value_and_grads(fn, q, k, v, do, kw)
+    same_dtype = _value_and_grads(attention_reference, q, k, v, do, kw)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    want = _value_and_grads(attention_reference, *f32, kw)
+    for name, g, x, w in zip(("out", "dq", "dk", "dv"), got, same_dtype, want, strict=True):
+        assert g.shape == w.shape and g.dtype == q.dtype, (name, g.shape, g.dtype)
+        g, x, w = (np.asarray(a, np.float32) for a in (g, x, w))
+        assert np.all(np.isfinite(g)), name
+        err, xla_err = np.abs(g - w).max(), np.abs(x - w).max()
+        assert err <= factor * xla_err + 1e-3, f"{name}: max abs err {err:.3g}, XLA's {xla_err:.3g}"
+
+
 # (b, tq, tk, h, kh, d, causal, segments, block_q/block_k override or None)
 F32_CASES = {
     "mha-64": (2, 64, 64, 4, 4, 64, False, False, None),
@@ -494,9 +513,5 @@ def test_compiled_on_gpu_seq1024(causal: bool):
     q, k, v, do = _inputs(0, 2, 1024, 1024, 8, 2, 128, jnp.bfloat16)
     seg = _segments(1, 2, 1024)
     kw = dict(causal=causal, segment_ids=seg)
-    got = _value_and_grads(
-        lambda q, k, v, **a: flash_attention(q, k, v, interpret=False, **a), q, k, v, do, kw
-    )
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-    want = [w.astype(jnp.bfloat16) for w in _value_and_grads(attention_reference, *f32, kw)]
-    _assert_close(got, want, jnp.bfloat16)
+    fn = lambda q, k, v, **a: flash_attention(q, k, v, interpret=False, **a)
+    assert_as_accurate_as_xla(fn, q, k, v, do, kw)

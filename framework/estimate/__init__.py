@@ -3,5 +3,16 @@ per device, from the config alone, on a host without the target GPUs (scripts/es
 
 from framework.estimate.cards import CARDS, Card, card
 from framework.estimate.estimate import Estimate, estimate
+from framework.estimate.report import answer, as_data, as_text, suggest
 
-__all__ = ["CARDS", "Card", "Estimate", "card", "estimate"]
+__all__ = [
+    "CARDS",
+    "Card",
+    "Estimate",
+    "answer",
+    "as_data",
+    "as_text",
+    "card",
+    "estimate",
+    "suggest",
+]

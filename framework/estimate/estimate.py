@@ -29,8 +29,8 @@ from framework.estimate.cards import (
 )
 from framework.estimate.memory import (
     Memory,
-    local_model_config,
     lm_batch,
+    local_model_config,
     saved_activations,
     tree_bytes,
 )
@@ -97,9 +97,12 @@ class _Activations:
     recompute: tuple[float, float]  # one layer's activations remat rebuilds
     largest: str
 
-    def at(self, rows: int) -> tuple[float, float, float]:
+    def at(self, rows: int, fsdp: int) -> tuple[float, float, float]:
+        """(kept, outside, recompute) bytes for `rows` rows on a device; the fixed part is the
+        weights' compute-dtype copies, sharded like the weights over the FSDP axis."""
         return tuple(
-            fixed + rows * per_row for fixed, per_row in (self.kept, self.outside, self.recompute)
+            fixed / fsdp + rows * per_row
+            for fixed, per_row in (self.kept, self.outside, self.recompute)
         )
 
 
@@ -124,9 +127,11 @@ def _activations(
             outside = [b for b, w in saved if not w.startswith(f"{_dtype_prefix(w)}[{layers},")]
             recompute = max(sum(b for b, _ in every) - kept, 0) / layers
             points.append((kept, max(outside, default=0), recompute))
+            if rows == 1:  # the largest that grows with the rows (has a sequence dim)
+                per_token = [(b, w) for b, w in saved if f"{seq}" in w.split("]")[0]]
+                largest = max(per_token, default=(0, "nothing"))[1] + " (for one row)"
     (k1, o1, r1), (k2, o2, r2) = points
     linear = lambda a, b: (2 * a - b, b - a)  # noqa: E731 - (fixed, per row) from 1 and 2 rows
-    largest = max(saved, default=(0, "none"))[1]
     return _Activations(linear(k1, k2), linear(o1, o2), linear(r1, r2), largest)
 
 
@@ -180,7 +185,7 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     local = local_model_config(mcfg, sizes["tensor"])
     lora = cfg.finetune.lora.model_dump_json() if cfg.finetune.lora is not None else ""
     acts = _activations(local.model_dump_json(), mcfg.name, lora, seq_local, card)
-    kept, outside, recompute = acts.at(rows)
+    kept, outside, recompute = acts.at(rows, sizes["fsdp"])
     layers = getattr(mcfg, "n_layers", 1)
     compute_bytes = np.dtype(mcfg.compute_dtype).itemsize
     global_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
