@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (at most 9 minutes of step limits on one H100): the GPU-marked
+# One command for a GPU machine (at most 10 minutes of step limits on one H100): the GPU-marked
 # tests compiled (the Mosaic GPU attention's among them: tests/test_flash_attention_mgpu.py), the
 # kernel benchmarks (attention: Triton, Mosaic GPU on Hopper, cuDNN, XLA, auto), and train-step
-# benchmarks for gpt2_small and llama_1b; then performance.md + performance.json and the
+# benchmarks for gpt2_small and llama_1b (two remat policies), each beside the estimator's
+# prediction (scripts/estimate.py); then performance.md + performance.json and the
 # measured attention dispatch entries (the fastest of cudnn, mosaic, triton per shape).
 # Each step runs under its own time limit; the exit status is 1 if any step failed.
 #
@@ -101,6 +102,9 @@ else
     "${synthetic[@]}" data.vocab_size=50304 data.batch_size=16 --out "$results/step_gpt2_small.json"
   step step_llama_1b 105 "$py" scripts/bench_step.py configs/llama_1b.yaml --steps 10 \
     "${synthetic[@]}" data.vocab_size=32000 data.batch_size=8 --out "$results/step_llama_1b.json"
+  step step_llama_1b_remat_full 75 "$py" scripts/bench_step.py configs/llama_1b.yaml --steps 5 \
+    "${synthetic[@]}" data.vocab_size=32000 data.batch_size=16 model.remat=full \
+    --out "$results/step_llama_1b_remat_full.json"
 fi
 timeout 60 "$py" scripts/perf_report.py --results "$results" --out "$out" --failed "${failed[*]:-}" \
   || failed+=(report)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -26,7 +27,7 @@ GOALS = (
 )
 HOW_TO_RUN = """## How to run the check
 
-On a machine with one GPU (at most 9 minutes of step limits on an H100):
+On a machine with one GPU (at most 10 minutes of step limits on an H100):
 
 ```bash
 bash scripts/gpu_check.sh            # writes docs/performance.md, docs/performance.json and
@@ -99,7 +100,7 @@ def reached(kernels: list[dict], steps: dict[str, dict]) -> list[float | None]:
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float):
         return f"{x:,.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
@@ -136,6 +137,21 @@ def _kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _predicted(step: dict[str, Any], device_kind: str) -> dict[str, float]:
+    """The estimator's peak bytes and step time for a benchmarked step on one card of this
+    kind ({} for a card it does not know, e.g. a dry run's CPU)."""
+    from framework.config import load_config
+    from framework.estimate import CARDS, estimate
+    from framework.train.config import Config
+
+    known = [c for c in CARDS if c in device_kind.lower()]
+    if not known:
+        return {}
+    cfg = load_config(Config, step["config"], step["overrides"])
+    e = estimate(cfg, 1, CARDS[known[0]])
+    return {"predicted_peak_bytes": e.memory.total, "predicted_step_s": e.seconds["step"]}
+
+
 def write(results: str | None, out: str, measured: bool, failed: list[str] = ()) -> dict[str, Any]:
     """Write performance.md and performance.json into `out`; return the JSON object."""
     problems = [f"step failed: {name}" for name in failed]
@@ -147,7 +163,8 @@ def write(results: str | None, out: str, measured: bool, failed: list[str] = ())
     for path in sorted(glob.glob(os.path.join(results, "step_*.json"))) if measured else []:
         data = _load(path, problems)
         if data and "step_s" in data.get("main", {}):
-            steps[os.path.basename(path)[5:-5]] = {**data["main"], "overrides": data["overrides"]}
+            step = {**data["main"], "config": data["config"], "overrides": data["overrides"]}
+            steps[os.path.basename(path)[5:-5]] = {**step, **_predicted(step, data["device"])}
         elif data:
             problems.append(f"{os.path.basename(path)}: no step time")
     tests = ""
@@ -212,13 +229,21 @@ def write(results: str | None, out: str, measured: bool, failed: list[str] = ())
         md += [
             "## Train step (one device)",
             "",
-            "| config | step ms | tokens/s | MFU | compile s | overrides |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "Predicted: `scripts/estimate.py` for the same config on one such card "
+            "(docs/estimate.md).",
+            "",
+            "| config | step ms | predicted | peak GiB | predicted | tokens/s | MFU | compile s "
+            "| overrides |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, s in steps.items():
+            peak = s.get("measured_peak_bytes")
             md.append(
-                f"| {name} | {_fmt(s['step_s'] * 1e3)} | {_fmt(s['items_per_s'])} | "
-                f"{_fmt(s.get('mfu'))} | {_fmt(s['compile_s'])} | "
+                f"| {name} | {_fmt(s['step_s'] * 1e3)} | "
+                f"{_fmt(s.get('predicted_step_s', math.nan) * 1e3)} | "
+                f"{_fmt(peak / 2**30 if peak else None)} | "
+                f"{_fmt(s.get('predicted_peak_bytes', math.nan) / 2**30)} | "
+                f"{_fmt(s['items_per_s'])} | {_fmt(s.get('mfu'))} | {_fmt(s['compile_s'])} | "
                 f"{' '.join(s['overrides'])} |"
             )
         md.append("")
