@@ -80,8 +80,35 @@ class TrainConfig(pydantic.BaseModel):
     )
 
 
+class WandbConfig(pydantic.BaseModel):
+    """Weights & Biases: the metrics of metrics.jsonl also go to a W&B run (process 0 only)."""
+
+    model_config = _FROZEN
+    project: str | None = pydantic.Field(
+        None, min_length=1, description="W&B project (None: $WANDB_PROJECT, else W&B's default)"
+    )
+    name: str | None = pydantic.Field(
+        None, min_length=1, description="W&B run name (None: run.name)"
+    )
+    mode: Literal["online", "offline", "disabled"] | None = pydantic.Field(
+        None,
+        description="online: stream to the server; offline: write under <run dir>/wandb for "
+        "`wandb sync`; disabled: log nothing; None: $WANDB_MODE, else online",
+    )
+
+
+class MetricsConfig(pydantic.BaseModel):
+    """Where metrics go besides metrics.jsonl and TensorBoard (train.tensorboard)."""
+
+    model_config = _FROZEN
+    wandb: WandbConfig | None = pydantic.Field(
+        None,
+        description="log to Weights & Biases (needs pip install -e '.[track]'); None: off",
+    )
+
+
 class Config(pydantic.BaseModel):
-    """A whole run: run, model, data, optim, train, mesh, checkpoint, finetune."""
+    """A whole run: run, model, data, optim, train, mesh, checkpoint, finetune, metrics."""
 
     model_config = _FROZEN
     run: RunConfig = RunConfig()
@@ -92,6 +119,7 @@ class Config(pydantic.BaseModel):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @pydantic.model_validator(mode="after")
     def _check_batch(self):

@@ -30,6 +30,7 @@ from framework.train.context import Context
 from framework.train.metrics import MetricsWriter, Progress, mfu, peak_flops_per_device
 from framework.train.sample import sample_tokens
 from framework.train.signals import STOP
+from framework.train.tracking import WandbTracker, check_available
 
 log = logging.getLogger(__name__)
 Report = Callable[[int, Mapping[str, float], str], None]
@@ -116,8 +117,8 @@ class Profile(Hook):
 
 class LogMetrics(Hook):
     """Every `every` steps: fetch the steps' metrics, average them, add throughput and MFU,
-    and write one line to metrics.jsonl, TensorBoard and the console. `report` writes other
-    splits (evaluation) the same way."""
+    and write one line to metrics.jsonl, TensorBoard, W&B (metrics.wandb) and the console.
+    `report` writes other splits (evaluation) the same way."""
 
     def __init__(self, run: Run, every: int, *, enabled: bool = True):
         self.run, self.every, self.enabled = run, every, enabled
@@ -125,9 +126,20 @@ class LogMetrics(Hook):
         self.tensorboard, self.progress_on = tc.tensorboard, tc.progress
         self.writer: MetricsWriter | None = None
         self.progress: Progress | None = None
+        self.tracker: WandbTracker | None = None
+        check_available(run.cfg.metrics.wandb)  # before anything is compiled, on every process
         self.peak, _ = peak_flops_per_device(jax.devices()[0], run.cfg.model.compute_dtype)
 
     def start(self, ctx: Context) -> None:
+        if self.enabled:  # first: a failed wandb.init leaves nothing open
+            cfg = self.run.cfg
+            self.tracker = WandbTracker(
+                cfg.metrics.wandb,
+                self.run.run_dir,
+                run_name=cfg.run.name,
+                config=cfg.model_dump(mode="json"),
+                start_step=ctx.step,
+            )
         self.writer = MetricsWriter(
             self.run.run_dir,
             enabled=self.enabled,
@@ -176,6 +188,8 @@ class LogMetrics(Hook):
         the console through the framework's logger, whatever train.progress says."""
         if self.writer is not None:
             self.writer.write(step, metrics, split)
+        if self.tracker is not None:
+            self.tracker.write(step, metrics, split)
         if split == "train":
             if self.progress is not None:
                 self.progress.update(step, metrics)
@@ -188,6 +202,8 @@ class LogMetrics(Hook):
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 _NOT_AVERAGED = ("finite", "grad_finite", "param_finite", "skipped", "weight")
