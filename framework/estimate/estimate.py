@@ -17,10 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+from jax.sharding import AbstractMesh, AxisType
 
 from framework.config import ConfigError
-from framework.data import describe
 from framework.estimate.cards import (
     HBM_EFFICIENCY,
     LINK_EFFICIENCY,
@@ -35,7 +34,8 @@ from framework.estimate.memory import (
     tree_bytes,
 )
 from framework.parallel.mesh import AXES, resolve_sizes
-from framework.train.build import _plan, model_for
+from framework.parallel.target import abstract_gpu_mesh
+from framework.train.build import _plan, lm_meta, model_for
 from framework.train.config import Config
 from framework.train.step import split_trainable
 
@@ -80,12 +80,11 @@ def mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
 def abstract_mesh(sizes: dict[str, int], card: Card | None) -> AbstractMesh:
     """An abstract mesh of the card's GPUs (kernels then trace as on that GPU), or of the
     host's own platform where `card` is None."""
-    kw = {"axis_types": (AxisType.Auto,) * len(sizes)}
     if card is not None:
-        kw["abstract_device"] = AbstractDevice(
-            device_kind=card.device_kind, num_cores=132, platform="cuda"
-        )
-    return AbstractMesh(tuple(sizes.values()), tuple(sizes), **kw)
+        return abstract_gpu_mesh(sizes, card.device_kind)
+    return AbstractMesh(
+        tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +160,7 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     """The estimate for `cfg` on `devices` devices of `card` (None: the host's own devices,
     for checking against XLA's memory analysis); `usable` bytes per device (0: unknown)."""
     model = model_for(cfg)
-    meta = describe(cfg.data)
-    if meta["kind"] != "lm":
-        raise ConfigError(f"data.source {cfg.data.source!r}: the estimator takes language models")
-    if meta["vocab_size"] is None and getattr(cfg.model, "vocab_size", None) is None:
-        raise ConfigError("model.vocab_size: set it (token files give it only once read)")
+    meta = lm_meta(cfg, "the estimator")
     sizes = mesh_sizes(cfg, devices)
     mesh = abstract_mesh(sizes, card)
     with jax.sharding.use_abstract_mesh(mesh):

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from framework import finetune, models, nn
 from framework.data import EvalSet, Loader, describe, make_loaders
+from framework.errors import ConfigError
 from framework.models.registry import Model
 from framework.parallel import logical
 from framework.parallel.distributed import initialize
@@ -208,6 +209,18 @@ def model_for(cfg: Config) -> Model:
     if cfg.finetune.lora is not None:
         model = finetune.wrap(model, cfg.finetune.lora)
     return model
+
+
+def lm_meta(cfg: Config, what: str) -> Mapping[str, Any]:
+    """The data's metadata for planning a language model's step without reading the data;
+    ConfigError unless the data is tokens and the vocabulary is known. `what` names the caller
+    in the error ("the estimator", "GPU export")."""
+    meta = describe(cfg.data)
+    if meta["kind"] != "lm":
+        raise ConfigError(f"data.source {cfg.data.source!r}: {what} takes language models")
+    if meta["vocab_size"] is None and getattr(cfg.model, "vocab_size", None) is None:
+        raise ConfigError("model.vocab_size: set it (token files give it only once read)")
+    return meta
 
 
 def _known_unread(cfg: Config, meta: Mapping[str, Any]) -> bool:

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from framework.config import ConfigError
-from framework.data import describe
 from framework.parallel.mesh import AXES, resolve_sizes
 from framework.parallel.sharding import batch_spec
 from framework.parallel.target import GPU_CUSTOM_CALLS, H100, abstract_gpu_mesh, export_for_cuda
-from framework.train.build import _jit_steps, _plan, model_for
+from framework.train.build import _jit_steps, _plan, lm_meta, model_for
 from framework.train.config import Config
 from framework.train.optimizer import schedule
 
@@ -34,11 +33,7 @@ def export_train_step(
     if cfg.mesh.across_nodes.sizes() != {a: 1 for a in AXES}:
         raise ConfigError("mesh.across_nodes: the abstract GPU mesh is one node; leave it unset")
     model = model_for(cfg)
-    meta = describe(cfg.data)
-    if meta["kind"] != "lm":
-        raise ConfigError(f"data.source {cfg.data.source!r}: GPU export takes language models")
-    if meta["vocab_size"] is None and getattr(cfg.model, "vocab_size", None) is None:
-        raise ConfigError("model.vocab_size: set it (token files give it only once read)")
+    meta = lm_meta(cfg, "GPU export")
     mesh = abstract_gpu_mesh(resolve_sizes(cfg.mesh, devices), device_kind)
     with jax.sharding.use_abstract_mesh(mesh):
         plan = _plan(cfg, model, meta, None, mesh=mesh)
