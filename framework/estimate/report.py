@@ -118,7 +118,7 @@ def as_data(a: Answer) -> dict[str, Any]:
 
     return {
         "config": a.config,
-        "card": dataclasses.asdict(e.card),
+        "card": {**dataclasses.asdict(e.card), "bf16_flops": e.card.bf16_flops},
         "devices": e.devices,
         "mesh": e.mesh,
         "micro_batch": e.micro_batch,

@@ -344,13 +344,19 @@ def peak_flops_per_device(
             f"f32 FLOP/cycle (AVX2 FMA), used for every dtype"
         )
 
+    return table_peak_flops(kind, dtype)
+
+
+def table_peak_flops(device_kind: str, dtype: str = "bfloat16") -> tuple[float, str]:
+    """(the datasheet's peak dense FLOP/s of an accelerator named `device_kind` as jax names
+    it, where it came from); NaN for a kind or dtype the table lacks."""
     for needle, name, peaks in _ACCEL_PEAKS:
-        if needle.lower() in kind.lower():
+        if needle.lower() in device_kind.lower():
             if dtype in peaks:
                 note = " (non-tensor-core)" if dtype == "float32" else ""
                 return peaks[dtype], f"table: {name} dense {dtype}{note}"
             return math.nan, f"table: {name} has no {dtype} peak; set ${PEAK_FLOPS_ENV}"
-    return math.nan, f"unknown device kind {kind!r}; set ${PEAK_FLOPS_ENV}"
+    return math.nan, f"unknown device kind {device_kind!r}; set ${PEAK_FLOPS_ENV}"
 
 
 def mfu(
