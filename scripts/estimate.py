@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -30,15 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    if args.devices < 1:
-        parser.error("--devices must be at least 1")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only traces: never touches an accelerator
+    # only traces: never initializes (nor preallocates) an accelerator, even on a GPU node
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    logging.getLogger("framework.ops").setLevel(logging.ERROR)  # the host's kernel notes
 
-    from framework.config import exit_on_config_error, load_config
+    from framework.config import ConfigError, exit_on_config_error, load_config
     from framework.estimate import answer, as_data, as_text, card
     from framework.train.config import Config
 
     with exit_on_config_error():
+        if args.devices < 1:
+            raise ConfigError(f"--devices must be at least 1, got {args.devices}")
         cfg = load_config(Config, args.config, args.overrides)
         gpu = card(args.gpu)
         result = answer(cfg, args.devices, gpu, args.mem_fraction, name=args.config)

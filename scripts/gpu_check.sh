@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (at most 10 minutes of step limits on one H100): the GPU-marked
+# One command for a GPU machine (its steps' limits add up to 12 minutes; on an H200 it ran in 5): the GPU-marked
 # tests compiled (the Mosaic GPU attention's among them: tests/test_flash_attention_mgpu.py), the
 # kernel benchmarks (attention: Triton, Mosaic GPU on Hopper, cuDNN, XLA, auto), and train-step
 # benchmarks for gpt2_small and llama_1b (two remat policies), each beside the estimator's

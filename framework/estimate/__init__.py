@@ -1,7 +1,7 @@
 """Will a config fit, and how fast will it step? Memory, FLOPs, bytes and a roofline step time
 per device, from the config alone, on a host without the target GPUs (scripts/estimate.py)."""
 
-from framework.estimate.cards import CARDS, Card, card
+from framework.estimate.cards import CARDS, Card, card, for_device_kind
 from framework.estimate.estimate import Estimate, estimate
 from framework.estimate.report import answer, as_data, as_text, suggest
 
@@ -14,5 +14,6 @@ __all__ = [
     "as_text",
     "card",
     "estimate",
+    "for_device_kind",
     "suggest",
 ]

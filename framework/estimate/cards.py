@@ -17,7 +17,7 @@ class Card:
 
     name: str
     device_kind: str  # as jax names it (abstract meshes for tracing use it)
-    memory: int  # bytes of HBM
+    memory: int  # bytes of HBM, as nvidia-smi reports them
     hbm: float
     nvlink: float  # within a node
     network: float  # across nodes (one NIC per GPU)
@@ -31,13 +31,16 @@ class Card:
 
 
 GB = 10**9
+MIB = 2**20
+# Memory: what nvidia-smi reports (H100 and H200: read on the lent machines, KINDS.md and
+# docs/performance.md's run; A100 80GB: 81920 MiB).
 # NVLink: 900 GB/s (H100/H200 SXM) and 600 GB/s (A100) are both directions together; one
 # direction is half. Network: one 400 Gb/s NIC per GPU (ConnectX-7; A100 nodes: 200 Gb/s).
 CARDS: dict[str, Card] = {
     "h100": Card(
         "NVIDIA H100 SXM 80GB",
         "NVIDIA H100 80GB HBM3",
-        80 * GB,
+        81559 * MIB,
         3.35e12,
         450 * GB,
         50 * GB,
@@ -47,7 +50,7 @@ CARDS: dict[str, Card] = {
     "h200": Card(
         "NVIDIA H200 SXM 141GB",
         "NVIDIA H200",
-        141 * GB,
+        143771 * MIB,
         4.8e12,
         450 * GB,
         50 * GB,
@@ -57,7 +60,7 @@ CARDS: dict[str, Card] = {
     "a100": Card(
         "NVIDIA A100 SXM 80GB",
         "NVIDIA A100-SXM4-80GB",
-        80 * GB,
+        81920 * MIB,
         2.039e12,
         300 * GB,
         25 * GB,
@@ -82,6 +85,12 @@ LINK_EFFICIENCY = 0.8  # ring collectives reach about 80% of link bandwidth (ncc
 DEFAULT_MEM_FRACTION = 0.75
 
 
+def for_device_kind(device_kind: str) -> Card | None:
+    """The card jax names `device_kind` (an H100 PCIe or a GH200 is none of these), or None."""
+    kind = device_kind.lower()
+    return next((c for c in CARDS.values() if kind.startswith(c.device_kind.lower())), None)
+
+
 def card(name: str) -> Card:
     """The card named `name` (h100, h200, a100); ConfigError listing the known ones."""
     key = name.lower().replace("-", "").replace("nvidia", "").strip()
@@ -95,7 +104,10 @@ def mem_fraction(value: float | None = None) -> float:
     else jax's default 0.75."""
     if value is None:
         env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
-        value = float(env) if env else DEFAULT_MEM_FRACTION
+        try:
+            value = float(env) if env else DEFAULT_MEM_FRACTION
+        except ValueError:
+            raise ConfigError(f"$XLA_PYTHON_CLIENT_MEM_FRACTION={env!r} is not a number") from None
     if not 0 < value <= 1:
         raise ConfigError(f"memory fraction must be in (0, 1], got {value}")
     return value

@@ -57,6 +57,7 @@ class Estimate:
     hardware_flops: float  # plus what remat recomputes
     hbm_bytes: float  # memory-bound traffic outside the matmuls
     collective_bytes: dict[str, float]  # sent per device, per mesh axis
+    crossing: frozenset[str]  # mesh axes whose collectives cross nodes (the network)
     seconds: dict[str, float]  # compute, memory, collectives, exposed collectives, step
     mfu: float
 
@@ -92,16 +93,16 @@ class _Activations:
     """What the backward keeps, as fixed bytes + bytes per row a device computes."""
 
     kept: tuple[float, float]  # (fixed, per row): saved for the backward
-    outside: tuple[float, float]  # the largest saved outside the layers (the loss's)
+    loss: tuple[float, float]  # the largest logits-sized one (the loss's)
     recompute: tuple[float, float]  # one layer's activations remat rebuilds
     largest: str
 
     def at(self, rows: int, fsdp: int) -> tuple[float, float, float]:
-        """(kept, outside, recompute) bytes for `rows` rows on a device; the fixed part is the
+        """(kept, loss, recompute) bytes for `rows` rows on a device; the fixed part is the
         weights' compute-dtype copies, sharded like the weights over the FSDP axis."""
         return tuple(
             fixed / fsdp + rows * per_row
-            for fixed, per_row in (self.kept, self.outside, self.recompute)
+            for fixed, per_row in (self.kept, self.loss, self.recompute)
         )
 
 
@@ -114,28 +115,32 @@ def _activations(
     cfg = _model_cfg(model_cfg_json, model_name)
     model = _model(model_name, lora)
     layers = getattr(cfg, "n_layers", 1)
+    vocab = getattr(cfg, "vocab_size", None)
     one = {a: 1 for a in AXES}
-    points = []
+    points, traces = [], []
     with jax.sharding.use_abstract_mesh(abstract_mesh(one, card)):
         for rows in (1, 2):
             saved = saved_activations(model, cfg, lm_batch(rows, seq))
             every = saved_activations(
                 model, cfg.model_copy(update={"remat": "none"}), lm_batch(rows, seq)
             )
-            kept = sum(b for b, _ in saved)
-            outside = [b for b, w in saved if not w.startswith(f"{_dtype_prefix(w)}[{layers},")]
-            recompute = max(sum(b for b, _ in every) - kept, 0) / layers
-            points.append((kept, max(outside, default=0), recompute))
-            if rows == 1:  # the largest that grows with the rows (has a sequence dim)
-                per_token = [(b, w) for b, w in saved if f"{seq}" in w.split("]")[0]]
-                largest = max(per_token, default=(0, "nothing"))[1] + " (for one row)"
+            kept = sum(b for b, _, _ in saved)
+            # the loss's: logits-sized (the vocabulary last); a fused loss keeps none
+            loss = [b for b, shape, _ in saved if vocab is not None and shape[-1:] == (vocab,)]
+            recompute = max(sum(b for b, _, _ in every) - kept, 0) / layers
+            points.append((kept, max(loss, default=0), recompute))
+            traces.append(saved)
     (k1, o1, r1), (k2, o2, r2) = points
     linear = lambda a, b: (2 * a - b, b - a)  # noqa: E731 - (fixed, per row) from 1 and 2 rows
-    return _Activations(linear(k1, k2), linear(o1, o2), linear(r1, r2), largest)
+    return _Activations(linear(k1, k2), linear(o1, o2), linear(r1, r2), _largest(*traces))
 
 
-def _dtype_prefix(what: str) -> str:
-    return what.split("[", 1)[0]
+def _largest(one_row: list, two_rows: list) -> str:
+    """The largest activation that grows with the rows (its bytes double from one row to two;
+    the weights' compute-dtype copies do not), described for one row."""
+    pairs = zip(one_row, two_rows, strict=True) if len(one_row) == len(two_rows) else ()
+    grows = [a for a, b in pairs if b[0] == 2 * a[0] > 0]
+    return max(grows, default=(0, (), "nothing"))[2] + " (for one row)"
 
 
 def _model_cfg(json: str, name: str) -> Any:
@@ -180,11 +185,13 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     local = local_model_config(mcfg, sizes["tensor"])
     lora = cfg.finetune.lora.model_dump_json() if cfg.finetune.lora is not None else ""
     acts = _activations(local.model_dump_json(), mcfg.name, lora, seq_local, card)
-    kept, outside, recompute = acts.at(rows, sizes["fsdp"])
+    kept, loss, recompute = acts.at(rows, sizes["fsdp"])
     layers = getattr(mcfg, "n_layers", 1)
     compute_bytes = np.dtype(mcfg.compute_dtype).itemsize
-    global_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
-    layer_weights = global_params / layers * compute_bytes / sizes["tensor"]
+    # the weights one device multiplies with, in the compute dtype: its shard, gathered over FSDP
+    gathered = _elements(state["params"]) * sizes["fsdp"] * compute_bytes
+    blocks = state["params"].get("blocks") if isinstance(state["params"], dict) else None
+    layer = _elements(blocks) * sizes["fsdp"] * compute_bytes / layers if blocks else 0
     fsdp = sizes["fsdp"]
     memory = Memory(
         params=params,
@@ -192,22 +199,23 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
         gradients=grads,
         grad_accumulator=grads if accum > 1 else 0,
         activations=int(kept),
-        workspace=int(max(2 * outside, RECOMPUTE_LIVE * recompute)),
-        collectives=int(2 * layer_weights * (fsdp - 1) / fsdp) if fsdp > 1 else 0,
+        workspace=int(max(2 * loss, RECOMPUTE_LIVE * recompute)),
+        collectives=int(2 * layer * (fsdp - 1) / fsdp),
         largest_activation=acts.largest,
     )
 
     # FLOPs per device per step
     tokens = cfg.data.batch_size * seq
-    per_token = model.flops_per_token(mcfg, seq) if model.flops_per_token else 0.0
+    per_token = model.flops_per_token(mcfg, seq) if model.flops_per_token else math.nan
     model_flops = per_token * tokens / devices
     hardware_flops = model_flops + _recompute_flops(mcfg, seq) * tokens / devices
     # memory-bound traffic: the optimizer reads params, grads, state and writes params, state;
     # every activation is written and read in the forward and again as a cotangent
     everything = kept + recompute * layers
     hbm = 2 * (params + optimizer) + 2 * grads + 4 * everything * accum
-    coll = _collective_bytes(sizes, mcfg, global_params, compute_bytes, rows, seq_local, accum)
-    secs = _seconds(card, hardware_flops, hbm, coll, sizes, cfg, devices)
+    coll = _collective_bytes(sizes, mcfg, gathered, grads, compute_bytes, rows, seq_local, accum)
+    crossing = frozenset(crossing_axes(cfg, sizes, devices, card)) if card else frozenset()
+    secs = _seconds(card, hardware_flops, hbm, coll, crossing)
     peak = card.bf16_flops if card is not None else math.nan
     return Estimate(
         card=card,
@@ -221,15 +229,21 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
         hardware_flops=hardware_flops,
         hbm_bytes=hbm,
         collective_bytes=coll,
+        crossing=crossing,
         seconds=secs,
-        mfu=model_flops / (secs["step"] * peak) if secs["step"] > 0 else math.nan,
+        mfu=model_flops / (secs["step"] * peak),
     )
+
+
+def _elements(tree: Any) -> int:
+    """Elements of one device's shards of a tree of ShapeDtypeStructs with shardings."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _recompute_flops(mcfg: Any, seq: int) -> float:
     """FLOPs per token the remat policy adds: the whole forward of each layer (full) or the
-    attention forward, which no dot-saving policy keeps (a flash kernel is no dot; the XLA
-    attention's score products have batch dims) except save_dots with XLA attention."""
+    attention forward, which the dot-saving policies do not keep on a GPU (a flash kernel is
+    no dot). (XLA's attention under save_dots keeps its score products: counted all the same.)"""
     if not hasattr(mcfg, "n_layers") or mcfg.remat == "none":
         return 0.0
     layer_matmul_params = mcfg.d_model * mcfg.head_size * (2 * mcfg.n_heads + 2 * mcfg.kv_heads)
@@ -243,29 +257,31 @@ def _recompute_flops(mcfg: Any, seq: int) -> float:
 def _collective_bytes(
     sizes: dict[str, int],
     mcfg: Any,
-    global_params: int,
+    gathered: float,
+    grads: float,
     compute_bytes: int,
     rows: int,
     seq_local: int,
     accum: int,
 ) -> dict[str, float]:
-    """Bytes each device sends per step, per mesh axis, for ring collectives: FSDP gathers the
-    weights twice (forward, backward) and reduce-scatters f32 gradients; data parallelism
-    all-reduces them; tensor parallelism all-reduces each layer's two outputs forward and
-    backward; sequence parallelism gathers each layer's keys and values (and scatters their
-    gradients). Per micro-batch, as XLA places them inside the accumulation loop."""
+    """Bytes each device sends per step, per mesh axis, for ring collectives, per micro-batch
+    (XLA places them inside the accumulation loop). FSDP gathers the `gathered` weights twice
+    (forward, backward) and reduce-scatters the gradients (`grads`: one device's shard);
+    data and sequence parallelism all-reduce the gradient shards; tensor parallelism
+    all-reduces each layer's two outputs forward and backward; sequence parallelism also
+    gathers each layer's keys and values (and scatters their gradients)."""
     t, f, d, s = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes["sequence"]
     ring = lambda n: (n - 1) / n  # noqa: E731
-    weights = global_params / t
     out = {a: 0.0 for a in AXES}
-    out["fsdp"] = (2 * weights * compute_bytes + weights * 4) * ring(f) * accum
-    out["data"] = 2 * weights / f * 4 * ring(d) * accum
+    out["fsdp"] = (2 * gathered + grads * f) * ring(f) * accum
+    out["data"] = 2 * grads * ring(d) * accum
+    out["sequence"] = 2 * grads * ring(s) * accum
     layers = getattr(mcfg, "n_layers", 0)
     if layers:
         act = rows * seq_local * mcfg.d_model * compute_bytes
         out["tensor"] = 4 * 2 * act * ring(t) * layers * accum
-        kv = rows * seq_local * s * max(mcfg.kv_heads // t, 1) * mcfg.head_size * compute_bytes
-        out["sequence"] = 2 * 2 * kv * ring(s) * layers * accum
+        kv = rows * seq_local * s * (mcfg.kv_heads // t) * mcfg.head_size * compute_bytes
+        out["sequence"] += 2 * 2 * kv * ring(s) * layers * accum
     return out
 
 
@@ -280,25 +296,15 @@ def crossing_axes(cfg: Config, sizes: dict[str, int], devices: int, card: Card) 
 
 
 def _seconds(
-    card: Card | None,
-    flops: float,
-    hbm: float,
-    coll: dict[str, float],
-    sizes: dict[str, int],
-    cfg: Config,
-    devices: int,
+    card: Card | None, flops: float, hbm: float, coll: dict[str, float], crossing: frozenset
 ) -> dict[str, float]:
+    """Roofline seconds per step: compute, memory, collectives (NVLink, or the network for
+    the `crossing` axes) and the part of them compute cannot hide; NaN without a card."""
     if card is None:
-        return {
-            "compute": math.nan,
-            "memory": math.nan,
-            "collectives": math.nan,
-            "exposed_collectives": math.nan,
-            "step": math.nan,
-        }
+        keys = ("compute", "memory", "collectives", "exposed_collectives", "step")
+        return dict.fromkeys(keys, math.nan)
     compute = flops / (card.bf16_flops * MATMUL_EFFICIENCY)
     memory = hbm / (card.hbm * HBM_EFFICIENCY)
-    crossing = crossing_axes(cfg, sizes, devices, card)
     collectives = sum(
         b / ((card.network if a in crossing else card.nvlink) * LINK_EFFICIENCY)
         for a, b in coll.items()

@@ -7,21 +7,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from framework.errors import ConfigError
 from framework.estimate.cards import Card
 from framework.estimate.estimate import Estimate, estimate, mesh_sizes
+from framework.models.transformer import REMAT_POLICIES
 from framework.train.config import Config
 
-STRONGER_REMAT = {
-    "none": ("save_dots", "save_dots_no_batch", "full"),
-    "save_dots": ("save_dots_no_batch", "full"),
-    "save_dots_no_batch": ("full",),
-    "full": (),
-}
+Change = dict[str, dict[str, Any]]  # {"model": {"remat": "full"}, ...}
+# from least to most recomputation (REMAT_POLICIES' order)
+_REMAT_ORDER = ("none", "save_dots", "save_dots_no_batch", "full")
+assert set(_REMAT_ORDER) == set(REMAT_POLICIES), "a new remat policy needs a place here"
 
 
 @dataclasses.dataclass(frozen=True)
 class Fix:
-    """A change to the config (key=value overrides) and its estimate."""
+    """A change to the config (its key=value overrides) and its estimate."""
 
     overrides: tuple[str, ...]
     estimate: Estimate
@@ -34,21 +34,28 @@ class Fix:
         )
 
 
-def with_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
-    """A copy of cfg with section fields replaced: {"model": {"remat": "full"}, ...}."""
-    update = {s: getattr(cfg, s).model_copy(update=v) for s, v in overrides.items()}
-    return cfg.model_copy(update=update)
+def with_overrides(cfg: Config, change: Change) -> Config:
+    """A copy of cfg with section fields replaced, validated like a loaded config (a layout the
+    change breaks raises as `load_config` would)."""
+    data = cfg.model_dump()
+    for section, fields in change.items():
+        data[section].update(fields)
+    try:
+        return Config.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def largest_micro_batch(cfg: Config, devices: int, card: Card, usable: int) -> int | None:
     """The largest rows per micro-batch (a multiple of the batch's device count) that fits,
-    holding everything else; None when not even one row per device fits."""
+    keeping everything else (accumulation steps included); None when one row per device does
+    not fit."""
     sizes = mesh_sizes(cfg, devices)
     shards = sizes["data"] * sizes["fsdp"]
+    accum = cfg.train.grad_accum
 
     def fits(rows_per_device: int) -> bool:
-        micro = rows_per_device * shards
-        trial = with_overrides(cfg, {"data": {"batch_size": micro}, "train": {"grad_accum": 1}})
+        trial = with_overrides(cfg, {"data": {"batch_size": rows_per_device * shards * accum}})
         return estimate(trial, devices, card, usable).fits
 
     if not fits(1):
@@ -64,39 +71,50 @@ def largest_micro_batch(cfg: Config, devices: int, card: Card, usable: int) -> i
 
 def fixes(cfg: Config, devices: int, card: Card, usable: int) -> list[Fix]:
     """Changes that make the config fit, cheapest predicted step first: a stronger remat
-    policy, every device in FSDP (data=1), or more accumulation steps (the same global batch in
-    smaller micro-batches); then combinations of these where no single change fits."""
-    remats = [{"model": {"remat": r}} for r in STRONGER_REMAT.get(cfg.model.remat, ())]
+    policy, FSDP over more of the devices (2, 4, ... taken from data parallelism), or more
+    accumulation steps (the same global batch in smaller micro-batches); then combinations
+    where no single change fits."""
+    remats = [
+        {"model": {"remat": r}} for r in _REMAT_ORDER[_REMAT_ORDER.index(cfg.model.remat) + 1 :]
+    ]
     sizes = mesh_sizes(cfg, devices)
-    fsdp = []
-    if sizes["data"] > 1:
-        fsdp = [{"mesh": {"data": 1, "fsdp": sizes["data"] * sizes["fsdp"]}}]
-    accum = []
-    n = cfg.train.grad_accum * 2
+    within = {a: s // n for (a, s), n in zip(sizes.items(), _nodes(cfg), strict=True)}
+    fsdp, n = [], 2
+    while n <= within["data"] and within["data"] % n == 0:  # within a node: mesh.* sizes
+        fsdp.append({"mesh": {"data": within["data"] // n, "fsdp": within["fsdp"] * n}})
+        n *= 2
+    accum, n = [], cfg.train.grad_accum * 2
     shards = sizes["data"] * sizes["fsdp"]
     while cfg.data.batch_size % n == 0 and (cfg.data.batch_size // n) % shards == 0:
         accum.append({"train": {"grad_accum": n}})
         n *= 2
-    singles = remats + fsdp + accum
-    found = _fitting(cfg, devices, card, usable, singles)
+    found = _fitting(cfg, devices, card, usable, remats + fsdp + accum)
     if not found:
-        combos = [_merge(a, b) for a in remats + fsdp for b in fsdp + accum if a is not b]
-        combos += [_merge(_merge(r, f), a) for r in remats for f in fsdp for a in accum]
-        found = _fitting(cfg, devices, card, usable, combos)
+        pairs = [_merge(a, b) for a in remats + fsdp for b in fsdp + accum if a is not b]
+        triples = [_merge(_merge(r, f), a) for r in remats for f in fsdp for a in accum]
+        found = _fitting(cfg, devices, card, usable, pairs + triples)
     return sorted(found, key=lambda f: f.estimate.seconds["step"])
 
 
-def _merge(a: dict, b: dict) -> dict:
+def _nodes(cfg: Config) -> list[int]:
+    return list(cfg.mesh.across_nodes.sizes().values())
+
+
+def _merge(a: Change, b: Change) -> Change:
     out = {k: dict(v) for k, v in a.items()}
     for k, v in b.items():
         out.setdefault(k, {}).update(v)
     return out
 
 
-def _fitting(cfg, devices, card, usable, changes) -> list[Fix]:
+def _fitting(cfg: Config, devices: int, card: Card, usable: int, changes: list) -> list[Fix]:
+    """The changes whose estimate fits (a change the layout refuses is skipped)."""
     out = []
     for change in changes:
-        e = estimate(with_overrides(cfg, change), devices, card, usable)
+        try:
+            e = estimate(with_overrides(cfg, change), devices, card, usable)
+        except ConfigError:
+            continue
         if e.fits:
             keys = tuple(f"{s}.{k}={v}" for s, kv in change.items() for k, v in kv.items())
             out.append(Fix(keys, e))

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from framework import nn
+from framework.errors import ConfigError
 from framework.models.registry import Model
-from framework.train.step import split_trainable
+from framework.train.step import combine, split_trainable
 
 try:  # the same function behind jax.ad_checkpoint.print_saved_residuals (jax 0.10 - 0.12)
     from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
@@ -68,39 +69,41 @@ def tree_bytes(tree: Any) -> int:
 
 def local_model_config(mcfg: Any, tensor: int) -> Any:
     """The model one device computes under tensor parallelism: query/KV heads, MLP width and
-    vocabulary divided by the tensor axis (Megatron-style; KV heads fewer than the axis are
-    replicated). Models without these fields are unchanged."""
+    vocabulary divided by the tensor axis (Megatron-style; the build's plan has already
+    refused sizes the axis does not divide). Models without these fields are unchanged."""
     if tensor == 1 or not hasattr(mcfg, "n_heads"):
         return mcfg
     update = {
-        "n_heads": max(mcfg.n_heads // tensor, 1),
-        "n_kv_heads": max(mcfg.kv_heads // tensor, 1),
+        "n_heads": mcfg.n_heads // tensor,
+        "n_kv_heads": mcfg.kv_heads // tensor,
         "head_dim": mcfg.head_size,
-        "d_ff": max(mcfg.d_ff // tensor, 1),
-        "vocab_size": max(-(-mcfg.vocab_size // tensor), 1),
+        "d_ff": mcfg.d_ff // tensor,
+        "vocab_size": mcfg.vocab_size // tensor,
     }
     return mcfg.model_copy(update=update)
 
 
-def saved_activations(model: Model, mcfg: Any, batch: dict) -> list[tuple[int, str]]:
-    """(bytes, what) of each activation the backward of the loss keeps, for these abstract
-    inputs; the params themselves (residuals 'from the argument') are not counted."""
+def saved_activations(model: Model, mcfg: Any, batch: dict) -> list[tuple[int, tuple, str]]:
+    """(bytes, shape, what) of each activation the backward of the loss keeps, for these
+    abstract inputs; the params themselves (residuals 'from the argument', the trainable and
+    the frozen ones) are not counted."""
     if _saved_residuals is None:
-        raise RuntimeError("this jax has no jax._src.ad_checkpoint.saved_residuals")
+        raise ConfigError(
+            f"jax {jax.__version__} has no jax._src.ad_checkpoint.saved_residuals, which the "
+            "estimator reads activations from (jax 0.10 to 0.12 have it)"
+        )
     params = jax.eval_shape(lambda k: nn.init(model.spec(mcfg), k), jax.random.key(0))
     trainable, frozen = split_trainable(model, params)
 
-    def loss(train, batch):
-        from framework.train.step import combine
-
+    def loss(train, frozen, batch):
         return model.loss(combine(train, frozen), batch, mcfg, key=None)[0]
 
     out = []
-    for aval, what in _saved_residuals(loss, trainable, batch):
+    for aval, what in _saved_residuals(loss, trainable, frozen, batch):
         if "from the argument" in what or not hasattr(aval, "shape"):
             continue
         size = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-        out.append((size, f"{aval.str_short()} {what.split(' from ')[0]}"))
+        out.append((size, tuple(aval.shape), f"{aval.str_short()} {what.split(' from ')[0]}"))
     return out
 
 

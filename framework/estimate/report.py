@@ -7,9 +7,9 @@ import dataclasses
 import math
 from typing import Any
 
-from framework.estimate.cards import Card, card, mem_fraction
-from framework.estimate.estimate import Estimate, crossing_axes, estimate
-from framework.estimate.fit import fixes, largest_micro_batch
+from framework.estimate.cards import Card, for_device_kind, mem_fraction
+from framework.estimate.estimate import Estimate, estimate
+from framework.estimate.fit import Fix, fixes, largest_micro_batch
 from framework.train.config import Config
 
 GIB = 2**30
@@ -22,31 +22,38 @@ class Answer:
     config: str
     estimate: Estimate
     max_micro_batch: int | None
-    fixes: list  # of fit.Fix, cheapest first (empty when it fits)
-    crossing: set[str]
+    fixes: list[Fix]  # cheapest first; empty when it fits
 
 
-def answer(cfg: Config, devices: int, gpu: Card, fraction: float | None = None, name: str = ""):
+def answer(
+    cfg: Config,
+    devices: int,
+    gpu: Card,
+    fraction: float | None = None,
+    name: str = "",
+    usable: int | None = None,
+) -> Answer:
     """Estimate `cfg` on `devices` GPUs of `gpu`, the largest micro-batch that fits, and (when
-    it does not fit) the changes that make it fit."""
-    usable = int(gpu.memory * mem_fraction(fraction))
+    it does not fit) the changes that make it fit. Usable bytes per GPU: `usable` where known
+    (a device's allocator limit), else the card's memory x `fraction` (see mem_fraction)."""
+    if usable is None:
+        usable = int(gpu.memory * mem_fraction(fraction))
     e = estimate(cfg, devices, gpu, usable)
     return Answer(
         config=name,
         estimate=e,
         max_micro_batch=largest_micro_batch(cfg, devices, gpu, usable),
         fixes=[] if e.fits else fixes(cfg, devices, gpu, usable),
-        crossing=crossing_axes(cfg, e.mesh, devices, gpu),
     )
 
 
-def suggest(cfg: Config, n_devices: int, device_kind: str) -> str | None:
+def suggest(cfg: Config, n_devices: int, device_kind: str, usable: int | None = None) -> str | None:
     """One line naming the cheapest change that fits (for an out-of-memory report), or None
     when the card is unknown or nothing found fits."""
-    known = [c for c in ("h100", "h200", "a100") if c in device_kind.lower()]
-    if not known:
+    gpu = for_device_kind(device_kind)
+    if gpu is None:
         return None
-    fit = answer(cfg, n_devices, card(known[0])).fixes
+    fit = answer(cfg, n_devices, gpu, usable=usable).fixes
     return fit[0].describe() if fit else None
 
 
@@ -74,7 +81,7 @@ def as_text(a: Answer) -> str:
     verdict = "fits" if e.fits else "DOES NOT FIT"
     lines.append(
         f"  {'total':<31} {m.total / GIB:8.2f}   of {usable:.1f} usable "
-        f"({e.card.memory / 1e9:.0f} GB x {e.usable / e.card.memory:.2f}): {verdict}"
+        f"({e.card.memory / GIB:.1f} GiB x {e.usable / e.card.memory:.2f}): {verdict}"
     )
     lines.append(f"  largest activation: {m.largest_activation}")
     s = e.seconds
@@ -86,7 +93,7 @@ def as_text(a: Answer) -> str:
     ]
     for axis, b in e.collective_bytes.items():
         if b:
-            link = "network" if axis in a.crossing else "NVLink"
+            link = "network" if axis in e.crossing else "NVLink"
             lines.append(f"  {axis:<12} {b:.3g} bytes of collectives ({link})")
     lines += [
         "",
@@ -126,11 +133,11 @@ def as_data(a: Answer) -> dict[str, Any]:
         "memory": memory,
         "usable": e.usable,
         "fits": e.fits,
-        "model_flops": e.model_flops,
-        "hardware_flops": e.hardware_flops,
+        "model_flops": clean(e.model_flops),
+        "hardware_flops": clean(e.hardware_flops),
         "hbm_bytes": e.hbm_bytes,
         "collective_bytes": e.collective_bytes,
-        "crossing_nodes": sorted(a.crossing),
+        "crossing_nodes": sorted(e.crossing),
         "seconds": {k: clean(v) for k, v in e.seconds.items()},
         "mfu": clean(e.mfu),
         "max_micro_batch": a.max_micro_batch,

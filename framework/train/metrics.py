@@ -24,7 +24,7 @@ PEAK_FLOPS_ENV = "FRAMEWORK_PEAK_FLOPS"
 _RESERVED_KEYS = frozenset({"step", "split", "time", "nonfinite"})
 
 
-def _to_number(name: str, value: Any) -> int | float:
+def to_number(name: str, value: Any) -> int | float:
     """Turn a Python/numpy/jax scalar into a plain int or float so it can be JSON-encoded."""
     arr = np.asarray(value)
     if arr.size != 1:
@@ -104,7 +104,7 @@ class MetricsWriter:
         now = time.time()
         step = int(step)
         record: dict[str, Any] = {"step": step, "split": split, "time": now}
-        numbers = {name: _to_number(name, value) for name, value in metrics.items()}
+        numbers = {name: to_number(name, value) for name, value in metrics.items()}
         nonfinite = [k for k, v in numbers.items() if isinstance(v, float) and not math.isfinite(v)]
         record.update({k: None if k in nonfinite else v for k, v in numbers.items()})
         if self._tb is not None:  # non-finite values go only to the JSONL (as null)

@@ -8,7 +8,7 @@ through scripts/train.py):
     largest buffers by layer (...):
        38.0 GiB  41%  transformer/blocks/attn (backward)  [24 buffers]
        ...
-    suggestion: set model.remat=full (predicted 31.2 GiB per device)
+    suggestion: set model.remat=full: 52.3 GiB per device, step 950 ms
 
 The headline's need is XLA's own memory analysis of the compiled step (arguments + outputs -
 aliased + temporaries, per device); the device's size is the allocator's `bytes_limit` where
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20  # instructions with smaller results are left out of the table
 TOP = 10  # groups shown
-GIB = 1 << 30
 MARKERS = ("RESOURCE_EXHAUSTED", "out of memory")  # case-insensitive, in XLA's message
 
 # bits per element of HLO's element types (pred and the 8-bit floats take a byte)
@@ -267,21 +266,25 @@ def _gib(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def _suggestion(cfg: Any, n_devices: int, device_kind: str) -> str:
-    """framework.estimate's advice where it has one, else the knobs that lower memory."""
+def _advice(
+    cfg: Any, n_devices: int, device_kind: str, limit: int | None
+) -> tuple[int | None, str]:
+    """(framework.estimate's predicted bytes per device, or None off its cards; the suggestion
+    line: its cheapest change that fits where it has one, else the knobs that lower memory)."""
+    predicted, line = None, None
     try:
-        from framework.estimate import suggest
-    except Exception:  # noqa: BLE001 (absent, or broken: the report still comes)
-        suggest = None
-    line = None
-    if suggest is not None:
-        try:
-            line = suggest(cfg, n_devices, device_kind)
-        except Exception:  # noqa: BLE001 (advice must not hide the report)
-            log.debug("framework.estimate.suggest failed", exc_info=True)
-    if isinstance(line, str) and line:
-        return f"suggestion: {line}"
-    return (
+        from framework.estimate import answer, for_device_kind
+
+        gpu = for_device_kind(device_kind)
+        if gpu is not None:
+            result = answer(cfg, n_devices, gpu, usable=limit or None)
+            predicted = result.estimate.memory.total
+            line = result.fixes[0].describe() if result.fixes else None
+    except Exception:  # noqa: BLE001 (absent or failing advice must not hide the report)
+        log.debug("framework.estimate failed", exc_info=True)
+    if line:
+        return predicted, f"suggestion: {line}"
+    return predicted, (
         "suggestion: recompute activations (model.remat=full), shard params and optimizer state "
         "over the devices (mesh.fsdp), or lower data.batch_size and raise train.grad_accum to "
         "keep the tokens per step"
@@ -301,11 +304,13 @@ def report(
     except Exception:  # noqa: BLE001 (a backend without stats)
         limit = None
     need = step_bytes(compiled) if compiled is not None else None
-    needs = (
-        f"the step needs ~{_gib(need)} per device"
-        if need is not None
-        else "the step's size is unknown (it did not compile)"
-    )
+    predicted, suggestion = _advice(run.cfg, run.mesh.size, kind, limit)
+    if need is not None:
+        needs = f"the step needs ~{_gib(need)} per device"
+    elif predicted is not None:
+        needs = f"the step needs ~{_gib(predicted)} per device (estimated: it did not compile)"
+    else:
+        needs = "the step's size is unknown (it did not compile)"
     has = f"the device has {_gib(limit)}" if limit else "the device's size is not reported"
     lines = [f"out of memory on {kind} {where}: {needs}, {has}"]
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
@@ -335,7 +340,7 @@ def report(
             )
     else:
         lines.append(f"no instruction result of {_gib(MIN_BYTES)} or more ({source})")
-    lines.append(_suggestion(run.cfg, run.mesh.size, kind))
+    lines.append(suggestion)
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from framework.errors import ConfigError
-from framework.train.metrics import _to_number
+from framework.train.metrics import to_number
 
 ID_FILE = "wandb_id.txt"
 INSTALL_HINT = "pip install -e '.[track]'"
@@ -98,7 +98,7 @@ class WandbTracker:
                 config=dict(config or {}),
                 **kwargs,
             )
-        except wandb.errors.UsageError as e:  # e.g. no API key: one line, not a traceback
+        except wandb.errors.Error as e:  # no API key, a bad one, no network: one line
             raise ConfigError(
                 f"metrics.wandb: {e} (or set metrics.wandb.mode=offline and `wandb sync` later)"
             ) from e
@@ -107,7 +107,7 @@ class WandbTracker:
         """Log `metrics` at `step` as `split/name`, as MetricsWriter.write sends to TensorBoard."""
         if self._run is None:
             return
-        numbers = {name: _to_number(name, value) for name, value in metrics.items()}
+        numbers = {name: to_number(name, value) for name, value in metrics.items()}
         data = {
             f"{split}/{name}": number
             for name, number in numbers.items()
