@@ -22,8 +22,8 @@ from framework.train.config import Config
 from framework.train.oom import step_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-# a transformer whose state, activations and loss all weigh (f32: the CPU compiles bf16 dots
-# through f32, so bf16 buffers there are not the GPU's)
+# a transformer whose state, activations and loss all weigh (f32: with bf16 compute the CPU
+# compile keeps more than a GPU does; docs/estimate.md)
 MEDIUM = [
     "data.source=synthetic_lm",
     "data.vocab_size=2048",
