@@ -69,15 +69,17 @@ CARDS: dict[str, Card] = {
     ),
 }
 
-# Fractions of the datasheet peaks our step reaches, checked on an H200 (jax 0.11.2,
-# 2026-11-27, docs/performance.md): llama_1b at micro-batches 4/8/16 x 2048 tokens with
-# save_dots_no_batch remat and 16 x 2048 with full remat (0.42-0.46 MFU) are predicted within
-# 7% with matmuls at 0.62 of peak and memory-bound work at 0.7 of HBM bandwidth. The two are
-# nearly collinear on these steps: a least-squares fit of both (0.94 and 0.29) has the same
-# largest error, so the physically plausible pair is kept. gpt2_small runs 29% slower than
-# predicted (docs/estimate.md).
-MATMUL_EFFICIENCY = 0.62
-HBM_EFFICIENCY = 0.7
+# Fractions of the datasheet peaks our step reaches, fitted on an H200 (jax 0.11.2, 2026-11-27,
+# docs/estimate.md): the five train steps measured there (llama_1b at 4/8/16 x 2048 tokens with
+# save_dots_no_batch and 16 x 2048 with full remat, gpt2_small at 16 x 1024) are predicted
+# within 8% with matmuls at 0.68 of peak and memory-bound work at 0.6 of HBM bandwidth (a grid
+# over 0.62-0.70 and 0.6-0.8 minimizing the largest error; the two are nearly collinear on
+# these steps, so a free least-squares fit is ill-conditioned).
+MATMUL_EFFICIENCY = 0.68
+HBM_EFFICIENCY = 0.6
+# the fused unembedding + cross-entropy kernel's forward and backward: 12.6 ms for 8192 tokens,
+# d_model 2048, vocabulary 32000 on the H200 (docs/performance.md), 256 TFLOP/s
+LOSS_EFFICIENCY = 0.26
 LINK_EFFICIENCY = 0.8  # ring collectives reach about 80% of link bandwidth (nccl-tests)
 
 # jax preallocates this share of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says

@@ -23,6 +23,7 @@ from framework.config import ConfigError
 from framework.estimate.cards import (
     HBM_EFFICIENCY,
     LINK_EFFICIENCY,
+    LOSS_EFFICIENCY,
     MATMUL_EFFICIENCY,
     Card,
 )
@@ -215,7 +216,11 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     hbm = 2 * (params + optimizer) + 2 * grads + 4 * everything * accum
     coll = _collective_bytes(sizes, mcfg, gathered, grads, compute_bytes, rows, seq_local, accum)
     crossing = frozenset(crossing_axes(cfg, sizes, devices, card)) if card else frozenset()
-    secs = _seconds(card, hardware_flops, hbm, coll, crossing)
+    # the unembedding + cross-entropy (6 x d_model x vocab per token) runs in the fused loss
+    # kernel on a GPU, at its own rate
+    vocab, width = getattr(mcfg, "vocab_size", None), getattr(mcfg, "d_model", None)
+    loss_flops = 6.0 * width * vocab * tokens / devices if vocab and width else 0.0
+    secs = _seconds(card, hardware_flops - loss_flops, loss_flops, hbm, coll, crossing)
     peak = card.bf16_flops if card is not None else math.nan
     return Estimate(
         card=card,
@@ -296,14 +301,21 @@ def crossing_axes(cfg: Config, sizes: dict[str, int], devices: int, card: Card) 
 
 
 def _seconds(
-    card: Card | None, flops: float, hbm: float, coll: dict[str, float], crossing: frozenset
+    card: Card | None,
+    flops: float,
+    loss_flops: float,
+    hbm: float,
+    coll: dict[str, float],
+    crossing: frozenset,
 ) -> dict[str, float]:
-    """Roofline seconds per step: compute, memory, collectives (NVLink, or the network for
-    the `crossing` axes) and the part of them compute cannot hide; NaN without a card."""
+    """Roofline seconds per step: compute (matmuls, and the fused loss at its own rate),
+    memory, collectives (NVLink, or the network for the `crossing` axes) and the part of them
+    compute cannot hide; NaN without a card."""
     if card is None:
         keys = ("compute", "memory", "collectives", "exposed_collectives", "step")
         return dict.fromkeys(keys, math.nan)
     compute = flops / (card.bf16_flops * MATMUL_EFFICIENCY)
+    compute += loss_flops / (card.bf16_flops * LOSS_EFFICIENCY)
     memory = hbm / (card.hbm * HBM_EFFICIENCY)
     collectives = sum(
         b / ((card.network if a in crossing else card.nvlink) * LINK_EFFICIENCY)
