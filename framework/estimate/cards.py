@@ -32,8 +32,8 @@ class Card:
 
 GB = 10**9
 MIB = 2**20
-# Memory: what nvidia-smi reports (H100 and H200: read on the lent machines, KINDS.md and
-# docs/performance.md's run; A100 80GB: 81920 MiB).
+# Memory: what nvidia-smi reports (H100 SXM: 81559 MiB and H200: 143771 MiB, read on the
+# machines lent to this project; A100 80GB: 81920 MiB).
 # NVLink: 900 GB/s (H100/H200 SXM) and 600 GB/s (A100) are both directions together; one
 # direction is half. Network: one 400 Gb/s NIC per GPU (ConnectX-7; A100 nodes: 200 Gb/s).
 CARDS: dict[str, Card] = {
@@ -88,9 +88,10 @@ DEFAULT_MEM_FRACTION = 0.75
 
 
 def for_device_kind(device_kind: str) -> Card | None:
-    """The card jax names `device_kind` (an H100 PCIe or a GH200 is none of these), or None."""
-    kind = device_kind.lower()
-    return next((c for c in CARDS.values() if kind.startswith(c.device_kind.lower())), None)
+    """The card jax names exactly `device_kind` (an H100 PCIe, an H200 NVL, a GH200 or a 40 GB
+    A100 is none of these), or None."""
+    kind = device_kind.strip().lower()
+    return next((c for c in CARDS.values() if kind == c.device_kind.lower()), None)
 
 
 def card(name: str) -> Card:

@@ -126,22 +126,25 @@ def _activations(
                 model, cfg.model_copy(update={"remat": "none"}), lm_batch(rows, seq)
             )
             kept = sum(b for b, _, _ in saved)
-            # the loss's: logits-sized (the vocabulary last); a fused loss keeps none
-            loss = [b for b, shape, _ in saved if vocab is not None and shape[-1:] == (vocab,)]
             recompute = max(sum(b for b, _, _ in every) - kept, 0) / layers
-            points.append((kept, max(loss, default=0), recompute))
+            points.append((kept, recompute))
             traces.append(saved)
-    (k1, o1, r1), (k2, o2, r2) = points
+    (k1, r1), (k2, r2) = points
     linear = lambda a, b: (2 * a - b, b - a)  # noqa: E731 - (fixed, per row) from 1 and 2 rows
-    return _Activations(linear(k1, k2), linear(o1, o2), linear(r1, r2), _largest(*traces))
+    grows = _growing(*traces)
+    # the loss's: logits-sized (the vocabulary last, growing with the rows; the unembedding's
+    # compute-dtype copy does not); a fused loss keeps none
+    logits = max((b for b, shape, _ in grows if vocab and shape[-1:] == (vocab,)), default=0)
+    largest = max(grows, default=(0, (), "nothing"))[2] + " (for one row)"
+    return _Activations(linear(k1, k2), (0.0, float(logits)), linear(r1, r2), largest)
 
 
-def _largest(one_row: list, two_rows: list) -> str:
-    """The largest activation that grows with the rows (its bytes double from one row to two;
-    the weights' compute-dtype copies do not), described for one row."""
-    pairs = zip(one_row, two_rows, strict=True) if len(one_row) == len(two_rows) else ()
-    grows = [a for a, b in pairs if b[0] == 2 * a[0] > 0]
-    return max(grows, default=(0, (), "nothing"))[2] + " (for one row)"
+def _growing(one_row: list, two_rows: list) -> list[tuple[int, tuple, str]]:
+    """The one-row trace's activations that grow with the rows (their bytes double from one
+    row to two; the weights' compute-dtype copies do not)."""
+    if len(one_row) != len(two_rows):  # not the same program: no pairing
+        return []
+    return [a for a, b in zip(one_row, two_rows, strict=True) if b[0] == 2 * a[0] > 0]
 
 
 def _model_cfg(json: str, name: str) -> Any:
@@ -183,7 +186,7 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     params = tree_bytes(state["params"])
     optimizer = tree_bytes(state["opt_state"]) + tree_bytes(state["model_state"])
     grads = tree_bytes(split_trainable(model, state["params"])[0])
-    local = local_model_config(mcfg, sizes["tensor"])
+    local = local_model_config(mcfg, sizes["tensor"], cfg.mesh.rules)
     lora = cfg.finetune.lora.model_dump_json() if cfg.finetune.lora is not None else ""
     acts = _activations(local.model_dump_json(), mcfg.name, lora, seq_local, card)
     kept, loss, recompute = acts.at(rows, sizes["fsdp"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pydantic
+
 from framework.errors import ConfigError
 from framework.estimate.cards import Card
 from framework.estimate.estimate import Estimate, estimate, mesh_sizes
@@ -42,8 +44,10 @@ def with_overrides(cfg: Config, change: Change) -> Config:
         data[section].update(fields)
     try:
         return Config.model_validate(data)
-    except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        raise ConfigError(f"{where}: {first['msg']}") from None
 
 
 def largest_micro_batch(cfg: Config, devices: int, card: Card, usable: int) -> int | None:
@@ -80,7 +84,8 @@ def fixes(cfg: Config, devices: int, card: Card, usable: int) -> list[Fix]:
     sizes = mesh_sizes(cfg, devices)
     within = {a: s // n for (a, s), n in zip(sizes.items(), _nodes(cfg), strict=True)}
     fsdp, n = [], 2
-    while n <= within["data"] and within["data"] % n == 0:  # within a node: mesh.* sizes
+    # within a node (mesh.* sizes are per node under across_nodes; FSDP stays on NVLink)
+    while within["data"] % n == 0 and within["fsdp"] * n <= card.gpus_per_node:
         fsdp.append({"mesh": {"data": within["data"] // n, "fsdp": within["fsdp"] * n}})
         n *= 2
     accum, n = [], cfg.train.grad_accum * 2
@@ -90,7 +95,8 @@ def fixes(cfg: Config, devices: int, card: Card, usable: int) -> list[Fix]:
         n *= 2
     found = _fitting(cfg, devices, card, usable, remats + fsdp + accum)
     if not found:
-        pairs = [_merge(a, b) for a in remats + fsdp for b in fsdp + accum if a is not b]
+        pairs = [_merge(a, b) for a in remats for b in fsdp + accum]
+        pairs += [_merge(a, b) for a in fsdp for b in accum]
         triples = [_merge(_merge(r, f), a) for r in remats for f in fsdp for a in accum]
         found = _fitting(cfg, devices, card, usable, pairs + triples)
     return sorted(found, key=lambda f: f.estimate.seconds["step"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -67,20 +68,29 @@ def tree_bytes(tree: Any) -> int:
     return sum(leaf_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
 
 
-def local_model_config(mcfg: Any, tensor: int) -> Any:
-    """The model one device computes under tensor parallelism: query/KV heads, MLP width and
-    vocabulary divided by the tensor axis (Megatron-style; the build's plan has already
-    refused sizes the axis does not divide). Models without these fields are unchanged."""
+def local_model_config(mcfg: Any, tensor: int, rules: Mapping[str, Any]) -> Any:
+    """The model one device computes under tensor parallelism: the query/KV heads, MLP width
+    and vocabulary that `rules` map to the tensor axis divided by it (Megatron-style; the
+    build's plan has already refused sizes the axis does not divide). Models without these
+    fields are unchanged."""
     if tensor == 1 or not hasattr(mcfg, "n_heads"):
         return mcfg
-    update = {
-        "n_heads": mcfg.n_heads // tensor,
-        "n_kv_heads": mcfg.kv_heads // tensor,
-        "head_dim": mcfg.head_size,
-        "d_ff": mcfg.d_ff // tensor,
-        "vocab_size": mcfg.vocab_size // tensor,
+
+    def split(axis: str) -> bool:
+        target = rules.get(axis)
+        return target == "tensor" or (isinstance(target, list | tuple) and "tensor" in target)
+
+    sizes = {
+        "heads": ("n_heads", mcfg.n_heads),
+        "kv_heads": ("n_kv_heads", mcfg.kv_heads),
+        "mlp": ("d_ff", mcfg.d_ff),
+        "vocab": ("vocab_size", mcfg.vocab_size),
     }
-    return mcfg.model_copy(update=update)
+    update = {field: n // tensor for axis, (field, n) in sizes.items() if split(axis)}
+    heads, kv = update.get("n_heads", mcfg.n_heads), update.get("n_kv_heads", mcfg.kv_heads)
+    # replicated KV heads beside split query heads: the local query heads' share of them
+    update["n_kv_heads"] = math.gcd(heads, kv)
+    return mcfg.model_copy(update={"head_dim": mcfg.head_size, **update})
 
 
 def saved_activations(model: Model, mcfg: Any, batch: dict) -> list[tuple[int, tuple, str]]:

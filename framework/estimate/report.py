@@ -13,6 +13,7 @@ from framework.estimate.fit import Fix, fixes, largest_micro_batch
 from framework.train.config import Config
 
 GIB = 2**30
+SHOWN = 5  # fixes printed (--json has them all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,9 @@ def as_text(a: Answer) -> str:
     if not e.fits:
         if a.fixes:
             lines.append("to make it fit (cheapest first):")
-            lines += [f"  {f.describe()}" for f in a.fixes[:5]]
+            lines += [f"  {f.describe()}" for f in a.fixes[:SHOWN]]
+            if len(a.fixes) > SHOWN:
+                lines.append(f"  (+{len(a.fixes) - SHOWN} more; --json lists them all)")
         else:
             lines.append("no single remat / FSDP / accumulation change fits: add devices")
     return "\n".join(lines)
