@@ -54,12 +54,14 @@ class DistributedError(_OneLine, RuntimeError):
 
 
 class OutOfMemoryError(RuntimeError):
-    """XLA could not allocate the train step: `report` holds the lines naming the device, the
-    step's need and the largest buffers by layer (framework.train.oom)."""
+    """XLA could not allocate the train step: `details` (framework.train.oom.Report) names the
+    device, the step's need and the largest buffers by layer; `report` is its text without
+    the estimator's advice (scripts/train.py adds that)."""
 
-    def __init__(self, report: str):
-        self.report = report
-        super().__init__(report)
+    def __init__(self, details):
+        self.details = details
+        self.report = details.render()
+        super().__init__(self.report)
 
 
 class ShapeError(ValueError):

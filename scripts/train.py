@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            if (report := getattr(e, "report", None)) is not None:
+            if (report := _report_text(e)) is not None:
                 sys.stderr.write(report + "\n")
             sys.stderr.write(" ".join(line.split()) + "\n")
         sys.stderr.flush()
@@ -154,6 +154,22 @@ def _train(args: argparse.Namespace) -> dict:
     with stop_signals():  # a Ctrl-C while build compiles is a clean stop too
         cfg = load_config(Config, args.config, [*args.overrides, *args.extra])
         return train(build(cfg))
+
+
+def _report_text(e: BaseException) -> str | None:
+    """The multi-line report an error carries; an out-of-memory one with the estimator's
+    advice (a predicted need when the step did not compile, the cheapest change that fits)."""
+    from framework.errors import OutOfMemoryError
+
+    if not isinstance(e, OutOfMemoryError):
+        return getattr(e, "report", None)
+    d = e.details
+    try:
+        from framework.estimate import oom_advice
+
+        return d.render(*oom_advice(d.cfg, d.n_devices, d.device_kind, d.limit))
+    except Exception:  # noqa: BLE001 (advice must not hide the report)
+        return e.report
 
 
 def _report(summary: dict) -> int:

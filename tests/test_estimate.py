@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import pytest
 
 from framework.config import load_config
-from framework.estimate import answer, as_data, card, estimate, for_device_kind, suggest
+from framework.estimate import (
+    answer,
+    as_data,
+    card,
+    estimate,
+    for_device_kind,
+    oom_advice,
+)
 from framework.estimate.fit import with_overrides
 from framework.train import build
 from framework.train.config import Config
@@ -136,20 +143,6 @@ def test_same_step_on_a_faster_card_and_across_nodes():
         assert estimate(fixed, 8, card("h100"), far.usable).fits, fix.overrides
 
 
-def test_out_of_memory_advice_predicts_the_need():
-    """framework.train.oom's advice on an H100 (a compile-time OOM states this predicted need
-    and the cheapest change); none off the estimator's cards."""
-    from framework.train.oom import _advice
-
-    cfg = load_config(Config, LLAMA, ["data.vocab_size=32000"])
-    limit = 60 * 2**30
-    need, line = _advice(cfg, 8, "NVIDIA H100 80GB HBM3", limit)
-    assert need == estimate(cfg, 8, card("h100"), limit).memory.total > limit
-    assert line.startswith("suggestion: set ") and "GiB per device" in line
-    need, line = _advice(cfg, 8, "NVIDIA H100 PCIe", limit)
-    assert need is None and "model.remat" in line
-
-
 def test_lora_trains_only_the_adapters():
     """LoRA (its frozen base traced as an input, not a residual): gradients and optimizer
     state shrink to the adapters', the activations stay."""
@@ -165,13 +158,16 @@ def test_lora_trains_only_the_adapters():
     assert 0.8 < adapted.activations / full.activations < 1.5
 
 
-def test_suggest_names_a_change_that_fits():
-    """The out-of-memory report's line (framework.train.oom) for a card jax names."""
+def test_out_of_memory_advice():
+    """What an out-of-memory report adds (scripts/train.py): on an H100, the predicted need and
+    the cheapest change that fits the device's limit; nothing off the estimator's cards."""
     cfg = load_config(Config, LLAMA, ["data.vocab_size=32000"])
-    line = suggest(cfg, 8, "NVIDIA H100 80GB HBM3")
-    assert line and line.startswith("set ") and "GiB per device" in line
+    limit = 60 * 2**30
+    need, line = oom_advice(cfg, 8, "NVIDIA H100 80GB HBM3", limit)
+    assert need == estimate(cfg, 8, card("h100"), limit).memory.total > limit
+    assert line.startswith("set ") and "GiB per device" in line
     for other in ("cpu", "NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-40GB"):
-        assert suggest(cfg, 8, other) is None, other
+        assert oom_advice(cfg, 8, other, limit) == (None, None), other
 
 
 def test_calibration_matches_the_recorded_gpu_run():

@@ -90,11 +90,12 @@ def test_buffers_grouped_by_layer_on_a_real_step(compiled_step):
 
 def _run_script(capsys, tmp_path, *overrides):
     logger = logging.getLogger("framework")
-    handlers = list(logger.handlers)
-    try:  # main adds a handler on this test's captured stderr
+    saved = list(logger.handlers), logger.propagate, logger.level
+    try:  # main adds a handler on this test's captured stderr and stops propagation
         status = _script().main([TINY, f"run.dir={tmp_path}", *overrides])
-    finally:
-        logger.handlers = handlers
+    finally:  # later tests in this worker capture framework.* records through the root
+        logger.handlers, logger.propagate = saved[:2]
+        logger.setLevel(saved[2])  # setLevel (not .level =) clears the enabled-for cache
     return status, capsys.readouterr().err
 
 

@@ -3,7 +3,7 @@ per device, from the config alone, on a host without the target GPUs (scripts/es
 
 from framework.estimate.cards import CARDS, Card, card, for_device_kind
 from framework.estimate.estimate import Estimate, estimate
-from framework.estimate.report import answer, as_data, as_text, suggest
+from framework.estimate.report import answer, as_data, as_text, oom_advice
 
 __all__ = [
     "CARDS",
@@ -15,5 +15,5 @@ __all__ = [
     "card",
     "estimate",
     "for_device_kind",
-    "suggest",
+    "oom_advice",
 ]

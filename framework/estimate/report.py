@@ -48,14 +48,17 @@ def answer(
     )
 
 
-def suggest(cfg: Config, n_devices: int, device_kind: str, usable: int | None = None) -> str | None:
-    """One line naming the cheapest change that fits (for an out-of-memory report), or None
-    when the card is unknown or nothing found fits."""
+def oom_advice(
+    cfg: Config, n_devices: int, device_kind: str, limit: int | None
+) -> tuple[int | None, str | None]:
+    """For an out-of-memory report (framework.train.oom.Report.render): (the predicted bytes
+    per device, the cheapest change that fits on the device's `limit`), each None off the
+    estimator's cards or when nothing found fits."""
     gpu = for_device_kind(device_kind)
     if gpu is None:
-        return None
-    fit = answer(cfg, n_devices, gpu, usable=usable).fixes
-    return fit[0].describe() if fit else None
+        return None, None
+    result = answer(cfg, n_devices, gpu, usable=limit or None)
+    return result.estimate.memory.total, result.fixes[0].describe() if result.fixes else None
 
 
 def as_text(a: Answer) -> str:

@@ -23,6 +23,7 @@ compiling itself failed, from the program before optimization and partitioning (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -266,35 +267,51 @@ def _gib(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def _advice(
-    cfg: Any, n_devices: int, device_kind: str, limit: int | None
-) -> tuple[int | None, str]:
-    """(framework.estimate's predicted bytes per device, or None off its cards; the suggestion
-    line: its cheapest change that fits where it has one, else the knobs that lower memory)."""
-    predicted, line = None, None
-    try:
-        from framework.estimate import answer, for_device_kind
+GENERIC_SUGGESTION = (
+    "recompute activations (model.remat=full), shard params and optimizer state over the "
+    "devices (mesh.fsdp), or lower data.batch_size and raise train.grad_accum to keep the "
+    "tokens per step"
+)
 
-        gpu = for_device_kind(device_kind)
-        if gpu is not None:
-            result = answer(cfg, n_devices, gpu, usable=limit or None)
-            predicted = result.estimate.memory.total
-            line = result.fixes[0].describe() if result.fixes else None
-    except Exception:  # noqa: BLE001 (absent or failing advice must not hide the report)
-        log.debug("framework.estimate failed", exc_info=True)
-    if line:
-        return predicted, f"suggestion: {line}"
-    return predicted, (
-        "suggestion: recompute activations (model.remat=full), shard params and optimizer state "
-        "over the devices (mesh.fsdp), or lower data.batch_size and raise train.grad_accum to "
-        "keep the tokens per step"
-    )
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What an out-of-memory report says; `render` writes it. The advice (a predicted need when
+    the step did not compile, the cheapest change that fits) comes from framework.estimate,
+    which scripts/train.py asks: this package sits below it."""
+
+    device_kind: str
+    where: str  # "while compiling the train step", "at step 12"
+    need: int | None  # XLA's analysis of the compiled step (None: it did not compile)
+    limit: int | None  # the allocator's bytes_limit, where reported
+    xla: str  # XLA's first line
+    table: tuple[str, ...]  # the buffers-by-layer lines
+    cfg: Any  # the run's resolved config and device count, for the estimator
+    n_devices: int
+
+    def render(self, predicted: int | None = None, suggestion: str | None = None) -> str:
+        """The report's lines; `predicted` stands in for an unknown need."""
+        if self.need is not None:
+            needs = f"the step needs ~{_gib(self.need)} per device"
+        elif predicted is not None:
+            needs = f"the step needs ~{_gib(predicted)} per device (estimated: it did not compile)"
+        else:
+            needs = "the step's size is unknown (it did not compile)"
+        has = (
+            f"the device has {_gib(self.limit)}"
+            if self.limit
+            else "the device's size is not reported"
+        )
+        lines = [f"out of memory on {self.device_kind} {self.where}: {needs}, {has}"]
+        lines += [f"XLA: {self.xla}", *self.table]
+        lines.append(f"suggestion: {suggestion or GENERIC_SUGGESTION}")
+        return "\n".join(lines)
 
 
 def report(
     run: Any, batch_spec: Any, error: BaseException, where: str, compiled: Any = None
-) -> str:
-    """The report's lines for an allocation failure `where` ("while compiling the train step",
+) -> Report:
+    """The report of an allocation failure `where` ("while compiling the train step",
     "at step 12"). `compiled`: the compiled step, None if compiling failed (the program is then
     lowered again and read before optimization)."""
     device = next(d for d in run.mesh.devices.flat if d.process_index == jax.process_index())
@@ -303,18 +320,7 @@ def report(
         limit = (device.memory_stats() or {}).get("bytes_limit")
     except Exception:  # noqa: BLE001 (a backend without stats)
         limit = None
-    need = step_bytes(compiled) if compiled is not None else None
-    predicted, suggestion = _advice(run.cfg, run.mesh.size, kind, limit)
-    if need is not None:
-        needs = f"the step needs ~{_gib(need)} per device"
-    elif predicted is not None:
-        needs = f"the step needs ~{_gib(predicted)} per device (estimated: it did not compile)"
-    else:
-        needs = "the step's size is unknown (it did not compile)"
-    has = f"the device has {_gib(limit)}" if limit else "the device's size is not reported"
-    lines = [f"out of memory on {kind} {where}: {needs}, {has}"]
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    lines.append(f"XLA: {first[:200]}")
     try:
         if compiled is not None:
             text = compiled.as_text()
@@ -327,21 +333,22 @@ def report(
     except Exception as e:  # noqa: BLE001 (the report must not fail in its turn)
         log.debug("no buffer table", exc_info=True)
         groups, source = [], f"unavailable: {type(e).__name__}"
+    table = []
     if groups:
         total = sum(g.bytes for g in groups)
-        lines.append(
+        table.append(
             f"largest buffers by layer ({source}): each instruction result >= "
             f"{_gib(MIN_BYTES)} counted once, not a live-range simulation"
         )
         for g in groups[:TOP]:
-            lines.append(
+            table.append(
                 f"  {_gib(g.bytes):>10}  {100 * g.bytes / total:3.0f}%  {g.path}  "
                 f"[{g.count} buffer{'s' * (g.count != 1)}]"
             )
     else:
-        lines.append(f"no instruction result of {_gib(MIN_BYTES)} or more ({source})")
-    lines.append(suggestion)
-    return "\n".join(lines)
+        table.append(f"no instruction result of {_gib(MIN_BYTES)} or more ({source})")
+    need = step_bytes(compiled) if compiled is not None else None
+    return Report(kind, where, need, limit, first[:200], tuple(table), run.cfg, run.mesh.size)
 
 
 @contextlib.contextmanager
@@ -357,5 +364,4 @@ def reported(
         if not is_oom(e):
             raise
         where = "while compiling the train step" if step is None else f"at step {step}"
-        text = report(run, batch_spec, e, where, compiled)
-        raise OutOfMemoryError(text) from None
+        raise OutOfMemoryError(report(run, batch_spec, e, where, compiled)) from None
