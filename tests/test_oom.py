@@ -183,3 +183,21 @@ def test_step_oom_keeps_checkpoints_and_exits_3(tmp_path, capsys, monkeypatch):
     for step in (2, 4):  # restores with matching checksums
         assert checkpoints.read_numpy("params", step)[0] == step
     checkpoints.close()
+
+
+def test_train_script_adds_the_estimators_advice_on_a_known_card():
+    """On a card framework.estimate knows, the printed report states the estimated need of a
+    step that did not compile and the cheapest change that fits the device's limit."""
+    from framework.errors import OutOfMemoryError
+
+    cfg = load_config(Config, ROOT / "configs/llama_1b.yaml", ["data.vocab_size=32000"])
+    details = oom.Report(
+        "NVIDIA H100 80GB HBM3", "while compiling the train step", None, 60 * 2**30,
+        "RESOURCE_EXHAUSTED: Out of memory", ("no instruction result (test)",), cfg, 8,
+    )  # fmt: skip
+    plain = OutOfMemoryError(details).report
+    assert "size is unknown" in plain and f"suggestion: {oom.GENERIC_SUGGESTION}" in plain
+    text = _script()._report_text(OutOfMemoryError(details))
+    headline, *_, suggestion = text.splitlines()
+    assert "(estimated: it did not compile), the device has 60.0 GiB" in headline, headline
+    assert suggestion.startswith("suggestion: set ") and "GiB per device" in suggestion
