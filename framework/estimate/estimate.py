@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
+from framework import finetune
 from framework.config import ConfigError
 from framework.estimate.cards import (
     HBM_EFFICIENCY,
@@ -32,12 +33,14 @@ from framework.estimate.memory import (
     lm_batch,
     local_model_config,
     saved_activations,
-    tree_bytes,
 )
+from framework.models import REGISTRY
+from framework.models.transformer import attention_flops_per_token, layer_matmul_params
 from framework.parallel.mesh import AXES, resolve_sizes
 from framework.parallel.target import abstract_gpu_mesh
 from framework.train.build import _plan, lm_meta, model_for
 from framework.train.config import Config
+from framework.train.memory import state_bytes_per_device
 from framework.train.step import split_trainable
 
 RECOMPUTE_LIVE = 0.7  # share of a rematerialized layer live at once in its backward (fitted)
@@ -148,21 +151,14 @@ def _growing(one_row: list, two_rows: list) -> list[tuple[int, tuple, str]]:
 
 
 def _model_cfg(json: str, name: str) -> Any:
-    from framework.models import REGISTRY
-
     return REGISTRY[name].config.model_validate_json(json)
 
 
 def _model(name: str, lora: str) -> Any:
-    from framework.finetune import LoraConfig
-    from framework.models import REGISTRY
-
+    """The registered model, with LoRA adapters as build.model_for wraps it (from hashable
+    arguments: the activation trace is cached on them)."""
     model = REGISTRY[name]
-    if lora:
-        from framework import finetune
-
-        model = finetune.wrap(model, LoraConfig.model_validate_json(lora))
-    return model
+    return finetune.wrap(model, finetune.LoraConfig.model_validate_json(lora)) if lora else model
 
 
 def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> Estimate:
@@ -183,9 +179,9 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     rows = -(-micro // batch_shards)
     seq_local = seq // sizes["sequence"]
 
-    params = tree_bytes(state["params"])
-    optimizer = tree_bytes(state["opt_state"]) + tree_bytes(state["model_state"])
-    grads = tree_bytes(split_trainable(model, state["params"])[0])
+    params = _bytes(state["params"])
+    optimizer = _bytes(state["opt_state"]) + _bytes(state["model_state"])
+    grads = _bytes(split_trainable(model, state["params"])[0])
     local = local_model_config(mcfg, sizes["tensor"], cfg.mesh.rules)
     lora = cfg.finetune.lora.model_dump_json() if cfg.finetune.lora is not None else ""
     acts = _activations(local.model_dump_json(), mcfg.name, lora, seq_local, card)
@@ -218,7 +214,7 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     everything = kept + recompute * layers
     hbm = 2 * (params + optimizer) + 2 * grads + 4 * everything * accum
     coll = _collective_bytes(sizes, mcfg, gathered, grads, compute_bytes, rows, seq_local, accum)
-    crossing = frozenset(crossing_axes(cfg, sizes, devices, card)) if card else frozenset()
+    crossing = crossing_axes(cfg, sizes, devices, card) if card else frozenset()
     # the unembedding + cross-entropy (6 x d_model x vocab per token) runs in the fused loss
     # kernel on a GPU, at its own rate
     vocab, width = getattr(mcfg, "vocab_size", None), getattr(mcfg, "d_model", None)
@@ -243,6 +239,11 @@ def estimate(cfg: Config, devices: int, card: Card | None, usable: int = 0) -> E
     )
 
 
+def _bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    return state_bytes_per_device(tree)[0]
+
+
 def _elements(tree: Any) -> int:
     """Elements of one device's shards of a tree of ShapeDtypeStructs with shardings."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
@@ -254,12 +255,10 @@ def _recompute_flops(mcfg: Any, seq: int) -> float:
     no dot). (XLA's attention under save_dots keeps its score products: counted all the same.)"""
     if not hasattr(mcfg, "n_layers") or mcfg.remat == "none":
         return 0.0
-    layer_matmul_params = mcfg.d_model * mcfg.head_size * (2 * mcfg.n_heads + 2 * mcfg.kv_heads)
-    layer_matmul_params += mcfg.d_model * mcfg.d_ff * (3 if mcfg.activation == "swiglu" else 2)
-    attention = 4.0 * mcfg.n_layers * 0.5 * seq * mcfg.n_heads * mcfg.head_size
+    attention_forward = attention_flops_per_token(mcfg, seq) / 3
     if mcfg.remat == "full":
-        return 2.0 * mcfg.n_layers * layer_matmul_params + attention
-    return attention
+        return 2.0 * mcfg.n_layers * layer_matmul_params(mcfg) + attention_forward
+    return attention_forward
 
 
 def _collective_bytes(
@@ -293,13 +292,13 @@ def _collective_bytes(
     return out
 
 
-def crossing_axes(cfg: Config, sizes: dict[str, int], devices: int, card: Card) -> set[str]:
+def crossing_axes(cfg: Config, sizes: dict[str, int], devices: int, card: Card) -> frozenset[str]:
     """Mesh axes whose collectives cross nodes: those `mesh.across_nodes` spreads over nodes;
     with none set and more devices than a node holds, the outermost axis larger than one."""
     across = cfg.mesh.across_nodes.sizes()
-    crossing = {a for a in AXES if across[a] > 1}
+    crossing = frozenset(a for a in AXES if across[a] > 1)
     if not crossing and devices > card.gpus_per_node:
-        crossing = {next(a for a in AXES if sizes[a] > 1)}
+        crossing = frozenset({next(a for a in AXES if sizes[a] > 1)})
     return crossing
 
 

@@ -57,17 +57,6 @@ class Memory:
         )
 
 
-def leaf_bytes(shape: tuple, dtype: Any, sharding: Any = None) -> int:
-    """Bytes of one device's shard of an array (the whole array without a sharding)."""
-    local = sharding.shard_shape(shape) if sharding is not None else shape
-    return math.prod(local) * np.dtype(dtype).itemsize
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
-    return sum(leaf_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))
-
-
 def local_model_config(mcfg: Any, tensor: int, rules: Mapping[str, Any]) -> Any:
     """The model one device computes under tensor parallelism: the query/KV heads, MLP width
     and vocabulary that `rules` map to the tensor axis divided by it (Megatron-style; the

@@ -1,5 +1,5 @@
-"""The estimator's answer as text (scripts/estimate.py) and as data (--json), and the one-line
-suggestion an out-of-memory report prints."""
+"""The estimator's answer as text (scripts/estimate.py) and as data (--json), and the advice
+an out-of-memory report prints."""
 
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def oom_advice(
     gpu = for_device_kind(device_kind)
     if gpu is None:
         return None, None
-    result = answer(cfg, n_devices, gpu, usable=limit or None)
-    return result.estimate.memory.total, result.fixes[0].describe() if result.fixes else None
+    usable = limit or int(gpu.memory * mem_fraction())
+    e = estimate(cfg, n_devices, gpu, usable)
+    found = [] if e.fits else fixes(cfg, n_devices, gpu, usable)  # no micro-batch search
+    return e.memory.total, found[0].describe() if found else None
 
 
 def as_text(a: Answer) -> str:

@@ -444,23 +444,29 @@ def loss(
     }
 
 
-def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6 x matmul params (embedding lookups excluded, the
-    unembedding included) plus the attention scores and weighted sum, 12 x layers x seq x
-    heads x head_dim for dense attention (PaLM appendix B), halved because attention is causal
-    (each query sees on average half the keys; MaxText counts it the same way). A sliding
-    window w < seq: each query sees min(position + 1, w) keys, on average w - w**2 / (2 seq)."""
-    head_dim, kv_heads = cfg.head_size, cfg.kv_heads
-    attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * kv_heads)
-    mlp = cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
-    unembed = cfg.d_model * cfg.vocab_size
-    matmul_params = cfg.n_layers * (attn + mlp) + unembed
-    seen = 0.5 * seq_len  # keys a query sees, on average
+def layer_matmul_params(cfg: TransformerConfig) -> int:
+    """Parameters one block multiplies with: the q/k/v/o projections and the MLP."""
+    attn = cfg.d_model * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    return attn + cfg.d_model * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
+
+
+def attention_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """The attention scores and weighted sum, forward and backward, over all layers: 12 x
+    layers x keys seen x heads x head_dim (PaLM appendix B; the forward is a third of it),
+    with a query seeing on average half the keys (causal; MaxText counts it the same way) or,
+    with a sliding window w < seq, min(position + 1, w) keys: w - w**2 / (2 seq) on average."""
+    seen = 0.5 * seq_len
     if cfg.sliding_window is not None and cfg.sliding_window < seq_len:
         w = cfg.sliding_window
         seen = w - w * w / (2.0 * seq_len)
-    causal_attention = 12.0 * cfg.n_layers * seen * cfg.n_heads * head_dim
-    return 6.0 * matmul_params + causal_attention
+    return 12.0 * cfg.n_layers * seen * cfg.n_heads * cfg.head_size
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 x matmul params (embedding lookups excluded, the
+    unembedding included) plus the attention's (attention_flops_per_token)."""
+    matmul_params = cfg.n_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+    return 6.0 * matmul_params + attention_flops_per_token(cfg, seq_len)
 
 
 MODEL = register(

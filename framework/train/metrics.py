@@ -39,6 +39,16 @@ def to_number(name: str, value: Any) -> int | float:
         raise TypeError(f"metric {name!r} must be a real number, got {arr.dtype}") from None
 
 
+def scalars(numbers: Mapping[str, int | float], split: str) -> dict[str, int | float]:
+    """The finite values of `to_number`-converted metrics as `split/name` tags, as TensorBoard
+    and W&B take them (non-finite ones stay in the JSONL only, as null)."""
+    return {
+        f"{split}/{name}": number
+        for name, number in numbers.items()
+        if not (isinstance(number, float) and not math.isfinite(number))
+    }
+
+
 def trim_records(path: Path, step: int) -> int:
     """Prepare `path` for a run resuming at `step`: keep the records of steps <= `step` (the run
     writes later steps again, so none is duplicated) and drop lines that do not parse (a write
@@ -108,11 +118,8 @@ class MetricsWriter:
         nonfinite = [k for k, v in numbers.items() if isinstance(v, float) and not math.isfinite(v)]
         record.update({k: None if k in nonfinite else v for k, v in numbers.items()})
         if self._tb is not None:  # non-finite values go only to the JSONL (as null)
-            for name, number in numbers.items():
-                if name not in nonfinite:
-                    self._tb.add_scalar(
-                        f"{split}/{name}", float(number), global_step=step, walltime=now
-                    )
+            for tag, number in scalars(numbers, split).items():
+                self._tb.add_scalar(tag, float(number), global_step=step, walltime=now)
         if nonfinite:
             record["nonfinite"] = nonfinite
         self._file.write(json.dumps(record, allow_nan=False) + "\n")

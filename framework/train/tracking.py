@@ -11,7 +11,6 @@ wandb is an optional dependency (`pip install -e '.[track]'`); it is imported on
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any
 import jax
 
 from framework.errors import ConfigError
-from framework.train.metrics import to_number
+from framework.train.metrics import scalars, to_number
 
 ID_FILE = "wandb_id.txt"
 INSTALL_HINT = "pip install -e '.[track]'"
@@ -107,12 +106,7 @@ class WandbTracker:
         """Log `metrics` at `step` as `split/name`, as MetricsWriter.write sends to TensorBoard."""
         if self._run is None:
             return
-        numbers = {name: to_number(name, value) for name, value in metrics.items()}
-        data = {
-            f"{split}/{name}": number
-            for name, number in numbers.items()
-            if not (isinstance(number, float) and not math.isfinite(number))
-        }
+        data = scalars({name: to_number(name, value) for name, value in metrics.items()}, split)
         if data:
             self._run.log(data, step=int(step))
 
